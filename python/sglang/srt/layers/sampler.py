@@ -1,0 +1,311 @@
+"""Chooses the next token of every sampling row from the model's logits.
+
+Order of operations, per step:
+  raw logits (float32) -> logprobs for the response (log_softmax of the raw logits)
+  -> logit bias -> banned tokens (-inf) -> repetition, then frequency/presence penalties
+  -> greedy rows: argmax
+  -> other rows: softmax(logits / temperature) -> keep top-k, top-p, min-p -> seeded draw.
+
+The draw is inverse-CDF sampling with one uniform u per row: the token is the first whose
+cumulative probability exceeds u times the kept mass. u is a hash of the row's (seed, step)
+rather than a draw from a stateful generator, and every step works on one row at a time
+(softmax, cumsum, sort), so a row's token depends only on its own logits, parameters, seed
+and step: never on the other rows of the batch or their order.
+
+Rows without top-k or top-p take the cumulative sum over the vocabulary in token-id order;
+no sort. Rows with them sort only a candidate set: the most likely tokens, by probability
+descending then token id, grown until it provably holds every token the filters keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from sglang.srt.sampling.sampling_batch_info import (
+    PenaltyTensors,
+    SamplingBatchInfo,
+    SparseLogitBias,
+)
+
+
+def _signed(x: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+# SplitMix64's increment and finalizer multipliers.
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+# Bits of a uniform: all that a float32 in [0, 1) holds exactly.
+_UNIFORM_BITS = 24
+# A top-k/top-p row first sorts this many candidates (or its top_k if larger); a row whose
+# kept tokens may reach past them is retried with this factor more, up to the vocabulary.
+_FIRST_CANDIDATES = 256
+_CANDIDATE_GROWTH = 8
+
+
+@dataclass
+class SamplerOutput:
+    next_token_ids: torch.Tensor  # [B] int64
+    next_token_logprobs: Optional[torch.Tensor]  # [B] float32, when return_logprob
+    # Per row: (logprobs descending, token ids) of its k = top_logprobs_nums[i] most likely
+    # tokens, or None where k == 0.
+    top_logprobs: Optional[list[Optional[tuple[list[float], list[int]]]]]
+
+
+class Sampler:
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [B, V]
+        info: SamplingBatchInfo,
+        return_logprob: bool = False,
+        top_logprobs_nums: Optional[list[int]] = None,
+    ) -> SamplerOutput:
+        assert logits.shape == (info.batch_size, info.vocab_size), (
+            f"logits {tuple(logits.shape)} do not match the batch "
+            f"({info.batch_size}, {info.vocab_size}); slice off vocabulary padding first"
+        )
+        logprobs = torch.log_softmax(logits.float(), dim=-1) if return_logprob else None
+        processed = process_logits(logits, info)
+        # Greedy rows keep it; sampling rows fall back to it if a draw ever lands on a
+        # zero-probability token (see _inverse_cdf).
+        next_token_ids = torch.argmax(processed, dim=-1)
+        if info.unsorted_rows is not None:
+            rows = info.unsorted_rows
+            next_token_ids[rows] = _sample_unsorted(
+                _take_rows(processed, rows), info, rows, next_token_ids[rows]
+            )
+        if info.sorted_rows is not None:
+            rows = info.sorted_rows
+            next_token_ids[rows] = _sample_sorted(_take_rows(processed, rows), info, rows)
+        if logprobs is None:
+            return SamplerOutput(next_token_ids, None, None)
+        chosen_logprobs = logprobs.gather(1, next_token_ids.unsqueeze(1)).squeeze(1)
+        return SamplerOutput(
+            next_token_ids, chosen_logprobs, _top_logprobs(logprobs, top_logprobs_nums)
+        )
+
+
+def process_logits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+    """[B, V] float32 logits after bias, banned tokens and penalties; `logits` is not changed."""
+    if not info.needs_logit_processing:
+        return logits.float()
+    x = logits.to(torch.float32, copy=True)
+    if info.logit_bias is not None:
+        _add_sparse(x, info.logit_bias)
+    if info.banned is not None:
+        _add_sparse(x, info.banned)
+    if info.penalties is not None:
+        x[info.penalties.rows] = apply_penalties(x[info.penalties.rows], info.penalties)
+    return x
+
+
+def _add_sparse(x: torch.Tensor, bias: SparseLogitBias) -> None:
+    x.index_put_((bias.rows, bias.token_ids), bias.values, accumulate=True)
+
+
+def apply_penalties(x: torch.Tensor, penalties: PenaltyTensors) -> torch.Tensor:
+    """Penalized copy of `x` [P, V], the logits of the rows `penalties.rows`.
+
+    Repetition penalty as in HF transformers: a token seen in the prompt or output has a
+    positive logit divided by the penalty and a negative one multiplied by it. Then
+    OpenAI-style: frequency_penalty * count(output) + presence_penalty * (count > 0) is
+    subtracted.
+    """
+    if penalties.repeated_mask is not None:
+        rep = penalties.repetition_penalties
+        penalized = torch.where(x > 0, x / rep, x * rep)
+        x = torch.where(penalties.repeated_mask, penalized, x)
+    counts = penalties.output_counts
+    if counts is not None:
+        x = x - penalties.frequency_penalties * counts
+        x = x - penalties.presence_penalties * (counts > 0).float()
+    return x
+
+
+def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    # Row lists are ascending and unique, so one as long as the batch is all of it: no copy.
+    return x if rows.shape[0] == x.shape[0] else x[rows]
+
+
+def _sample_unsorted(
+    logits: torch.Tensor, info: SamplingBatchInfo, rows: torch.Tensor, argmax: torch.Tensor
+) -> torch.Tensor:
+    """Token ids [N] for rows without top-k/top-p, from their processed logits [N, V]."""
+    probs = torch.softmax(logits / info.temperatures[rows], dim=-1)
+    if info.need_min_p:
+        # Rows with min_p == 0 keep every token: probabilities are never negative.
+        threshold = info.min_ps[rows].unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    uniforms = seeded_uniforms(info.seeds[rows], info.steps[rows])
+    return _inverse_cdf(probs, probs.cumsum(dim=-1), None, uniforms, argmax.unsqueeze(1))
+
+
+def _sample_sorted(
+    logits: torch.Tensor, info: SamplingBatchInfo, rows: torch.Tensor
+) -> torch.Tensor:
+    """Token ids [R] for rows with top-k or top-p, from their processed logits [R, V]."""
+    probs = torch.softmax(logits / info.temperatures[rows], dim=-1)
+    vocab_size = probs.shape[1]
+    filters = _RowFilters(info.top_ks[rows], info.top_ps[rows], info.min_ps[rows], vocab_size)
+    uniforms = seeded_uniforms(info.seeds[rows], info.steps[rows])
+    token_ids = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
+    pending = torch.arange(probs.shape[0], device=probs.device)
+    num_candidates = min(vocab_size, max(_FIRST_CANDIDATES, info.max_top_k))
+    while True:
+        chosen, resolved = _sample_candidates(
+            _take_rows(probs, pending), num_candidates, filters.take(pending), uniforms[pending]
+        )
+        token_ids[pending[resolved]] = chosen[resolved]
+        pending = pending[~resolved]
+        if pending.shape[0] == 0:
+            return token_ids
+        num_candidates = min(vocab_size, num_candidates * _CANDIDATE_GROWTH)
+
+
+@dataclass
+class _RowFilters:
+    top_ks: torch.Tensor  # [R] int64, vocab_size where off
+    top_ps: torch.Tensor  # [R] float32
+    min_ps: torch.Tensor  # [R] float32
+    vocab_size: int
+
+    def take(self, rows: torch.Tensor) -> _RowFilters:
+        if rows.shape[0] == self.top_ks.shape[0]:
+            return self
+        return _RowFilters(self.top_ks[rows], self.top_ps[rows], self.min_ps[rows], self.vocab_size)
+
+
+def _sample_candidates(
+    probs: torch.Tensor, num_candidates: int, filters: _RowFilters, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [R], resolved [R] bool) drawn among each row's `num_candidates` most likely.
+
+    A row is resolved when its draw is the one the whole sorted vocabulary would give: every
+    token it keeps ranks above the least likely candidate (whose ties may lie outside the
+    set), or that candidate has probability 0. Then the draw does not depend on
+    `num_candidates`, so neither on the other rows that set it.
+    """
+    cand_probs, cand_ids = sorted_candidates(probs, num_candidates)  # [R, C] each
+    cumulative = cand_probs.cumsum(dim=-1)
+    num_kept = _num_kept(cand_probs, cumulative, filters)
+    first = torch.zeros_like(num_kept).unsqueeze(1)
+    chosen = _inverse_cdf(cand_probs, cumulative, num_kept, uniforms, first)
+    token_ids = cand_ids.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    if num_candidates == filters.vocab_size:
+        return token_ids, torch.ones_like(num_kept, dtype=torch.bool)
+    least = cand_probs[:, -1:]
+    num_above_least = (cand_probs > least).sum(dim=-1)
+    top_k_known = (filters.top_ks >= filters.vocab_size) | (filters.top_ks <= num_above_least)
+    resolved = ((num_kept <= num_above_least) & top_k_known) | (least.squeeze(1) == 0)
+    return token_ids, resolved
+
+
+def sorted_candidates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probs, token ids), each [N, k]: the k most likely tokens per row, by probability
+    descending then token id, the order a stable sort of the whole row gives."""
+    if k == probs.shape[1]:
+        return probs.sort(dim=-1, descending=True, stable=True)
+    cand_probs, cand_ids = probs.topk(k, dim=-1, sorted=False)
+    # topk leaves equal probabilities in no set order: order by token id, then stably by
+    # probability.
+    cand_ids, by_id = cand_ids.sort(dim=-1)
+    cand_probs, order = cand_probs.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    return cand_probs, cand_ids.gather(1, order)
+
+
+def _num_kept(
+    cand_probs: torch.Tensor, cumulative: torch.Tensor, filters: _RowFilters
+) -> torch.Tensor:
+    """[R] int64: how many of the sorted candidates [R, C] survive top-k, top-p and min-p.
+
+    Top-p is over the top-k tokens renormalized (HF semantics); a token is kept while the
+    mass ranked above it is at most top_p of that. Each filter keeps a prefix, so the
+    survivors are one too. Zero-probability tokens are dropped: they can never be drawn.
+    """
+    num_candidates = cand_probs.shape[1]
+    top_ks = filters.top_ks.unsqueeze(1)  # [R, 1]
+    # The mass of the whole vocabulary is 1; no candidate set would give its sum exactly.
+    top_k_mass = torch.where(
+        top_ks < filters.vocab_size,
+        cumulative.gather(1, top_ks.clamp(max=num_candidates) - 1),
+        torch.ones_like(cumulative[:, :1]),
+    )
+    mass_above = torch.nn.functional.pad(cumulative[:, :-1], (1, 0))
+    ranks = torch.arange(num_candidates, device=cand_probs.device)
+    keep = (
+        (ranks < top_ks)
+        & (mass_above <= filters.top_ps.unsqueeze(1) * top_k_mass)
+        & (cand_probs >= filters.min_ps.unsqueeze(1) * cand_probs[:, :1])
+        & (cand_probs > 0)
+    )
+    # The most likely token passes every filter; the clamp only guards against rounding.
+    return keep.sum(dim=-1).clamp_(min=1)
+
+
+def _inverse_cdf(
+    probs: torch.Tensor,
+    cumulative: torch.Tensor,
+    num_kept: Optional[torch.Tensor],
+    uniforms: torch.Tensor,
+    fallback: torch.Tensor,
+) -> torch.Tensor:
+    """Positions [N]: per row, the first whose cumulative probability exceeds u * total.
+
+    `probs` [N, L] and its `cumulative` sum; only the first `num_kept[i]` positions count
+    (all where None). `fallback` [N, 1] is a position of nonzero probability.
+    """
+    if num_kept is None:
+        last = torch.full_like(uniforms, probs.shape[1] - 1, dtype=torch.int64).unsqueeze(1)
+    else:
+        last = (num_kept - 1).unsqueeze(1)  # [N, 1]
+    target = uniforms.unsqueeze(1) * cumulative.gather(1, last)
+    # u * total can round up to total: the clamp then picks the last kept position.
+    pos = torch.minimum(torch.searchsorted(cumulative, target, right=True), last)
+    # The first position with the same cumulative sum is the token that raised it. With a
+    # sequential cumsum (CPU) that token has nonzero probability; it only moves `pos` when
+    # the clamp above landed on trailing zero-probability tokens.
+    pos = torch.searchsorted(cumulative, cumulative.gather(1, pos))
+    # A parallel scan (GPU) may round differently at two positions; never pick a token of
+    # probability 0.
+    return torch.where(probs.gather(1, pos) > 0, pos, fallback).squeeze(1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finalizer on int64 tensors (a new tensor; wrapping multiplies)."""
+    x = x ^ _logical_shift_right(x, 30)
+    x = x * _MIX1
+    x ^= _logical_shift_right(x, 27)
+    x *= _MIX2
+    x ^= _logical_shift_right(x, 31)
+    return x
+
+
+def _logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # torch's >> on int64 is arithmetic; masking off the copied sign bits makes it logical.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def seeded_uniforms(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """[N] float32 in [0, 1): the `step`-th output of a SplitMix64 stream seeded by `seed`."""
+    bits = mix64(mix64(seeds) + (steps + 1) * _GOLDEN)
+    return _logical_shift_right(bits, 64 - _UNIFORM_BITS).float() * 2.0**-_UNIFORM_BITS
+
+
+def _top_logprobs(
+    logprobs: torch.Tensor, top_logprobs_nums: Optional[list[int]]
+) -> Optional[list[Optional[tuple[list[float], list[int]]]]]:
+    if not top_logprobs_nums or max(top_logprobs_nums) <= 0:
+        return None
+    assert len(top_logprobs_nums) == logprobs.shape[0]
+    k_max = min(max(top_logprobs_nums), logprobs.shape[1])
+    values, token_ids = logprobs.topk(k_max, dim=-1)
+    values, token_ids = values.tolist(), token_ids.tolist()
+    return [
+        (values[row][:k], token_ids[row][:k]) if k > 0 else None
+        for row, k in enumerate(top_logprobs_nums)
+    ]

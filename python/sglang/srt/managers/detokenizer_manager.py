@@ -1,0 +1,96 @@
+"""Token ids -> text, incrementally, per request.
+
+Decoding only the new ids would break words and multi-byte characters that span tokens, so each
+request keeps two offsets into its ids: text is decoded from `prefix_offset` (a few tokens of
+context) and only what goes beyond the decode of `prefix_offset..read_offset` is new. Text that
+ends in an incomplete UTF-8 sequence (U+FFFD) waits for the next token.
+
+While a request runs, text that could be the start of one of its stop strings is held back, so
+a streaming client never sees part of a stop string that is later trimmed. When it finishes on a
+stop string, the text is cut before it; on a stop token, that token's text is dropped (unless
+`no_stop_trim`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sglang.srt.managers.io_struct import BatchStrOut, BatchTokenIDOut, ReqOutput, ReqStrOutput
+
+
+@dataclass
+class _DecodeState:
+    stops: list[str]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far (complete characters only)
+    sent: int = 0  # characters of `text` already sent
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+
+class DetokenizerManager:
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.states: dict[str, _DecodeState] = {}
+
+    def register(self, rid: str, stop_strings: list[str]) -> None:
+        self.states[rid] = _DecodeState(stops=list(stop_strings))
+
+    def forget(self, rid: str) -> None:
+        self.states.pop(rid, None)
+
+    def handle(self, batch: BatchTokenIDOut) -> BatchStrOut:
+        return BatchStrOut([ReqStrOutput(out, self._text_delta(out)) for out in batch.outputs])
+
+    def _decode(self, ids: list[int], out: ReqOutput) -> str:
+        return self.tokenizer.decode(
+            ids,
+            skip_special_tokens=out.skip_special_tokens,
+            spaces_between_special_tokens=out.spaces_between_special_tokens,
+        )
+
+    def _text_delta(self, out: ReqOutput) -> str:
+        state = self.states.setdefault(out.rid, _DecodeState(stops=[]))
+        state.ids += out.new_token_ids
+        if out.finished_reason is None:
+            self._advance(state, out)
+            visible = len(state.text) - _held_back(state.text, state.stops)
+        else:
+            state.text = self._final_text(state, out)
+            visible = len(state.text)
+            self.states.pop(out.rid, None)
+        delta = state.text[state.sent : visible] if visible > state.sent else ""
+        state.sent = max(state.sent, visible)
+        return delta
+
+    def _advance(self, state: _DecodeState, out: ReqOutput) -> None:
+        before = self._decode(state.ids[state.prefix_offset : state.read_offset], out)
+        after = self._decode(state.ids[state.prefix_offset :], out)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            state.text += after[len(before) :]
+            state.prefix_offset = state.read_offset
+            state.read_offset = len(state.ids)
+
+    def _final_text(self, state: _DecodeState, out: ReqOutput) -> str:
+        ids = state.ids
+        matched = out.finished_reason.get("matched")
+        if isinstance(matched, int) and not out.no_stop_trim and ids and ids[-1] == matched:
+            ids = ids[:-1]
+        text = self._decode(ids, out)
+        if isinstance(matched, str) and not out.no_stop_trim:
+            pos = text.find(matched)
+            if pos >= 0:
+                text = text[:pos]
+        return text
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of `text` that may be the beginning of a stop string."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held

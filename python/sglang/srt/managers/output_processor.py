@@ -1,0 +1,143 @@
+"""After a forward: sampling, logprob bookkeeping, finish checks, and the outputs to send.
+
+Finish order follows SGLang: the length limit first, then stop token ids (always), EOS (unless
+ignore_eos), then stop strings, which are matched on the decoded tail of the output. Before
+`min_new_tokens` is reached, EOS and stop tokens are banned at sampling and stop strings are
+not checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.layers.sampler import Sampler, SamplerOutput
+from sglang.srt.managers.io_struct import ReqOutput
+from sglang.srt.managers.schedule_batch import FinishReason, Req, ScheduleBatch
+from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any, eos_token_ids: set[int], vocab_size: int):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.vocab_size = vocab_size
+        self.sampler = Sampler()
+
+    def sample(self, batch: ScheduleBatch, logits: LogitsProcessorOutput) -> Optional[SamplerOutput]:
+        reqs = [it.req for it in batch.items if it.samples]
+        if not reqs:
+            return None
+        info = SamplingBatchInfo.build(
+            params=[r.sampling_params for r in reqs],
+            seeds=[r.seed for r in reqs],
+            steps=[len(r.output_ids) for r in reqs],
+            output_ids=[r.output_ids for r in reqs],
+            input_ids=[r.origin_input_ids for r in reqs],
+            banned_token_ids=[self._banned(r) for r in reqs],
+            vocab_size=self.vocab_size,
+        )
+        return_logprob = any(r.return_logprob for r in reqs)
+        top_nums = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs] if return_logprob else None
+        return self.sampler(logits.next_token_logits, info, return_logprob, top_nums)
+
+    def _banned(self, req: Req) -> Optional[list[int]]:
+        params = req.sampling_params
+        if len(req.output_ids) >= params.min_new_tokens:
+            return None
+        stops = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stops |= self.eos_token_ids
+        return sorted(stops)
+
+    def process(
+        self, batch: ScheduleBatch, logits: LogitsProcessorOutput, sampled: Optional[SamplerOutput]
+    ) -> Iterator[tuple[Req, Optional[FinishReason]]]:
+        """Appends sampled tokens and logprobs; yields each request that progressed, with its
+        finish reason (None while it goes on). Requests mid-prefill are not yielded."""
+        next_ids = sampled.next_token_ids.tolist() if sampled is not None else []
+        logprob_row = 0
+        sample_row = 0
+        for item in batch.items:
+            req = item.req
+            logprob_row = self._take_input_logprobs(req, item.extend_len, logits, logprob_row)
+            if item.samples:
+                token = next_ids[sample_row]
+                req.output_ids.append(token)
+                if req.return_logprob:
+                    req.output_token_logprobs.append(float(sampled.next_token_logprobs[sample_row]))
+                    tops = sampled.top_logprobs[sample_row] if sampled.top_logprobs else None
+                    req.output_top_logprobs.append(tops)
+                sample_row += 1
+                yield req, self._check_finished(req)
+            elif req.kv_len == len(req.fill_ids):
+                # prefill-only request (max_new_tokens == 0) whose prompt is now cached
+                yield req, FinishReason("length", length=0)
+
+    def _take_input_logprobs(self, req: Req, extend_len: int, logits: LogitsProcessorOutput, row: int) -> int:
+        if not req.wants_input_logprobs:
+            return row
+        start = req.kv_len - extend_len  # kv_len was already advanced past this step
+        prompt_len = len(req.origin_input_ids)
+        lsl = req.logprob_start_len
+        if start <= lsl < start + extend_len:
+            req.input_token_logprobs.append(None)  # the window's first token has no context score
+            req.input_top_logprobs.append(None)
+        first, last = max(lsl, start), min(start + extend_len, prompt_len - 1)
+        n = max(last - first, 0)
+        if n:
+            req.input_token_logprobs += logits.input_token_logprobs[row : row + n].tolist()
+            if req.top_logprobs_num > 0:
+                vals, ids = logits.input_top_logprobs
+                k = req.top_logprobs_num
+                for v, i in zip(vals[row : row + n, :k].tolist(), ids[row : row + n, :k].tolist()):
+                    req.input_top_logprobs.append((v, i))
+            else:
+                req.input_top_logprobs += [None] * n
+        return row + n
+
+    def _check_finished(self, req: Req) -> Optional[FinishReason]:
+        params = req.sampling_params
+        token = req.output_ids[-1]
+        if len(req.output_ids) >= params.max_new_tokens:
+            return FinishReason("length", length=params.max_new_tokens)
+        if token in (params.stop_token_ids or ()):
+            return FinishReason("stop", matched=token)
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return FinishReason("stop", matched=token)
+        if params.stop and len(req.output_ids) >= params.min_new_tokens:
+            # Only the tail can contain a stop string that was not there one token ago.
+            tail_ids = req.output_ids[-(params.stop_str_max_len + 2) :]
+            tail = self.tokenizer.decode(tail_ids, skip_special_tokens=params.skip_special_tokens)
+            for stop in params.stop:
+                if stop in tail:
+                    return FinishReason("stop", matched=stop)
+        return None
+
+    @staticmethod
+    def make_output(req: Req) -> ReqOutput:
+        """Everything new since the last output of this request."""
+        params = req.sampling_params
+        new_ids = req.output_ids[req.num_sent_tokens :]
+        out = ReqOutput(
+            rid=req.rid,
+            new_token_ids=new_ids,
+            finished_reason=req.finished_reason.to_json() if req.finished_reason else None,
+            prompt_tokens=len(req.origin_input_ids),
+            completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens,
+            skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
+            no_stop_trim=params.no_stop_trim,
+        )
+        if req.return_logprob:
+            sent_in = req.num_sent_input_logprobs
+            window = req.origin_input_ids[max(req.logprob_start_len, 0) :]
+            out.input_token_logprobs = list(zip(req.input_token_logprobs[sent_in:], window[sent_in:]))
+            out.input_top_logprobs = req.input_top_logprobs[sent_in:]
+            req.num_sent_input_logprobs = len(req.input_token_logprobs)
+            sent = req.num_sent_tokens
+            out.output_token_logprobs = list(zip(req.output_token_logprobs[sent:], new_ids))
+            out.output_top_logprobs = req.output_top_logprobs[sent:]
+        req.num_sent_tokens = len(req.output_ids)
+        return out

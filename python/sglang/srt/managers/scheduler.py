@@ -1,0 +1,202 @@
+"""Scheduler: continuous batching on one rank.
+
+Data flow of the engine: request -> (TKNP controller) -> Scheduler -> ModelRunner -> attention
+backend -> Sampler -> detokenizer. Each `step`:
+  1. admits messages (new requests, aborts, cache flushes);
+  2. builds one batch: every running request that is decoding contributes one token; then
+     unfinished prefill chunks and waiting requests (in policy order) fill the prefill token
+     budget (`chunked_prefill_size`) as far as KV memory allows; when memory cannot give the
+     decodes their slots, the newest requests are retracted (their KV goes to the prefix cache
+     and they wait to be prefilled again);
+  3. runs one forward, samples, and appends tokens (finish checks in `output_processor`);
+  4. returns the outputs to send: a delta per streaming request, a whole result per finished one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from sglang.srt.managers.io_struct import AbortReq, FlushCacheReq, ReqOutput, TokenizedGenerateReqInput
+from sglang.srt.managers.output_processor import OutputProcessor
+from sglang.srt.managers.schedule_batch import FinishReason, Req, ScheduleBatch, ScheduledReq
+from sglang.srt.managers.schedule_policy import PrefillBudget, SchedulePolicy
+from sglang.srt.mem_cache.kv_cache_manager import KVCacheManager
+from sglang.srt.model_executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# Share of the not-yet-generated tokens of running requests that admission keeps in reserve;
+# it starts high, decays as steps succeed, and jumps back up after a retraction.
+_INIT_NEW_TOKEN_RATIO = 0.7
+_MIN_NEW_TOKEN_RATIO = 0.1
+_NEW_TOKEN_RATIO_DECAY = 0.001
+
+
+class Scheduler:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Any,
+        schedule_policy: str = "fcfs",
+        chunked_prefill_size: Optional[int] = None,
+        disable_radix_cache: bool = False,
+    ):
+        self.runner = runner
+        self.kv = KVCacheManager(runner.req_to_token_pool, runner.allocator, runner.kv_pool, disable_radix_cache)
+        self.policy = SchedulePolicy(schedule_policy, self.kv)
+        self.chunked_prefill_size = chunked_prefill_size if chunked_prefill_size and chunked_prefill_size > 0 else None
+        self.max_running_requests = runner.plan.max_running_requests
+        self.output = OutputProcessor(tokenizer, runner.model_config.eos_token_ids, runner.model_config.vocab_size)
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []  # requests holding a req_to_token row
+        self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
+        self.num_retractions = 0
+        self.pending_outputs: list[ReqOutput] = []
+
+    # ---- messages ------------------------------------------------------------------------
+
+    def handle(self, msg: TokenizedGenerateReqInput | AbortReq | FlushCacheReq) -> Optional[bool]:
+        if isinstance(msg, TokenizedGenerateReqInput):
+            self._add_request(msg)
+        elif isinstance(msg, AbortReq):
+            self._abort(msg.rid, msg.message)
+        elif isinstance(msg, FlushCacheReq):
+            return self.flush_cache()
+        else:
+            raise TypeError(f"scheduler got an unknown message {type(msg).__name__}")
+        return None
+
+    def _add_request(self, msg: TokenizedGenerateReqInput) -> None:
+        req = Req(
+            rid=msg.rid,
+            origin_input_ids=list(msg.input_ids),
+            sampling_params=msg.sampling_params,
+            seed=msg.seed,
+            return_logprob=msg.return_logprob,
+            logprob_start_len=msg.logprob_start_len,
+            top_logprobs_num=msg.top_logprobs_num,
+            stream=msg.stream,
+        )
+        need = len(req.origin_input_ids) + 1
+        if need > self.kv.total_tokens:
+            self._finish(req, FinishReason("abort", message=(
+                f"the prompt needs {need} KV slots but this rank's KV cache holds {self.kv.total_tokens} tokens"
+            )))
+            return
+        self.waiting.append(req)
+
+    def _abort(self, rid: str, message: str) -> None:
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.rid == rid and not req.is_finished():
+                    self._finish(req, FinishReason("abort", message=message))
+
+    def flush_cache(self) -> bool:
+        if self.running or self.waiting:
+            return False
+        return self.kv.flush()
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.pending_outputs)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def step(self) -> list[ReqOutput]:
+        batch = self._schedule()
+        if not batch.is_empty():
+            self._run(batch)
+        outputs, self.pending_outputs = self.pending_outputs, []
+        return outputs
+
+    def _schedule(self) -> ScheduleBatch:
+        items = self._schedule_decodes()
+        budget = PrefillBudget(
+            tokens=self.chunked_prefill_size or 1 << 62,
+            memory=self.kv.available_size() - self._decode_reserve(),
+        )
+        # requests in the middle of a chunked prefill continue first
+        for req in self.running:
+            missing = len(req.fill_ids) - req.kv_len
+            if missing > 1 or (missing == 1 and req.kv_len < len(req.origin_input_ids)):
+                self._add_prefill(items, req, budget)
+        for req in self.policy.order(self.waiting):
+            if budget.tokens <= 0 or len(self.running) >= self.max_running_requests:
+                break
+            if budget.memory < len(req.fill_ids) - self.kv.prefix_match_len(req) and self.running:
+                break  # wait for memory rather than admitting a request that cannot progress
+            if not self.kv.start(req):
+                break
+            self.waiting.remove(req)
+            self.running.append(req)
+            req.cached_tokens = max(req.cached_tokens, req.prefix_len) if not req.num_retractions else req.cached_tokens
+            self._add_prefill(items, req, budget)
+        batch = ScheduleBatch([it for it in items if it.extend_len > 0])
+        self._release_unscheduled_starts(batch)
+        return batch
+
+    def _schedule_decodes(self) -> list[ScheduledReq]:
+        while True:
+            decoding = [r for r in self.running if self._is_decoding(r)]
+            if self.kv.available_size() >= len(decoding) or not decoding:
+                break
+            self._retract(decoding[-1])
+        self.new_token_ratio = max(_MIN_NEW_TOKEN_RATIO, self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY)
+        return [ScheduledReq(r, 1, samples=True) for r in decoding]
+
+    def _is_decoding(self, req: Req) -> bool:
+        return req.kv_len >= len(req.origin_input_ids) and req.kv_len == len(req.fill_ids) - 1
+
+    def _decode_reserve(self) -> int:
+        return int(self.new_token_ratio * sum(r.remaining_new_tokens() for r in self.running))
+
+    def _add_prefill(self, items: list[ScheduledReq], req: Req, budget: PrefillBudget) -> None:
+        missing = len(req.fill_ids) - req.kv_len
+        n = budget.take(missing)
+        samples = n == missing and req.sampling_params.max_new_tokens > 0
+        items.append(ScheduledReq(req, n, samples))
+
+    def _release_unscheduled_starts(self, batch: ScheduleBatch) -> None:
+        """A request admitted this step that got no tokens goes back to the queue front."""
+        scheduled = {id(r) for r in batch.reqs}
+        for req in [r for r in self.running if id(r) not in scheduled and r.kv_len == r.prefix_len]:
+            if not self._is_decoding(req):
+                self.kv.release(req)
+                self.running.remove(req)
+                self.waiting.insert(0, req)
+
+    def _retract(self, req: Req) -> None:
+        """Frees a running request's KV (into the prefix cache) and sends it back to waiting."""
+        self.kv.release(req)
+        self.running.remove(req)
+        req.num_retractions += 1
+        self.num_retractions += 1
+        self.waiting.insert(0, req)
+        self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
+        logger.info("retracted request %s to free KV memory (%d running)", req.rid, len(self.running))
+
+    def _run(self, batch: ScheduleBatch) -> None:
+        slots = self.kv.alloc_extend([(it.req, it.extend_len) for it in batch.items])
+        if slots is None:
+            raise RuntimeError("KV allocation failed after the scheduler reserved memory (a scheduler bug)")
+        forward_batch = batch.to_forward_batch(slots)
+        logits = self.runner.forward(forward_batch)
+        sampled = self.output.sample(batch, logits)
+        for item in batch.items:
+            item.req.kv_len += item.extend_len
+        for req, reason in self.output.process(batch, logits, sampled):
+            if reason is not None:
+                self._finish(req, reason)
+            elif req.stream:
+                self.pending_outputs.append(self.output.make_output(req))
+
+    def _finish(self, req: Req, reason: FinishReason) -> None:
+        req.finished_reason = reason
+        self.kv.release(req)
+        for queue in (self.waiting, self.running):
+            if req in queue:
+                queue.remove(req)
+        self.pending_outputs.append(self.output.make_output(req))
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity(self.running)

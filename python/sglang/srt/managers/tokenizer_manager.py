@@ -1,0 +1,169 @@
+"""The user-facing side of a generate call: validate and tokenize, then assemble results.
+
+`GenerateReqInput` is SGLang's request shape (one prompt or a batch, text or token ids, one
+sampling dict or one per prompt). `TokenizerManager.tokenize` checks it and turns it into one
+`TokenizedGenerateReqInput` per sequence to generate (a prompt with n > 1 becomes n requests);
+`ReqState` accumulates a request's outputs into SGLang's result dict.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from sglang.srt.managers.io_struct import ReqStrOutput, TokenizedGenerateReqInput
+from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.srt.utils import new_request_id
+
+
+@dataclass
+class GenerateReqInput:
+    text: Optional[Union[str, list[str]]] = None
+    input_ids: Optional[Union[list[int], list[list[int]]]] = None
+    sampling_params: Optional[Union[dict, list[dict]]] = None
+    rid: Optional[Union[str, list[str]]] = None
+    return_logprob: bool = False
+    logprob_start_len: Optional[int] = None
+    top_logprobs_num: Optional[int] = None
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+
+    def __post_init__(self):
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("exactly one of text and input_ids must be given")
+
+    @property
+    def is_batch(self) -> bool:
+        if self.text is not None:
+            return isinstance(self.text, list)
+        return bool(self.input_ids) and isinstance(self.input_ids[0], list)
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        if self.text is not None:
+            return self.text if self.is_batch else [self.text]
+        return self.input_ids if self.is_batch else [self.input_ids]
+
+
+@dataclass
+class ReqState:
+    """Everything returned so far for one request, and when it started."""
+
+    rid: str
+    return_logprob: bool = False
+    return_text_in_logprobs: bool = False
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    meta_info: dict = field(default_factory=dict)
+    finished: bool = False
+    created: float = field(default_factory=time.perf_counter)
+
+
+class TokenizerManager:
+    def __init__(self, tokenizer: Any, vocab_size: int, context_len: int, random_seed: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.context_len = context_len
+        self._rng = random.Random(random_seed)
+
+    def tokenize(self, obj: GenerateReqInput) -> list[TokenizedGenerateReqInput]:
+        prompts = obj.prompts()
+        if not prompts:
+            raise ValueError("text/input_ids must not be an empty batch")
+        params_list = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
+        rids = obj.rid if isinstance(obj.rid, list) else [obj.rid] * len(prompts)
+        if len(rids) != len(prompts):
+            raise ValueError(f"rid has {len(rids)} entries for {len(prompts)} prompts")
+        reqs = []
+        for prompt, params_dict, rid in zip(prompts, params_list, rids):
+            input_ids = self._input_ids(prompt)
+            params = SamplingParams.from_dict(params_dict)
+            params.normalize(self.tokenizer)
+            params.verify(self.vocab_size)
+            self._check_lengths(input_ids, params, obj)
+            base_rid = rid or new_request_id()
+            for i in range(params.n):
+                seed = params.sampling_seed if params.sampling_seed is not None else self._rng.randrange(1 << 62)
+                reqs.append(
+                    TokenizedGenerateReqInput(
+                        rid=base_rid if params.n == 1 else f"{base_rid}-{i}",
+                        input_ids=input_ids,
+                        sampling_params=params,
+                        seed=seed + i,
+                        return_logprob=obj.return_logprob,
+                        logprob_start_len=-1 if obj.logprob_start_len is None else obj.logprob_start_len,
+                        top_logprobs_num=obj.top_logprobs_num or 0,
+                        stream=obj.stream,
+                    )
+                )
+        return reqs
+
+    def _input_ids(self, prompt: Union[str, list[int]]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("text must not be empty")
+            return self.tokenizer.encode(prompt)
+        if not prompt:
+            raise ValueError("input_ids must not be empty")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"input_ids must be integers in [0, {self.vocab_size})")
+        return list(prompt)
+
+    def _check_lengths(self, input_ids: list[int], params: SamplingParams, obj: GenerateReqInput) -> None:
+        n = len(input_ids)
+        if n >= self.context_len:
+            raise ValueError(f"the input ({n} tokens) is longer than the model's context length ({self.context_len} tokens)")
+        if n + params.max_new_tokens > self.context_len:
+            raise ValueError(
+                f"requested {n + params.max_new_tokens} tokens ({n} input + {params.max_new_tokens} max_new_tokens), "
+                f"more than the context length of {self.context_len} tokens"
+            )
+        lsl = obj.logprob_start_len
+        if obj.return_logprob and lsl is not None and not -1 <= lsl < n:
+            raise ValueError(f"logprob_start_len must be -1 or in [0, {n}) for this input, got {lsl}")
+        if obj.top_logprobs_num is not None and obj.top_logprobs_num < 0:
+            raise ValueError(f"top_logprobs_num must be >= 0, got {obj.top_logprobs_num}")
+
+    # ---- results -------------------------------------------------------------------------
+
+    def update(self, state: ReqState, item: ReqStrOutput) -> None:
+        """Folds one output delta into the request's accumulated result."""
+        out = item.out
+        state.text += item.text_delta
+        state.output_ids += out.new_token_ids
+        meta = state.meta_info
+        meta.update(
+            id=state.rid,
+            finish_reason=out.finished_reason,
+            prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens,
+            cached_tokens=out.cached_tokens,
+            e2e_latency=time.perf_counter() - state.created,
+        )
+        if state.return_logprob:
+            self._extend_logprobs(state, item)
+        state.finished = out.finished_reason is not None
+
+    def _extend_logprobs(self, state: ReqState, item: ReqStrOutput) -> None:
+        out, meta = item.out, state.meta_info
+        with_text = state.return_text_in_logprobs
+        meta.setdefault("input_token_logprobs", []).extend(self._entries(out.input_token_logprobs, with_text))
+        meta.setdefault("output_token_logprobs", []).extend(self._entries(out.output_token_logprobs, with_text))
+        meta.setdefault("input_top_logprobs", []).extend(self._tops(out.input_top_logprobs, with_text))
+        meta.setdefault("output_top_logprobs", []).extend(self._tops(out.output_top_logprobs, with_text))
+
+    def _token_text(self, token_id: int, with_text: bool) -> Optional[str]:
+        return self.tokenizer.decode([token_id]) if with_text else None
+
+    def _entries(self, pairs: list, with_text: bool) -> list[list]:
+        return [[lp, tid, self._token_text(tid, with_text)] for lp, tid in pairs]
+
+    def _tops(self, tops: list, with_text: bool) -> list:
+        return [None if t is None else self._entries(list(zip(*t)), with_text) for t in tops]
+
+    @staticmethod
+    def result(state: ReqState) -> dict:
+        return {"text": state.text, "output_ids": list(state.output_ids), "meta_info": dict(state.meta_info)}

@@ -1,0 +1,63 @@
+"""ForwardBatch: the tensors one model forward needs, built by the model runner from a batch.
+
+Token rows are laid out request after request: request i contributes `extend_lens[i]` rows,
+the tokens at positions `prefix_lens[i] .. seq_lens[i] - 1` of its sequence. A decode step is
+the case `extend_lens[i] == 1` for every request; prefill chunks and decodes may share a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum, auto
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.attention.base import AttentionBackend
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+
+class ForwardMode(IntEnum):
+    EXTEND = auto()  # at least one request brings several new tokens (prefill or a chunk of one)
+    DECODE = auto()  # every request brings exactly one token
+    IDLE = auto()  # no tokens (a TKNP rank with an empty partition)
+
+    def is_decode(self) -> bool:
+        return self == ForwardMode.DECODE
+
+    def is_idle(self) -> bool:
+        return self == ForwardMode.IDLE
+
+
+@dataclass
+class ForwardBatch:
+    forward_mode: ForwardMode
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    out_cache_loc: torch.Tensor  # [T] int64 KV slot written by each token
+    req_pool_indices: torch.Tensor  # [B] int64 rows of req_to_token
+    seq_lens: torch.Tensor  # [B] int64 tokens in the KV cache after this forward
+    seq_lens_cpu: list[int]
+    prefix_lens: list[int]  # tokens already in the KV cache before this forward
+    extend_lens: list[int]  # new tokens this forward, seq_len - prefix_len
+    # Rows whose logits choose each request's next token (one per request that samples).
+    sample_indices: torch.Tensor  # [S] int64
+    # Rows whose log-softmax scores the next prompt token (input logprobs), and those tokens.
+    logprob_indices: Optional[torch.Tensor] = None  # [R] int64
+    logprob_target_ids: Optional[torch.Tensor] = None  # [R] int64
+    input_top_logprobs_num: int = 0
+    return_all_logits: bool = False
+    req_to_token_pool: Optional["ReqToTokenPool"] = None
+    token_to_kv_pool: Optional["MHATokenToKVPool"] = None
+    attn_backend: Optional["AttentionBackend"] = None
+    # Backend-specific metadata, set by attn_backend.init_forward_metadata and reused by every layer.
+    attn_metadata: object = field(default=None, repr=False)
+
+    def __post_init__(self):
+        assert len(self.prefix_lens) == len(self.extend_lens) == len(self.seq_lens_cpu)
+        assert sum(self.extend_lens) == self.input_ids.numel() == self.positions.numel()
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.extend_lens)

@@ -1,0 +1,108 @@
+"""ModelRunner: builds the model and the KV memory of one rank, and runs forwards on them.
+
+KV capacity: `max_total_tokens` when given; otherwise what the memory budget leaves once the
+weights are loaded: `available - total * (1 - mem_fraction_static)`, as SGLang sizes GPU pools.
+On CPU the buffers are allocated untouched (pages are committed as tokens are written), so a
+large pool costs nothing until it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.layers.attention.registry import create_attention_backend
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
+from sglang.srt.model_executor.forward_batch import ForwardBatch
+from sglang.srt.model_loader import iter_weights
+from sglang.srt.models.registry import get_model_class
+from sglang.srt.utils import device_memory
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MemoryPlan:
+    max_total_tokens: int
+    max_running_requests: int
+    weight_bytes: int
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        device: str,
+        attention_backend: str,
+        mem_fraction_static: float,
+        max_total_tokens: int | None,
+        max_running_requests: int | None,
+    ):
+        self.model_config = model_config
+        self.device = device
+        self.dtype = model_config.dtype
+        self.model = self._load_model()
+        self.plan = self._plan_memory(mem_fraction_static, max_total_tokens, max_running_requests)
+        self.req_to_token_pool = ReqToTokenPool(
+            self.plan.max_running_requests, model_config.context_len + 1, device=device
+        )
+        self.allocator = TokenToKVPoolAllocator(self.plan.max_total_tokens)
+        self.kv_pool = MHATokenToKVPool(
+            self.plan.max_total_tokens,
+            self.dtype,
+            model_config.num_key_value_heads,
+            model_config.head_dim,
+            model_config.num_hidden_layers,
+            device=device,
+        )
+        self.attn_backend = create_attention_backend(attention_backend)
+
+    def _load_model(self) -> torch.nn.Module:
+        cfg = self.model_config
+        start = time.perf_counter()
+        model_cls = get_model_class(cfg.architecture)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = model_cls(cfg.hf_config, max_position=cfg.context_len + 1)
+        finally:
+            torch.set_default_dtype(previous)
+        model.load_weights(iter_weights(cfg))
+        model.eval()
+        logger.info(
+            "loaded %s (%s, %s) in %.1f s", cfg.architecture, str(self.dtype).replace("torch.", ""),
+            self.device, time.perf_counter() - start,
+        )
+        return model
+
+    def _plan_memory(self, mem_fraction: float, max_total_tokens: int | None, max_running: int | None) -> MemoryPlan:
+        cfg = self.model_config
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        per_token = MHATokenToKVPool.bytes_per_token(
+            self.dtype, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+        )
+        if max_total_tokens is None:
+            available, total = device_memory(self.device)
+            budget = available - total * (1 - mem_fraction)
+            if budget < per_token * 16:
+                raise ValueError(
+                    f"not enough memory for the KV cache: {available / 2**30:.1f} GiB available, "
+                    f"mem_fraction_static={mem_fraction} leaves {max(budget, 0) / 2**30:.2f} GiB; "
+                    "raise --mem-fraction-static or set --max-total-tokens"
+                )
+            max_total_tokens = int(budget // per_token)
+        max_running = max_running or min(2048, max_total_tokens)
+        return MemoryPlan(max_total_tokens, max_running, weight_bytes)
+
+    def forward(self, batch: ForwardBatch) -> LogitsProcessorOutput:
+        batch.req_to_token_pool = self.req_to_token_pool
+        batch.token_to_kv_pool = self.kv_pool
+        batch.attn_backend = self.attn_backend
+        self.attn_backend.init_forward_metadata(batch)
+        return self.model(batch.input_ids, batch.positions, batch)

@@ -1,0 +1,223 @@
+"""The tensors the sampler needs for one step, built from the sampling rows' parameters.
+
+`SamplingBatchInfo.build` runs on every prefill and decode step, for the B rows that sample
+(one per request). It loops over rows, never over the vocabulary, and builds the optional
+parts (penalties, logit bias, banned tokens, top-k/top-p/min-p filtering) only when some row
+uses them, so an all-greedy batch costs a few small tensors.
+
+Randomness is keyed by each row's `(seed, step)`, not by its position in the batch: a
+request samples the same tokens whichever requests share its batch and in whatever order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from sglang.srt.sampling.sampling_params import SamplingParams
+
+_INT64_MOD = 1 << 64
+_INT64_MAX = (1 << 63) - 1
+
+
+@dataclass
+class SparseLogitBias:
+    """Values added to `logits[rows[i], token_ids[i]]`; banned tokens get -inf."""
+
+    rows: torch.Tensor  # [N] int64
+    token_ids: torch.Tensor  # [N] int64
+    values: torch.Tensor  # [N] float32
+
+
+@dataclass
+class PenaltyTensors:
+    """Frequency, presence and repetition penalties for the P rows that use any of them."""
+
+    rows: torch.Tensor  # [P] int64, batch rows
+    frequency_penalties: torch.Tensor  # [P, 1] float32
+    presence_penalties: torch.Tensor  # [P, 1] float32
+    repetition_penalties: torch.Tensor  # [P, 1] float32
+    # [P, V] float32: how often each token occurs in the row's output; None when no row has a
+    # frequency or presence penalty.
+    output_counts: Optional[torch.Tensor]
+    # [P, V] bool: the token occurs in the row's prompt or output; None when no row has a
+    # repetition penalty.
+    repeated_mask: Optional[torch.Tensor]
+
+
+@dataclass
+class SamplingBatchInfo:
+    batch_size: int
+    vocab_size: int
+    temperatures: torch.Tensor  # [B, 1] float32; 1.0 on greedy rows
+    top_ps: torch.Tensor  # [B] float32
+    top_ks: torch.Tensor  # [B] int64; -1 replaced by vocab_size
+    min_ps: torch.Tensor  # [B] float32
+    seeds: torch.Tensor  # [B] int64
+    steps: torch.Tensor  # [B] int64, tokens the request already generated
+    sample_rows: Optional[torch.Tensor]  # [S] int64, the non-greedy rows; None when S == 0
+    is_all_greedy: bool
+    need_top_p_top_k: bool  # some non-greedy row has top_k < vocab_size or top_p < 1
+    need_min_p: bool  # some non-greedy row has min_p > 0
+    penalties: Optional[PenaltyTensors]
+    logit_bias: Optional[SparseLogitBias]
+    banned: Optional[SparseLogitBias]
+
+    def __post_init__(self) -> None:
+        assert self.temperatures.shape == (self.batch_size, 1)
+        assert self.is_all_greedy == (self.sample_rows is None)
+
+    @property
+    def needs_logit_processing(self) -> bool:
+        """Whether the raw logits must be changed before choosing tokens."""
+        return (
+            self.penalties is not None or self.logit_bias is not None or self.banned is not None
+        )
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        seeds: list[int],
+        steps: list[int],
+        output_ids: list[list[int]],
+        input_ids: list[list[int]],
+        banned_token_ids: list[Optional[list[int]]],
+        vocab_size: int,
+        device: str | torch.device = "cpu",
+    ) -> SamplingBatchInfo:
+        batch_size = len(params)
+        assert batch_size > 0
+        assert batch_size == len(seeds) == len(steps) == len(output_ids) == len(input_ids)
+        assert batch_size == len(banned_token_ids)
+        floats: list[tuple[float, float, float]] = []  # (temperature, top_p, min_p)
+        ints: list[tuple[int, int, int]] = []  # (top_k, seed, step)
+        sample_rows: list[int] = []
+        need_top_p_top_k = need_min_p = False
+        for row, p in enumerate(params):
+            top_k = vocab_size if p.top_k < 0 else min(p.top_k, vocab_size)
+            ints.append((top_k, _to_int64(seeds[row]), steps[row]))
+            if p.is_greedy:
+                floats.append((1.0, 1.0, 0.0))
+                continue
+            floats.append((p.temperature, p.top_p, p.min_p))
+            sample_rows.append(row)
+            need_top_p_top_k |= top_k < vocab_size or p.top_p < 1.0
+            need_min_p |= p.min_p > 0.0
+        # One host-to-device copy per dtype instead of one per field.
+        float_table = torch.tensor(floats, dtype=torch.float32, device=device)  # [B, 3]
+        int_table = torch.tensor(ints, dtype=torch.int64, device=device)  # [B, 3]
+        return cls(
+            batch_size=batch_size,
+            vocab_size=vocab_size,
+            temperatures=float_table[:, 0:1],
+            top_ps=float_table[:, 1],
+            min_ps=float_table[:, 2],
+            top_ks=int_table[:, 0],
+            seeds=int_table[:, 1],
+            steps=int_table[:, 2],
+            sample_rows=_index_tensor(sample_rows, device) if sample_rows else None,
+            is_all_greedy=not sample_rows,
+            need_top_p_top_k=need_top_p_top_k,
+            need_min_p=need_min_p,
+            penalties=_build_penalties(params, output_ids, input_ids, vocab_size, device),
+            logit_bias=_build_logit_bias(params, device),
+            banned=_build_banned(banned_token_ids, device),
+        )
+
+
+def _to_int64(seed: int) -> int:
+    """Any Python int as the int64 with the same low 64 bits."""
+    seed %= _INT64_MOD
+    return seed - _INT64_MOD if seed > _INT64_MAX else seed
+
+
+def _index_tensor(values: list[int], device: str | torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _flatten_rows(
+    rows: list[int], token_lists: list[list[int]], device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index of each token, token ids) for `token_lists[i]` belonging to `rows[i]`."""
+    token_ids = _index_tensor(list(itertools.chain.from_iterable(token_lists)), device)
+    lengths = _index_tensor([len(tokens) for tokens in token_lists], device)
+    row_ids = torch.repeat_interleave(_index_tensor(rows, device), lengths)
+    return row_ids, token_ids
+
+
+def _build_penalties(
+    params: list[SamplingParams],
+    output_ids: list[list[int]],
+    input_ids: list[list[int]],
+    vocab_size: int,
+    device: str | torch.device,
+) -> Optional[PenaltyTensors]:
+    rows = [
+        row
+        for row, p in enumerate(params)
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 or p.repetition_penalty != 1.0
+    ]
+    if not rows:
+        return None
+    chosen = [params[row] for row in rows]
+    num_rows = len(rows)
+    # Rows are renumbered 0..P-1 inside the [P, V] tensors.
+    local = list(range(num_rows))
+    output_counts = repeated_mask = None
+    if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in chosen):
+        r, t = _flatten_rows(local, [output_ids[row] for row in rows], device)
+        output_counts = torch.zeros(num_rows, vocab_size, dtype=torch.float32, device=device)
+        output_counts.index_put_((r, t), torch.ones_like(t, dtype=torch.float32), accumulate=True)
+    if any(p.repetition_penalty != 1.0 for p in chosen):
+        seen = [input_ids[row] + output_ids[row] for row in rows]
+        r, t = _flatten_rows(local, seen, device)
+        repeated_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+        repeated_mask[r, t] = True
+    table = torch.tensor(
+        [(p.frequency_penalty, p.presence_penalty, p.repetition_penalty) for p in chosen],
+        dtype=torch.float32,
+        device=device,
+    )  # [P, 3]
+    return PenaltyTensors(
+        rows=_index_tensor(rows, device),
+        frequency_penalties=table[:, 0:1],
+        presence_penalties=table[:, 1:2],
+        repetition_penalties=table[:, 2:3],
+        output_counts=output_counts,
+        repeated_mask=repeated_mask,
+    )
+
+
+def _build_logit_bias(
+    params: list[SamplingParams], device: str | torch.device
+) -> Optional[SparseLogitBias]:
+    rows: list[int] = []
+    token_ids: list[int] = []
+    values: list[float] = []
+    for row, p in enumerate(params):
+        for key, value in (p.logit_bias or {}).items():
+            rows.append(row)
+            token_ids.append(int(key))
+            values.append(value)
+    if not rows:
+        return None
+    return SparseLogitBias(
+        rows=_index_tensor(rows, device),
+        token_ids=_index_tensor(token_ids, device),
+        values=torch.tensor(values, dtype=torch.float32, device=device),
+    )
+
+
+def _build_banned(
+    banned_token_ids: list[Optional[list[int]]], device: str | torch.device
+) -> Optional[SparseLogitBias]:
+    rows = [row for row, banned in enumerate(banned_token_ids) if banned]
+    if not rows:
+        return None
+    row_ids, token_ids = _flatten_rows(rows, [banned_token_ids[row] for row in rows], device)
+    values = torch.full(token_ids.shape, float("-inf"), dtype=torch.float32, device=device)
+    return SparseLogitBias(rows=row_ids, token_ids=token_ids, values=values)

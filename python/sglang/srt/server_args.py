@@ -1,0 +1,141 @@
+"""ServerArgs: every engine and server setting, with SGLang's flag names and defaults.
+
+The command line is generated from the dataclass (flag `--foo-bar` for field `foo_bar`, help
+from the field metadata), so defaults live in one place. `resolve()` turns "auto"/None values
+into concrete ones and validates combinations once, before anything is built; errors are
+ValueErrors whose message names the flag, for a one-line start-up error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SCHEDULE_POLICIES = ("fcfs", "lpm")
+ATTENTION_BACKENDS = ("torch_native",)
+DEVICES = ("auto", "cpu", "cuda")
+# On CPU the pool's pages are committed lazily, so this share of RAM is an upper bound, not a cost.
+_CPU_MEM_FRACTION = 0.5
+_GPU_MEM_FRACTION = 0.85
+_DEFAULT_CHUNKED_PREFILL = 8192
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ServerArgs:
+    model_path: Optional[str] = _opt(None, "HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    tokenizer_path: Optional[str] = _opt(None, "tokenizer directory (default: the model's)")
+    host: str = _opt("127.0.0.1", "address to bind")
+    port: int = _opt(30000, "port to bind")
+    dtype: str = _opt("auto", "weight and activation dtype", choices=DTYPES)
+    context_length: Optional[int] = _opt(None, "maximum tokens per request (default: the model's)")
+    device: str = _opt("auto", "device to run on", choices=DEVICES)
+    tp_size: int = _opt(1, "tensor parallel size")
+    mem_fraction_static: Optional[float] = _opt(None, "share of memory for weights and KV cache")
+    max_total_tokens: Optional[int] = _opt(None, "KV cache capacity in tokens (overrides mem-fraction-static)")
+    max_running_requests: Optional[int] = _opt(None, "maximum requests decoding at once")
+    chunked_prefill_size: Optional[int] = _opt(None, "prefill tokens per step; -1 disables chunking")
+    schedule_policy: str = _opt("fcfs", "order in which waiting requests are admitted", choices=SCHEDULE_POLICIES)
+    disable_radix_cache: bool = _opt(False, "disable prefix caching")
+    attention_backend: Optional[str] = _opt(None, "attention kernels", choices=ATTENTION_BACKENDS)
+    random_seed: Optional[int] = _opt(None, "seed for requests that do not set sampling_seed")
+    api_key: Optional[str] = _opt(None, "require 'Authorization: Bearer <key>' on every endpoint but /health")
+    served_model_name: Optional[str] = _opt(None, "model name reported by the API (default: model path)")
+    chat_template: Optional[str] = _opt(None, "chat template file (Jinja) overriding the tokenizer's")
+    log_level: str = _opt("info", "logging level", choices=LOG_LEVELS)
+    enable_metrics: bool = _opt(False, "serve Prometheus metrics at /metrics")
+    watchdog_timeout: float = _opt(300.0, "seconds a forward may take before the server is declared stuck")
+    skip_tokenizer_init: bool = _opt(False, "take and return token ids only")
+
+    def resolve(self) -> "ServerArgs":
+        """Concrete values for every auto/None setting, after validation; returns self."""
+        _check(self.port > 0 and self.port < 65536, "--port must be in 1..65535", self.port)
+        _check(self.tp_size >= 1, "--tp-size must be >= 1", self.tp_size)
+        _check(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}", self.dtype)
+        _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}", self.device)
+        _check(self.schedule_policy in SCHEDULE_POLICIES, f"--schedule-policy must be one of {', '.join(SCHEDULE_POLICIES)}", self.schedule_policy)
+        for name in ("context_length", "max_total_tokens", "max_running_requests"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1", value)
+        if self.mem_fraction_static is not None:
+            _check(0 < self.mem_fraction_static < 1, "--mem-fraction-static must be in (0, 1)", self.mem_fraction_static)
+        if self.model_path is not None and self.model_path.startswith("~"):
+            self.model_path = os.path.expanduser(self.model_path)
+        if self.device == "auto":
+            self.device = "cuda" if _cuda_available() else "cpu"
+        if self.tp_size > 1:
+            raise ValueError("--tp-size > 1 is not supported yet")
+        if self.attention_backend is None:
+            self.attention_backend = "torch_native"
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
+        if self.mem_fraction_static is None:
+            self.mem_fraction_static = _GPU_MEM_FRACTION if self.device == "cuda" else _CPU_MEM_FRACTION
+        if self.chunked_prefill_size is None:
+            self.chunked_prefill_size = _DEFAULT_CHUNKED_PREFILL
+        elif self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ValueError(f"--chunked-prefill-size must be -1 (off) or >= 1, got {self.chunked_prefill_size}")
+        if self.random_seed is None:
+            self.random_seed = random.randrange(1 << 31)
+        return self
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(ServerArgs):
+            flag = "--" + f.name.replace("_", "-")
+            meta = dict(f.metadata)
+            help_text = meta.pop("help")
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", help=help_text)
+                continue
+            parser.add_argument(flag, type=_arg_type(f), default=f.default, help=f"{help_text} (default: {f.default})", **meta)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "ServerArgs":
+        """For the offline Engine: an unknown keyword is a ValueError naming it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown server argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["api_key"] = None if self.api_key is None else "***"
+        return d
+
+
+def _arg_type(f: dataclasses.Field) -> Any:
+    text = str(f.type)
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def _check(ok: bool, message: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{message}, got {value!r}")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random-weight models in real architectures, the default model's tokenizer.
+
+Tiny models reuse SmolLM2's tokenizer (extracted once from the embedded GGUF file), so prompts
+are real text and vocab ids are real; their weights are random, built by transformers itself.
+"""
+
+import os
+
+# Tests never reach a model hub; set before anything imports huggingface_hub, which reads it once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+TINY_VOCAB = 49152  # SmolLM2's tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from sglang.srt.model_loader import default_model_path, load_tokenizer
+
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    load_tokenizer(default_model_path()).save_pretrained(out)
+    return out
+
+
+def _tiny_config(arch: str, **overrides):
+    import transformers
+
+    common = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        # Wider than the default 0.02 so random logits are decisive, not near-ties.
+        initializer_range=0.1,
+    )
+    common.update(overrides)
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+    }[arch]
+    return cls(**common)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(tmp_path_factory, tokenizer_dir):
+    """make_tiny_model(arch, **config_overrides) -> directory with config, safetensors, tokenizer."""
+    import torch
+    import transformers
+
+    cache: dict = {}
+
+    def make(arch: str = "llama", seed: int = 0, **overrides) -> Path:
+        key = (arch, seed, repr(sorted(overrides.items())))
+        if key not in cache:
+            config = _tiny_config(arch, **overrides)
+            torch.manual_seed(seed)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            out = tmp_path_factory.mktemp(f"tiny_{arch}")
+            model.save_pretrained(out, safe_serialization=True)
+            for f in tokenizer_dir.iterdir():
+                shutil.copy(f, out / f.name)
+            cache[key] = out
+        return cache[key]
+
+    return make

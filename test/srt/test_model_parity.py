@@ -1,0 +1,92 @@
+"""Our models against Hugging Face transformers' own implementations, on the same weights (fp32)."""
+
+import pytest
+import torch
+import transformers
+
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
+from sglang.srt.model_executor.model_runner import ModelRunner
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n",
+    "Once upon a time, in a land far away, there lived a dragon who",
+]
+
+ARCHS = [
+    pytest.param("llama", {}, id="llama-gqa-untied"),
+    pytest.param("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}, id="llama-mha-tied"),
+    pytest.param(
+        "llama",
+        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+         "rope_theta": 500000.0},
+        id="llama3-rope",
+    ),
+    pytest.param("mistral", {"sliding_window": None}, id="mistral"),
+    pytest.param("qwen2", {}, id="qwen2-qkv-bias"),
+    pytest.param("qwen3", {"head_dim": 32}, id="qwen3-qk-norm"),
+]
+
+
+def _runner(path) -> ModelRunner:
+    cfg = ModelConfig.from_path(str(path), dtype="float32")
+    return ModelRunner(cfg, "cpu", "torch_native", 0.5, max_total_tokens=2048, max_running_requests=8)
+
+
+def _prefill_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
+    n = len(ids)
+    row = runner.req_to_token_pool.alloc()
+    slots = runner.allocator.alloc(n)
+    runner.req_to_token_pool.write(row, 0, slots)
+    batch = ForwardBatch(
+        forward_mode=ForwardMode.EXTEND,
+        input_ids=torch.tensor(ids),
+        positions=torch.arange(n),
+        out_cache_loc=slots,
+        req_pool_indices=torch.tensor([row]),
+        seq_lens=torch.tensor([n]),
+        seq_lens_cpu=[n],
+        prefix_lens=[0],
+        extend_lens=[n],
+        sample_indices=torch.tensor([n - 1]),
+        return_all_logits=True,
+    )
+    out = runner.forward(batch).all_logits
+    runner.allocator.free(slots)
+    runner.req_to_token_pool.free(row)
+    return out
+
+
+def _hf(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch,overrides", ARCHS)
+def test_prefill_logits_and_greedy_match_transformers(make_tiny_model, arch, overrides):
+    from sglang import Engine
+
+    path = make_tiny_model(arch, **overrides)
+    hf = _hf(path)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    runner = _runner(path)
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0]
+        ours = _prefill_logits(runner, ids)
+        assert (ours - ref).abs().max().item() <= 1e-3
+
+    engine = Engine(model_path=str(path), dtype="float32", max_total_tokens=4096)
+    params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+    outs = engine.generate(PROMPTS, params)  # one batch: prefills of different lengths, then batched decode
+    for prompt, out in zip(PROMPTS, outs):
+        ids = tok.encode(prompt)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+        assert out["output_ids"] == ref, prompt
+        assert out["meta_info"]["completion_tokens"] == 16
+    engine.shutdown()

@@ -1,0 +1,480 @@
+"""SamplingParams parsing and checks, SamplingBatchInfo.build, and the Sampler's choices."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytest
+import torch
+
+from sglang.srt.layers.sampler import Sampler, SamplerOutput, mix64, process_logits
+from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+from sglang.srt.sampling.sampling_params import SamplingParams
+
+VOCAB = 16
+
+
+def make_info(
+    params: list[SamplingParams],
+    vocab_size: int = VOCAB,
+    seeds: Optional[list[int]] = None,
+    steps: Optional[list[int]] = None,
+    output_ids: Optional[list[list[int]]] = None,
+    input_ids: Optional[list[list[int]]] = None,
+    banned: Optional[list[Optional[list[int]]]] = None,
+) -> SamplingBatchInfo:
+    num_rows = len(params)
+    return SamplingBatchInfo.build(
+        params,
+        seeds=seeds if seeds is not None else list(range(num_rows)),
+        steps=steps if steps is not None else [0] * num_rows,
+        output_ids=output_ids if output_ids is not None else [[] for _ in range(num_rows)],
+        input_ids=input_ids if input_ids is not None else [[] for _ in range(num_rows)],
+        banned_token_ids=banned if banned is not None else [None] * num_rows,
+        vocab_size=vocab_size,
+    )
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], **kwargs: Any) -> torch.Tensor:
+    info = make_info(params, vocab_size=logits.shape[1], **kwargs)
+    return Sampler()(logits, info).next_token_ids
+
+
+def random_logits(num_rows: int, vocab_size: int = VOCAB, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(num_rows, vocab_size, generator=generator) * 2
+
+
+# --- SamplingParams.from_dict -------------------------------------------------------------
+
+
+def test_from_dict_defaults_match_sglang() -> None:
+    params = SamplingParams.from_dict(None)
+    assert params == SamplingParams()
+    assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k) == (
+        128,
+        1.0,
+        1.0,
+        -1,
+    )
+    assert params.repetition_penalty == 1.0 and params.n == 1 and params.skip_special_tokens
+
+
+def test_from_dict_none_means_default() -> None:
+    params = SamplingParams.from_dict({"temperature": None, "max_new_tokens": None, "stop": None})
+    assert params == SamplingParams()
+
+
+def test_from_dict_accepts_ints_for_floats() -> None:
+    params = SamplingParams.from_dict({"temperature": 0, "top_p": 1, "logit_bias": {5: 2}})
+    assert isinstance(params.temperature, float) and params.temperature == 0.0
+    assert params.logit_bias == {"5": 2.0}
+
+
+def test_from_dict_rejects_unknown_key() -> None:
+    with pytest.raises(ValueError, match="unknown sampling parameter 'foo'"):
+        SamplingParams.from_dict({"foo": 1})
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("temperature", "hot", "float"),
+        ("temperature", True, "float"),
+        ("max_new_tokens", 1.5, "int"),
+        ("top_k", True, "int"),
+        ("stop", 5, "str"),
+        ("stop", ["a", 1], "str"),
+        ("stop_token_ids", "2", "list of int"),
+        ("stop_token_ids", [1, True], "list of int"),
+        ("ignore_eos", 1, "bool"),
+        ("sampling_seed", "7", "int"),
+        ("logit_bias", {"a": 1.0}, "token id"),
+        ("logit_bias", {"3": "x"}, "float"),
+    ],
+)
+def test_from_dict_rejects_wrong_types(name: str, value: Any, expected: str) -> None:
+    with pytest.raises(ValueError, match=name) as excinfo:
+        SamplingParams.from_dict({name: value})
+    assert expected in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("regex", "a+"), ("json_schema", '{"type": "object"}'), ("ebnf", "root ::= 'a'")],
+)
+def test_structured_output_is_rejected(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{name}.*structured output"):
+        SamplingParams.from_dict({name: value})
+
+
+def test_stop_regex_is_rejected_only_when_non_empty() -> None:
+    SamplingParams.from_dict({"stop_regex": ""})
+    SamplingParams.from_dict({"stop_regex": []})
+    for value in ("a.*", ["", "b+"]):
+        with pytest.raises(ValueError, match="stop_regex is not supported yet"):
+            SamplingParams.from_dict({"stop_regex": value})
+
+
+def test_to_dict_round_trips() -> None:
+    params = SamplingParams.from_dict(
+        {"temperature": 0.5, "stop": ["x"], "stop_token_ids": [3], "logit_bias": {"2": 1.5}}
+    )
+    assert SamplingParams.from_dict(params.to_dict()) == params
+    params.normalize()
+    assert params.to_dict()["stop_token_ids"] == [3]
+
+
+# --- verify ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, value, allowed",
+    [
+        ("temperature", -1.0, ">= 0"),
+        ("temperature", float("nan"), ">= 0"),
+        ("top_p", 0.0, "(0, 1]"),
+        ("top_p", 1.5, "(0, 1]"),
+        ("top_k", 0, "-1 or >= 1"),
+        ("top_k", -2, "-1 or >= 1"),
+        ("min_p", -0.1, "[0, 1]"),
+        ("min_p", 1.1, "[0, 1]"),
+        ("frequency_penalty", 2.5, "[-2, 2]"),
+        ("frequency_penalty", -2.5, "[-2, 2]"),
+        ("presence_penalty", 2.5, "[-2, 2]"),
+        ("presence_penalty", -2.5, "[-2, 2]"),
+        ("repetition_penalty", 0.0, "(0, 2]"),
+        ("repetition_penalty", 2.5, "(0, 2]"),
+        ("max_new_tokens", -1, ">= 0"),
+        ("min_new_tokens", -1, "[0, max_new_tokens=128]"),
+        ("min_new_tokens", 129, "[0, max_new_tokens=128]"),
+        ("n", 0, ">= 1"),
+        ("stop_token_ids", [VOCAB], f"[0, {VOCAB})"),
+        ("stop_token_ids", [-1], f"[0, {VOCAB})"),
+        ("logit_bias", {str(VOCAB): 1.0}, f"[0, {VOCAB})"),
+    ],
+)
+def test_verify_rejects_out_of_range(name: str, value: Any, allowed: str) -> None:
+    params = SamplingParams(**{name: value})
+    with pytest.raises(ValueError, match=name) as excinfo:
+        params.verify(VOCAB)
+    assert allowed in str(excinfo.value) and "got" in str(excinfo.value)
+
+
+def test_verify_message_format() -> None:
+    with pytest.raises(ValueError, match=r"^temperature must be >= 0, got -1.0$"):
+        SamplingParams(temperature=-1.0).verify(VOCAB)
+    with pytest.raises(ValueError, match=r"^top_p must be in \(0, 1\], got 1.5$"):
+        SamplingParams(top_p=1.5).verify(VOCAB)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("temperature", 0.0),
+        ("top_p", 1.0),
+        ("top_k", -1),
+        ("top_k", 1),
+        ("min_p", 1.0),
+        ("frequency_penalty", -2.0),
+        ("presence_penalty", 2.0),
+        ("repetition_penalty", 2.0),
+        ("max_new_tokens", 0),
+        ("min_new_tokens", 128),
+        ("stop_token_ids", [0, VOCAB - 1]),
+        ("logit_bias", {"0": -100.0}),
+    ],
+)
+def test_verify_accepts_boundaries(name: str, value: Any) -> None:
+    SamplingParams(**{name: value}).verify(VOCAB)
+
+
+# --- normalize ------------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        assert not add_special_tokens, "stop strings must be encoded without special tokens"
+        return [ord(c) for c in text]
+
+
+def test_normalize_stop_strings() -> None:
+    params = SamplingParams(stop="END", stop_token_ids=[2, 2])
+    params.normalize(CharTokenizer())
+    assert params.stop == ["END"] and params.stop_token_ids == {2}
+    assert params.stop_str_max_len == 3
+    params = SamplingParams(stop=["", "ab"])
+    params.normalize()
+    assert params.stop == ["ab"]
+    params.normalize()  # idempotent
+    assert params.stop == ["ab"] and params.stop_token_ids == set()
+
+
+def test_normalize_temperature_zero_is_greedy() -> None:
+    params = SamplingParams(temperature=0.0, top_k=50)
+    assert params.is_greedy
+    params.normalize()
+    assert (params.top_k, params.temperature, params.is_greedy) == (1, 1.0, True)
+    params.verify(VOCAB)
+    assert not SamplingParams(temperature=0.5).is_greedy
+    assert SamplingParams(temperature=0.5, top_k=1).is_greedy
+
+
+# --- SamplingBatchInfo.build ----------------------------------------------------------------
+
+
+def test_build_all_greedy_skips_optional_work() -> None:
+    info = make_info([SamplingParams(temperature=0.0), SamplingParams(top_k=1)])
+    assert info.is_all_greedy and info.sample_rows is None
+    assert not (info.need_top_p_top_k or info.need_min_p or info.needs_logit_processing)
+    assert info.penalties is None and info.logit_bias is None and info.banned is None
+
+
+def test_build_tensors() -> None:
+    params = [
+        SamplingParams(top_k=1),
+        SamplingParams(temperature=0.5, top_k=-1, top_p=0.9, min_p=0.1),
+        SamplingParams(top_k=1000, repetition_penalty=1.2),
+    ]
+    info = make_info(params, seeds=[1, -1, 1 << 64], output_ids=[[1], [2], [3, 3]])
+    assert info.temperatures.shape == (3, 1) and info.temperatures.dtype == torch.float32
+    assert info.temperatures.squeeze(1).tolist() == [1.0, 0.5, 1.0]
+    assert info.top_ks.tolist() == [1, VOCAB, VOCAB]
+    assert info.seeds.tolist() == [1, -1, 0]  # wrapped to int64
+    assert info.sample_rows.tolist() == [1, 2]
+    assert info.need_top_p_top_k and info.need_min_p
+    assert info.penalties.rows.tolist() == [2]
+    assert info.penalties.output_counts is None  # no frequency/presence penalty in the batch
+    assert info.penalties.repeated_mask[0].nonzero().flatten().tolist() == [3]
+
+
+# --- processed logits and greedy ------------------------------------------------------------
+
+
+def test_greedy_is_argmax_with_lowest_index_on_ties() -> None:
+    logits = random_logits(4)
+    logits[3] = 0.0
+    logits[3, 5] = logits[3, 9] = 1.0
+    params = [SamplingParams(temperature=0.0)] * 4
+    for seed in (0, 12345):
+        assert sample(logits, params, seeds=[seed] * 4).tolist() == [
+            *logits[:3].argmax(-1).tolist(),
+            5,
+        ]
+
+
+def test_banned_tokens_are_never_chosen() -> None:
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 3] = 10.0
+    logits[:, 4] = 9.0
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)]
+    for seed in range(20):
+        chosen = sample(logits, params, seeds=[seed, seed], banned=[[3, 4], [3]])
+        assert chosen[0] not in (3, 4) and chosen[1] != 3
+
+
+def test_logit_bias_shifts_choice() -> None:
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 2] = 1.0
+    assert sample(logits, [SamplingParams(temperature=0.0)]).item() == 2
+    params = SamplingParams(temperature=0.0, logit_bias={"7": 1.5})
+    assert sample(logits, [params]).item() == 7
+    processed = process_logits(logits, make_info([params]))
+    assert processed[0, 7].item() == 1.5 and processed[0, 2].item() == 1.0
+    assert logits[0, 7].item() == 0.0  # the caller's logits are untouched
+
+
+# Vocab 5, logits [1, -1, 2, 0.5, -2]; prompt [3], output [0, 0, 1].
+PENALTY_LOGITS = [1.0, -1.0, 2.0, 0.5, -2.0]
+
+
+@pytest.mark.parametrize(
+    "penalties, expected",
+    [
+        # frequency 0.5: token 0 seen twice, token 1 once in the output; prompt ignored.
+        ({"frequency_penalty": 0.5}, [0.0, -1.5, 2.0, 0.5, -2.0]),
+        # presence 0.3: once per distinct output token.
+        ({"presence_penalty": 0.3}, [0.7, -1.3, 2.0, 0.5, -2.0]),
+        # repetition 1.5 over prompt + output: positive / 1.5, negative * 1.5.
+        ({"repetition_penalty": 1.5}, [1 / 1.5, -1.5, 2.0, 0.5 / 1.5, -2.0]),
+        (
+            {"frequency_penalty": 0.5, "presence_penalty": 0.3, "repetition_penalty": 1.5},
+            [1 / 1.5 - 1.0 - 0.3, -1.5 - 0.5 - 0.3, 2.0, 0.5 / 1.5, -2.0],
+        ),
+    ],
+)
+def test_penalties_match_hand_computation(
+    penalties: dict[str, float], expected: list[float]
+) -> None:
+    logits = torch.tensor([PENALTY_LOGITS, PENALTY_LOGITS])
+    params = [SamplingParams(), SamplingParams(**penalties)]  # row 0 has no penalty
+    info = make_info(
+        params, vocab_size=5, output_ids=[[0, 0, 1], [0, 0, 1]], input_ids=[[3], [3]]
+    )
+    processed = process_logits(logits, info)
+    torch.testing.assert_close(processed[1], torch.tensor(expected))
+    torch.testing.assert_close(processed[0], logits[0])
+
+
+def test_greedy_follows_penalties() -> None:
+    logits = torch.tensor([[2.0, 1.9, 0.0, 0.0, 0.0]])
+    params = SamplingParams(temperature=0.0, frequency_penalty=0.5)
+    assert sample(logits, [params], output_ids=[[0]]).item() == 1
+
+
+# --- seeded sampling ------------------------------------------------------------------------
+
+
+def test_mix64_matches_splitmix64_reference() -> None:
+    mask = (1 << 64) - 1
+
+    def reference(z: int) -> int:
+        z &= mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    inputs = [0, 1, 12345, -1, -(1 << 63), (1 << 63) - 1, 0x1234_5678_9ABC_DEF0]
+    got = mix64(torch.tensor(inputs, dtype=torch.int64)).tolist()
+    assert [g & mask for g in got] == [reference(x) for x in inputs]
+
+
+def test_same_seed_and_step_same_token() -> None:
+    logits = torch.zeros(1, 1000)  # uniform: any dependence on the key shows
+    params = [SamplingParams()]
+    first = sample(logits, params, seeds=[42], steps=[7])
+    assert sample(logits, params, seeds=[42], steps=[7]) == first
+    draws = {sample(logits, params, seeds=[42], steps=[step]).item() for step in range(20)}
+    assert len(draws) > 15  # the step changes the draw
+
+
+def test_different_seeds_give_different_sequences() -> None:
+    logits = torch.zeros(50, 100)
+    params = [SamplingParams()] * 50
+    steps = list(range(50))
+    a = sample(logits, params, seeds=[1] * 50, steps=steps)
+    b = sample(logits, params, seeds=[2] * 50, steps=steps)
+    assert (a != b).sum() > 40
+
+
+MIXED_PARAMS = [
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=1.3, top_k=5),
+    SamplingParams(top_p=0.8, frequency_penalty=0.4),
+    SamplingParams(temperature=0.9, min_p=0.05, repetition_penalty=1.3, logit_bias={"3": 2.0}),
+    SamplingParams(top_k=8, top_p=0.9, min_p=0.02, presence_penalty=-0.5),
+]
+
+
+def test_tokens_do_not_depend_on_batch_composition() -> None:
+    num_rows = len(MIXED_PARAMS)
+    logits = random_logits(num_rows, vocab_size=64)
+    seeds = [11, 22, 33, 44, 55, 66]
+    steps = [0, 3, 5, 7, 9, 11]
+    outputs = [[row % 64, (row * 7) % 64] for row in range(num_rows)]
+    inputs = [[row + 10] for row in range(num_rows)]
+    banned = [None, [4], None, [5, 6], None, None]
+
+    def run(rows: list[int]) -> list[int]:
+        return sample(
+            logits[rows],
+            [MIXED_PARAMS[r] for r in rows],
+            seeds=[seeds[r] for r in rows],
+            steps=[steps[r] for r in rows],
+            output_ids=[outputs[r] for r in rows],
+            input_ids=[inputs[r] for r in rows],
+            banned=[banned[r] for r in rows],
+        ).tolist()
+
+    full = run(list(range(num_rows)))
+    alone = [run([row])[0] for row in range(num_rows)]
+    assert full == alone
+    order = [4, 1, 5, 0, 3, 2]
+    assert run(order) == [full[r] for r in order]
+    assert run([5, 2]) == [full[5], full[2]]
+
+
+def sampled_frequencies(
+    logits_row: torch.Tensor, params: SamplingParams, num_draws: int, vary_step: bool = False
+) -> torch.Tensor:
+    """Empirical token frequencies over `num_draws` seeds (or steps of one seed)."""
+    draws = range(num_draws)
+    chosen = sample(
+        logits_row.expand(num_draws, -1).contiguous(),
+        [params] * num_draws,
+        seeds=[7] * num_draws if vary_step else list(draws),
+        steps=list(draws) if vary_step else [0] * num_draws,
+    )
+    return torch.bincount(chosen, minlength=logits_row.shape[0]).float() / num_draws
+
+
+@pytest.mark.parametrize("vary_step", [False, True])
+def test_empirical_distribution_matches_softmax(vary_step: bool) -> None:
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, 2.0, -1.0, 0.2, 1.5])
+    temperature = 0.8
+    frequencies = sampled_frequencies(
+        logits, SamplingParams(temperature=temperature), 4000, vary_step
+    )
+    expected = torch.softmax(logits / temperature, dim=-1)
+    assert (frequencies - expected).abs().max() < 0.03
+
+
+def test_top_k_keeps_k_most_likely_renormalized() -> None:
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, 2.0, -1.0, 0.2, 1.5])
+    frequencies = sampled_frequencies(logits, SamplingParams(top_k=3), 4000)
+    expected = torch.zeros(8)
+    expected[[4, 7, 0]] = torch.softmax(logits[[4, 7, 0]], dim=-1)
+    assert (frequencies - expected).abs().max() < 0.03
+    assert frequencies[[1, 2, 3, 5, 6]].sum() == 0
+
+
+def test_top_p_keeps_smallest_prefix_reaching_p() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    frequencies = sampled_frequencies(probs.log(), SamplingParams(top_p=0.75), 2000)
+    # Mass above token 1 is 0.5 < 0.75, above token 2 it is 0.8: tokens 0 and 1 remain.
+    assert frequencies[2:].sum() == 0
+    assert abs(frequencies[0].item() - 0.5 / 0.8) < 0.04
+
+
+def test_tiny_top_p_and_top_k_one_are_argmax() -> None:
+    logits = torch.tensor([0.3, 0.2, 0.35, 0.1, 0.05]).log()
+    for params in (SamplingParams(top_p=1e-6), SamplingParams(top_k=1)):
+        assert sampled_frequencies(logits, params, 500)[2] == 1.0
+
+
+def test_min_p_drops_tokens_below_fraction_of_max() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    frequencies = sampled_frequencies(probs.log(), SamplingParams(min_p=0.4), 2000)
+    # Threshold 0.4 * 0.5 = 0.2: tokens 0 and 1 remain, renormalized.
+    assert frequencies[2:].sum() == 0
+    assert abs(frequencies[0].item() - 0.5 / 0.8) < 0.04
+
+
+# --- logprobs -------------------------------------------------------------------------------
+
+
+def test_logprobs_are_of_raw_logits() -> None:
+    logits = random_logits(3)
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={"1": 100.0}),
+        SamplingParams(temperature=0.5),
+        SamplingParams(temperature=0.0),
+    ]
+    out: SamplerOutput = Sampler()(logits, make_info(params), True, [3, 0, 1])
+    raw = torch.log_softmax(logits, dim=-1)
+    assert out.next_token_ids[0].item() == 1  # chosen through the bias; logprob stays raw
+    expected = raw.gather(1, out.next_token_ids.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(out.next_token_logprobs, expected)
+    assert out.top_logprobs[1] is None
+    values, token_ids = out.top_logprobs[0]
+    assert len(values) == len(token_ids) == 3 and values == sorted(values, reverse=True)
+    assert token_ids == raw[0].topk(3).indices.tolist()
+    torch.testing.assert_close(torch.tensor(values), raw[0, token_ids])
+    assert out.top_logprobs[2][1] == [logits[2].argmax().item()]
+
+
+def test_no_logprobs_unless_asked() -> None:
+    out = Sampler()(random_logits(2), make_info([SamplingParams()] * 2))
+    assert out.next_token_logprobs is None and out.top_logprobs is None
+    assert out.next_token_ids.dtype == torch.int64 and out.next_token_ids.shape == (2,)
