@@ -76,3 +76,34 @@ def make_tiny_model(tmp_path_factory, tokenizer_dir):
         return cache[key]
 
     return make
+
+
+def assert_kv_pool_clean(engine) -> None:
+    """No request holds KV, nothing leaked, and flushing returns every slot to the allocator."""
+    sched = engine.scheduler
+    assert not sched.waiting and not sched.running
+    sched.check_integrity()
+    kv = sched.kv
+    assert kv.tree.protected_size() == 0
+    assert kv.req_to_token_pool.available_size() == kv.req_to_token_pool.size
+    assert engine.flush_cache()
+    assert kv.allocator.available_size() == kv.total_tokens
+
+
+@pytest.fixture
+def engine_factory():
+    """engine_factory(**server_args) -> Engine; after the test each engine's pool must be clean."""
+    from sglang import Engine
+
+    engines = []
+
+    def make(**kwargs):
+        kwargs.setdefault("log_level", "warning")
+        engine = Engine(**kwargs)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        assert_kv_pool_clean(engine)
+        engine.shutdown()

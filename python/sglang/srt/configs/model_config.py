@@ -74,13 +74,6 @@ def check_local_model_path(model_path: str) -> str:
     raise ModelLoadError(f"model path '{model_path}' does not exist")
 
 
-def transformers_source(model_path: str) -> tuple[str, Optional[str]]:
-    """(directory, gguf file name or None): how transformers' from_pretrained wants a local path."""
-    if model_path.endswith(".gguf"):
-        return os.path.dirname(model_path), os.path.basename(model_path)
-    return model_path, None
-
-
 def cpu_supports_bf16() -> bool:
     """Whether this CPU has native bfloat16 matmuls (through oneDNN); otherwise bf16 is slow."""
     if not torch.backends.mkldnn.is_available():
@@ -162,11 +155,16 @@ class ModelConfig:
 
 
 def _load_hf_config(path: str) -> PretrainedConfig:
+    """transformers' config of a directory or GGUF file; for GGUF through the converted-artifacts
+    cache, since transformers parses the whole header (vocabulary included) to build it."""
     from transformers import AutoConfig
 
-    directory, gguf_file = transformers_source(path)
     try:
-        return AutoConfig.from_pretrained(directory, gguf_file=gguf_file, local_files_only=True)
+        if path.endswith(".gguf"):
+            from sglang.srt.model_loader.gguf_cache import load_from_gguf
+
+            return load_from_gguf(path, "config")
+        return AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, struct errors...
         raise ModelLoadError(f"cannot read the model config of '{path}': {type(e).__name__}: {e}") from e
 

@@ -71,17 +71,14 @@ class Sampler:
         )
         logprobs = torch.log_softmax(logits.float(), dim=-1) if return_logprob else None
         processed = process_logits(logits, info)
-        # Greedy rows keep it; sampling rows fall back to it if a draw ever lands on a
-        # zero-probability token (see _inverse_cdf).
-        next_token_ids = torch.argmax(processed, dim=-1)
-        if info.unsorted_rows is not None:
-            rows = info.unsorted_rows
-            next_token_ids[rows] = _sample_unsorted(
-                _take_rows(processed, rows), info, rows, next_token_ids[rows]
-            )
-        if info.sorted_rows is not None:
-            rows = info.sorted_rows
-            next_token_ids[rows] = _sample_sorted(_take_rows(processed, rows), info, rows)
+        next_token_ids = torch.empty(info.batch_size, dtype=torch.int64, device=logits.device)
+        for rows, choose in (
+            (info.greedy_rows, _choose_greedy),
+            (info.unsorted_rows, _sample_unsorted),
+            (info.sorted_rows, _sample_sorted),
+        ):
+            if rows is not None:
+                next_token_ids[rows] = choose(_take_rows(processed, rows), info, rows)
         if logprobs is None:
             return SamplerOutput(next_token_ids, None, None)
         chosen_logprobs = logprobs.gather(1, next_token_ids.unsqueeze(1)).squeeze(1)
@@ -132,8 +129,14 @@ def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x if rows.shape[0] == x.shape[0] else x[rows]
 
 
+def _choose_greedy(
+    logits: torch.Tensor, info: SamplingBatchInfo, rows: torch.Tensor
+) -> torch.Tensor:
+    return torch.argmax(logits, dim=-1)
+
+
 def _sample_unsorted(
-    logits: torch.Tensor, info: SamplingBatchInfo, rows: torch.Tensor, argmax: torch.Tensor
+    logits: torch.Tensor, info: SamplingBatchInfo, rows: torch.Tensor
 ) -> torch.Tensor:
     """Token ids [N] for rows without top-k/top-p, from their processed logits [N, V]."""
     probs = torch.softmax(logits / info.temperatures[rows], dim=-1)
@@ -142,7 +145,7 @@ def _sample_unsorted(
         threshold = info.min_ps[rows].unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
         probs = probs.masked_fill(probs < threshold, 0.0)
     uniforms = seeded_uniforms(info.seeds[rows], info.steps[rows])
-    return _inverse_cdf(probs, probs.cumsum(dim=-1), None, uniforms, argmax.unsqueeze(1))
+    return _inverse_cdf(probs, probs.cumsum(dim=-1), None, uniforms)
 
 
 def _sample_sorted(
@@ -155,7 +158,7 @@ def _sample_sorted(
     uniforms = seeded_uniforms(info.seeds[rows], info.steps[rows])
     token_ids = torch.empty(probs.shape[0], dtype=torch.int64, device=probs.device)
     pending = torch.arange(probs.shape[0], device=probs.device)
-    num_candidates = min(vocab_size, max(_FIRST_CANDIDATES, info.max_top_k))
+    num_candidates = _first_num_candidates(filters.top_ks, vocab_size)
     while True:
         chosen, resolved = _sample_candidates(
             _take_rows(probs, pending), num_candidates, filters.take(pending), uniforms[pending]
@@ -165,6 +168,16 @@ def _sample_sorted(
         if pending.shape[0] == 0:
             return token_ids
         num_candidates = min(vocab_size, num_candidates * _CANDIDATE_GROWTH)
+
+
+def _first_num_candidates(top_ks: torch.Tensor, vocab_size: int) -> int:
+    # One more than top_k shows whether the k-th token ties with the next; a row without
+    # top-k (top-p only) needs a guess at its nucleus.
+    has_top_k = top_ks < vocab_size
+    num = int(top_ks[has_top_k].max()) + 1 if bool(has_top_k.any()) else 0
+    if not bool(has_top_k.all()):
+        num = max(num, _FIRST_CANDIDATES)
+    return min(num, vocab_size)
 
 
 @dataclass
@@ -193,8 +206,7 @@ def _sample_candidates(
     cand_probs, cand_ids = sorted_candidates(probs, num_candidates)  # [R, C] each
     cumulative = cand_probs.cumsum(dim=-1)
     num_kept = _num_kept(cand_probs, cumulative, filters)
-    first = torch.zeros_like(num_kept).unsqueeze(1)
-    chosen = _inverse_cdf(cand_probs, cumulative, num_kept, uniforms, first)
+    chosen = _inverse_cdf(cand_probs, cumulative, num_kept, uniforms)
     token_ids = cand_ids.gather(1, chosen.unsqueeze(1)).squeeze(1)
     if num_candidates == filters.vocab_size:
         return token_ids, torch.ones_like(num_kept, dtype=torch.bool)
@@ -252,12 +264,11 @@ def _inverse_cdf(
     cumulative: torch.Tensor,
     num_kept: Optional[torch.Tensor],
     uniforms: torch.Tensor,
-    fallback: torch.Tensor,
 ) -> torch.Tensor:
     """Positions [N]: per row, the first whose cumulative probability exceeds u * total.
 
     `probs` [N, L] and its `cumulative` sum; only the first `num_kept[i]` positions count
-    (all where None). `fallback` [N, 1] is a position of nonzero probability.
+    (all where None).
     """
     if num_kept is None:
         last = torch.full_like(uniforms, probs.shape[1] - 1, dtype=torch.int64).unsqueeze(1)
@@ -271,8 +282,11 @@ def _inverse_cdf(
     # the clamp above landed on trailing zero-probability tokens.
     pos = torch.searchsorted(cumulative, cumulative.gather(1, pos))
     # A parallel scan (GPU) may round differently at two positions; never pick a token of
-    # probability 0.
-    return torch.where(probs.gather(1, pos) > 0, pos, fallback).squeeze(1)
+    # probability 0. The check waits for the device, as the caller's .tolist() would.
+    valid = probs.gather(1, pos) > 0
+    if not bool(valid.all()):
+        pos = torch.where(valid, pos, probs.argmax(dim=-1, keepdim=True))
+    return pos.squeeze(1)
 
 
 def mix64(x: torch.Tensor) -> torch.Tensor:

