@@ -10,7 +10,9 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Iterator
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -18,9 +20,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Conf
 
 from sglang.srt.configs import model_config
 from sglang.srt.configs.model_config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError, resolve_dtype
-from sglang.srt.model_loader import default_model_path, iter_weights, load_tokenizer, resolve_model_path
+from sglang.srt.environ import Environ
+from sglang.srt.model_loader import default_model_path, gguf_cache, iter_weights, load_tokenizer, resolve_model_path
 from sglang.srt.model_loader.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE
-from sglang.srt.model_loader.gguf_loader import hf_name, iter_gguf_weights, unpermute_rotary_rows
+from sglang.srt.model_loader.gguf_file import StringArray, read_gguf
+from sglang.srt.model_loader.gguf_loader import dequantize, hf_name, iter_gguf_weights, unpermute_rotary_rows
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -31,6 +35,15 @@ def save_tiny_llama(directory: Path, tie_word_embeddings: bool) -> dict[str, tor
     model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=tie_word_embeddings)).to(torch.bfloat16)
     model.save_pretrained(directory)
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This module's converted-GGUF cache: a fresh directory, never the user's."""
+    directory = tmp_path_factory.mktemp("tknp_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SGLANG_TKNP_CACHE_DIR", str(directory))
+        yield directory
 
 
 @pytest.fixture(scope="module")
@@ -278,8 +291,26 @@ def test_unpermute_inverts_llama_cpp_permutation(trailing: tuple[int, ...]) -> N
 
 
 @pytest.fixture(scope="module")
-def gguf_config() -> ModelConfig:
-    return ModelConfig.from_path(default_model_path())
+def gguf_converted(cache_dir: Path) -> tuple[ModelConfig, Any]:
+    """The default model's config and tokenizer as transformers converts them from the GGUF
+    header: the module's first load of them, which fills the (empty) cache."""
+    kinds = []
+    convert = gguf_cache.convert_from_gguf
+
+    def recording_convert(path: str, kind: gguf_cache.ArtifactKind) -> Any:
+        kinds.append(kind)
+        return convert(path, kind)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf_cache, "convert_from_gguf", recording_convert)
+        config, tokenizer = ModelConfig.from_path(default_model_path()), load_tokenizer(default_model_path())
+    assert kinds == ["config", "tokenizer"]
+    return config, tokenizer
+
+
+@pytest.fixture(scope="module")
+def gguf_config(gguf_converted: tuple[ModelConfig, Any]) -> ModelConfig:
+    return gguf_converted[0]
 
 
 def test_gguf_config(gguf_config: ModelConfig) -> None:
@@ -291,8 +322,8 @@ def test_gguf_config(gguf_config: ModelConfig) -> None:
     assert c.dtype == torch.float32
 
 
-def test_gguf_tokenizer() -> None:
-    tokenizer = load_tokenizer(default_model_path())
+def test_gguf_tokenizer(gguf_converted: tuple[ModelConfig, Any]) -> None:
+    tokenizer = gguf_converted[1]
     ids = tokenizer.encode("Hello")
     assert ids and all(isinstance(i, int) for i in ids)
     assert tokenizer.decode(ids) == "Hello"
@@ -318,7 +349,8 @@ def test_gguf_weights_equal_transformers_gguf_loading(gguf_config: ModelConfig) 
 
 
 @pytest.mark.parametrize("keep_bytes", [1 << 20, 50_000_000])  # inside the header; inside the tensors
-def test_truncated_gguf_names_the_file(gguf_config: ModelConfig, tmp_path: Path, keep_bytes: int) -> None:
+def test_truncated_gguf_names_the_file(gguf_config: ModelConfig, tmp_path: Path, cache_dir: Path,
+                                       keep_bytes: int) -> None:
     truncated = tmp_path / "truncated.gguf"
     with open(default_model_path(), "rb") as src:
         truncated.write_bytes(src.read(keep_bytes))
@@ -327,11 +359,10 @@ def test_truncated_gguf_names_the_file(gguf_config: ModelConfig, tmp_path: Path,
     if keep_bytes < 2 << 20:  # (each read of a whole header takes seconds)
         with pytest.raises(ModelLoadError, match="truncated.gguf"):
             ModelConfig.from_path(str(truncated))
+        assert not list(cache_dir.glob("gguf/truncated-*/*"))  # failed conversions are not cached
 
 
 def test_gguf_with_unknown_tensor_is_refused(tmp_path: Path) -> None:
-    import gguf
-
     path = tmp_path / "odd.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tensor("token_embd.weight", np.ones((4, 8), dtype=np.float32))
@@ -345,3 +376,219 @@ def test_gguf_with_unknown_tensor_is_refused(tmp_path: Path) -> None:
     assert name == "model.embed_tokens.weight" and tensor.shape == (4, 8) and tensor.dtype == torch.float32
     with pytest.raises(ModelLoadError, match="'blk.0.attn_mystery.weight'"):
         next(weights)
+
+
+# ---- GGUF header reader --------------------------------------------------------------------
+
+def write_gguf(path: Path, tensors: dict[str, np.ndarray], alignment: int | None = None) -> dict[str, Any]:
+    """A small GGUF file with metadata of every value type; returns the metadata written."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    metadata: dict[str, Any] = {
+        "t.u8": 200, "t.i8": -100, "t.u16": 60000, "t.i16": -30000, "t.u32": 4_000_000_000, "t.i32": -2_000_000_000,
+        "t.f32": 0.5, "t.u64": 1 << 60, "t.i64": -(1 << 60), "t.f64": 0.1, "t.bool": True, "t.str": "héllo",
+        "t.ints": [1, 2, 3], "t.strings": ["a", "", "ünï", "<|im_end|>"], "t.nested": [[1, 2], [3]],
+    }
+    for kind in ("u8", "i8", "u16", "i16", "u32", "i32", "f32", "u64", "i64", "f64"):
+        width = {"u": "uint", "i": "int", "f": "float"}[kind[0]] + kind[1:]
+        getattr(writer, f"add_{width}")(f"t.{kind}", metadata[f"t.{kind}"])
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", metadata["t.str"])
+    for key in ("t.ints", "t.strings", "t.nested"):
+        writer.add_array(key, metadata[key])
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return metadata
+
+
+SMALL_TENSORS = {"token_embd.weight": np.arange(24, dtype=np.float32).reshape(4, 6),
+                 "output_norm.weight": np.linspace(-1, 1, 6, dtype=np.float32),
+                 "blk.0.ffn_up.weight": np.ones((3, 2, 6), dtype=np.float16)}
+
+
+@pytest.mark.parametrize("alignment", [None, 64, 1])
+def test_gguf_header_reader(tmp_path: Path, alignment: int | None) -> None:
+    path = tmp_path / "small.gguf"
+    metadata = write_gguf(path, SMALL_TENSORS, alignment)
+    file = read_gguf(str(path))
+    assert file.version == 3 and file.metadata["general.architecture"] == "llama"
+    for key, value in metadata.items():
+        got = file.metadata[key]
+        if isinstance(got, StringArray):
+            got = file.strings(got)
+        elif isinstance(got, np.ndarray):
+            got = got.tolist()
+        elif key == "t.nested":
+            got = [list(inner) for inner in got]
+        assert got == (pytest.approx(value) if isinstance(value, float) else value), key
+    assert [t.name for t in file.tensors] == list(SMALL_TENSORS)
+    for tensor, array in zip(file.tensors, SMALL_TENSORS.values()):
+        assert tensor.shape == array.shape and tensor.offset % (alignment or 32) == 0
+        assert tensor.ggml_type == (gguf.GGMLQuantizationType.F32 if array.dtype == np.float32
+                                    else gguf.GGMLQuantizationType.F16)
+        np.testing.assert_array_equal(dequantize(file.raw_bytes(tensor), tensor.ggml_type, tensor.shape), array)
+
+
+def test_gguf_version_2_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "v2.gguf"
+    write_gguf(path, SMALL_TENSORS)
+    data = bytearray(path.read_bytes())
+    data[4:8] = (2).to_bytes(4, "little")  # v2 and little-endian v3 lay files out alike
+    path.write_bytes(bytes(data))
+    assert read_gguf(str(path)).version == 2
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda data: b"GGML" + data[4:], "not the GGUF magic"),
+    (lambda data: data[:4] + (1).to_bytes(4, "little") + data[8:], "version 1"),
+    (lambda data: data[:4] + (3).to_bytes(4, "big") + data[8:], "big-endian"),
+    (lambda data: data[:8] + (1 << 40).to_bytes(8, "little") + data[16:], "claims 1099511627776 tensors"),
+    (lambda data: data[:16] + (1 << 40).to_bytes(8, "little") + data[24:], "metadata entries"),
+    (lambda data: data[:10], "shorter than a GGUF header"),
+])
+def test_corrupt_gguf_header_is_refused(tmp_path: Path, corrupt: Any, message: str) -> None:
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, SMALL_TENSORS)
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(ModelLoadError, match=f"'{path}'.*{message}"):
+        read_gguf(str(path))
+
+
+def test_gguf_truncated_anywhere_is_refused(tmp_path: Path) -> None:
+    """Cut inside the magic, the metadata, the tensor infos, the padding or the last tensor."""
+    path = tmp_path / "small.gguf"
+    write_gguf(path, SMALL_TENSORS)
+    data = path.read_bytes()
+    tensors = read_gguf(str(path)).tensors
+    data_end = tensors[-1].offset + tensors[-1].num_bytes
+    for keep in [*range(0, tensors[0].offset, 23), tensors[-1].offset + 1, data_end - 1]:
+        path.write_bytes(data[:keep])
+        with pytest.raises(ModelLoadError, match="small.gguf"):
+            read_gguf(str(path))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_fast_dequantizers_equal_gguf_bit_for_bit(qtype: str) -> None:
+    ggml_type = gguf.GGMLQuantizationType[qtype]
+    block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    rng = np.random.default_rng(0)
+    num_blocks = 5000  # more than one chunk, and not a multiple of it
+    raw = rng.integers(0, 256, (num_blocks, type_size), dtype=np.uint8)  # every nibble/int8 value
+    num_scales = 2 if qtype == "Q4_1" else 1  # (the f16 scale, and Q4_1's minimum)
+    scales = (rng.standard_normal((num_blocks, num_scales)) * 0.1).astype(np.float16)
+    raw[:, :2 * num_scales] = scales.view(np.uint8)
+    raw = raw.reshape(10, -1)  # [rows, bytes per row]
+    shape = (10, num_blocks // 10 * block_size)
+    ours = dequantize(raw, ggml_type, shape)
+    reference = gguf.quants.dequantize(raw, ggml_type)
+    assert ours.dtype == np.float32 and ours.shape == reference.shape == shape
+    assert np.array_equal(ours.view(np.uint32), reference.view(np.uint32))
+
+
+# ---- converted-GGUF cache -------------------------------------------------------------------
+
+def test_environ_cache_dir(tmp_path: Path) -> None:
+    assert Environ.from_mapping({"SGLANG_TKNP_CACHE_DIR": str(tmp_path)}).cache_dir == str(tmp_path)
+    default = os.path.join(os.path.expanduser("~"), ".cache", "sglang-tknp")
+    assert Environ.from_mapping({}).cache_dir == default
+    assert Environ.from_mapping({"SGLANG_TKNP_CACHE_DIR": ""}).cache_dir == default
+
+
+def test_gguf_cache_hit_equals_the_conversion(gguf_converted: tuple[ModelConfig, Any], cache_dir: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_conversion(path: str, kind: str) -> Any:
+        raise AssertionError(f"converted the {kind} again instead of reading the cache")
+
+    monkeypatch.setattr(gguf_cache, "convert_from_gguf", no_conversion)
+    config, tokenizer = ModelConfig.from_path(default_model_path()), load_tokenizer(default_model_path())
+    converted_config, converted_tokenizer = gguf_converted
+    for entry in ("config", "tokenizer"):
+        assert str(cache_dir) in gguf_cache.cache_entry_dir(default_model_path(), entry)
+        assert os.path.isdir(gguf_cache.cache_entry_dir(default_model_path(), entry))
+
+    def config_fields(c: ModelConfig) -> dict[str, Any]:
+        fields = dict(vars(c), hf_config=c.hf_config.to_dict())
+        fields["hf_config"].pop("_name_or_path", None)  # where it was read from
+        return fields
+
+    assert config_fields(config) == config_fields(converted_config)
+    assert config.hf_config.rope_parameters == converted_config.hf_config.rope_parameters
+    assert tokenizer.chat_template == converted_tokenizer.chat_template
+    assert tokenizer.special_tokens_map == converted_tokenizer.special_tokens_map
+    assert tokenizer.all_special_ids == converted_tokenizer.all_special_ids
+    assert len(tokenizer) == len(converted_tokenizer)
+    texts = ["Hello world", " leading space", "<|im_start|>user\nHi<|im_end|>", "日本語 🤗 emoji", "a\n\n  b\tc"]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert ids == converted_tokenizer.encode(text), text
+        assert tokenizer.decode(ids) == converted_tokenizer.decode(ids), text
+    messages = [{"role": "user", "content": "Hi"}]
+    assert (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == converted_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def fake_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[str]]:
+    """A .gguf path whose "conversion" is a tiny LlamaConfig, and the list of conversions made."""
+    path = tmp_path / "fake.gguf"
+    path.write_bytes(b"GGUF")
+    conversions: list[str] = []
+
+    def convert(gguf_path: str, kind: str) -> LlamaConfig:
+        conversions.append(kind)
+        return LlamaConfig(**TINY)
+
+    monkeypatch.setattr(gguf_cache, "convert_from_gguf", convert)
+    return path, conversions
+
+
+def test_gguf_cache_is_keyed_by_file_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SGLANG_TKNP_CACHE_DIR", str(tmp_path / "cache"))
+    path, conversions = fake_gguf(tmp_path, monkeypatch)
+    first = gguf_cache.load_from_gguf(str(path), "config")
+    second = gguf_cache.load_from_gguf(str(path), "config")  # read from the cache
+    assert conversions == ["config"] and second.to_diff_dict() == first.to_diff_dict()
+    assert not [p for p in (tmp_path / "cache").rglob(".*")]  # no staging directory left behind
+    os.utime(path, ns=(0, 0))  # the file changed: convert anew
+    gguf_cache.load_from_gguf(str(path), "config")
+    assert conversions == ["config", "config"]
+
+
+def test_gguf_cache_unwritable_falls_back_silently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("SGLANG_TKNP_CACHE_DIR", str(tmp_path / "a_file" / "cache"))  # cannot be created
+    path, conversions = fake_gguf(tmp_path, monkeypatch)
+    with caplog.at_level(logging.DEBUG, logger=gguf_cache.logger.name):
+        for _ in range(2):
+            assert gguf_cache.load_from_gguf(str(path), "config").vocab_size == TINY["vocab_size"]
+    assert conversions == ["config", "config"]
+    records = [r for r in caplog.records if r.name == gguf_cache.logger.name]
+    assert records and all(r.levelno == logging.DEBUG and "not caching" in r.getMessage() for r in records)
+
+
+def test_gguf_cache_entry_written_by_another_process_first_is_kept(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SGLANG_TKNP_CACHE_DIR", str(tmp_path / "cache"))
+    path, _ = fake_gguf(tmp_path, monkeypatch)
+    entry = gguf_cache.cache_entry_dir(str(path), "config")
+    LlamaConfig(**TINY, hidden_act="gelu").save_pretrained(entry)  # the other process's copy
+    gguf_cache._save_atomically(LlamaConfig(**TINY), entry)  # our rename loses the race
+    assert LlamaConfig.from_pretrained(entry).hidden_act == "gelu"
+    assert os.listdir(os.path.dirname(entry)) == ["config"]
+
+
+def test_gguf_cache_unreadable_entry_is_converted_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("SGLANG_TKNP_CACHE_DIR", str(tmp_path / "cache"))
+    path, conversions = fake_gguf(tmp_path, monkeypatch)
+    entry = gguf_cache.cache_entry_dir(str(path), "config")
+    os.makedirs(entry)
+    (Path(entry) / "config.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        assert gguf_cache.load_from_gguf(str(path), "config").vocab_size == TINY["vocab_size"]
+    assert conversions == ["config"] and "delete that directory" in caplog.text

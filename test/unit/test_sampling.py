@@ -7,7 +7,16 @@ from typing import Any, Optional
 import pytest
 import torch
 
-from sglang.srt.layers.sampler import Sampler, SamplerOutput, mix64, process_logits
+from sglang.srt.layers import sampler as sampler_module
+from sglang.srt.layers.sampler import (
+    Sampler,
+    SamplerOutput,
+    inverse_cdf,
+    mix64,
+    process_logits,
+    seeded_uniforms,
+    sorted_candidates,
+)
 from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
 from sglang.srt.sampling.sampling_params import SamplingParams
 
@@ -241,11 +250,22 @@ def test_build_tensors() -> None:
     assert info.temperatures.squeeze(1).tolist() == [1.0, 0.5, 1.0]
     assert info.top_ks.tolist() == [1, VOCAB, VOCAB]
     assert info.seeds.tolist() == [1, -1, 0]  # wrapped to int64
-    assert info.sample_rows.tolist() == [1, 2]
+    assert info.greedy_rows.tolist() == [0] and info.sample_rows.tolist() == [1, 2]
+    assert info.sorted_rows.tolist() == [1] and info.unsorted_rows.tolist() == [2]
     assert info.need_top_p_top_k and info.need_min_p
-    assert info.penalties.rows.tolist() == [2]
-    assert info.penalties.output_counts is None  # no frequency/presence penalty in the batch
-    assert info.penalties.repeated_mask[0].nonzero().flatten().tolist() == [3]
+    # Row 2's output [3, 3], flat in the [3, VOCAB] logits; one entry per occurrence.
+    assert info.penalties.seen_ids.tolist() == [2 * VOCAB + 3] * 2
+    assert info.penalties.repetition_penalties.tolist() == pytest.approx([1.2, 1.2])
+    assert info.penalties.output_ids is None  # no frequency/presence penalty in the batch
+
+
+def test_build_output_counts() -> None:
+    params = [SamplingParams(frequency_penalty=0.5), SamplingParams(presence_penalty=0.1)]
+    info = make_info(params, output_ids=[[4, 2, 4], []], input_ids=[[1], [1]])
+    assert info.penalties.seen_ids is None  # no repetition penalty in the batch
+    assert info.penalties.output_ids.tolist() == [4, 2, 4]
+    assert info.penalties.output_counts.tolist() == [2.0, 1.0, 2.0]
+    assert info.penalties.frequency_penalties.tolist() == [0.5] * 3
 
 
 # --- processed logits and greedy ------------------------------------------------------------
@@ -316,6 +336,15 @@ def test_penalties_match_hand_computation(
     torch.testing.assert_close(processed[0], logits[0])
 
 
+def test_repeated_tokens_are_penalized_once() -> None:
+    # Token 0 is in the prompt once and the output twice, token 2 twice in the prompt.
+    logits = torch.tensor([PENALTY_LOGITS])
+    params = SamplingParams(repetition_penalty=1.5, presence_penalty=0.25)
+    info = make_info([params], vocab_size=5, output_ids=[[0, 0]], input_ids=[[0, 2, 2]])
+    expected = [1.0 / 1.5 - 0.25, -1.0, 2.0 / 1.5, 0.5, -2.0]
+    torch.testing.assert_close(process_logits(logits, info)[0], torch.tensor(expected))
+
+
 def test_greedy_follows_penalties() -> None:
     logits = torch.tensor([[2.0, 1.9, 0.0, 0.0, 0.0]])
     params = SamplingParams(temperature=0.0, frequency_penalty=0.5)
@@ -337,6 +366,71 @@ def test_mix64_matches_splitmix64_reference() -> None:
     inputs = [0, 1, 12345, -1, -(1 << 63), (1 << 63) - 1, 0x1234_5678_9ABC_DEF0]
     got = mix64(torch.tensor(inputs, dtype=torch.int64)).tolist()
     assert [g & mask for g in got] == [reference(x) for x in inputs]
+
+
+def test_seeded_uniforms_match_splitmix64_reference() -> None:
+    mask = (1 << 64) - 1
+
+    def mix(z: int) -> int:
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    def reference(seed: int, step: int) -> float:
+        # Output `step` of the SplitMix64 stream whose state starts at mix(seed).
+        bits = mix((mix(seed & mask) + (step + 1) * 0x9E3779B97F4A7C15) & mask)
+        return (bits >> 40) / 2**24
+
+    seeds, steps = [0, 1, -1, 12345, (1 << 63) - 1], [0, 7, 3, 100, 1 << 20]
+    got = seeded_uniforms(torch.tensor(seeds), torch.tensor(steps))
+    assert got.dtype == torch.float32
+    assert got.tolist() == [reference(a, b) for a, b in zip(seeds, steps)]
+
+
+def test_uniforms_are_uniform() -> None:
+    u = seeded_uniforms(torch.arange(100_000), torch.zeros(100_000, dtype=torch.int64))
+    assert u.min() >= 0.0 and u.max() < 1.0
+    histogram = torch.histc(u, bins=10, min=0.0, max=1.0) / u.numel()
+    assert (histogram - 0.1).abs().max() < 0.005
+
+
+# u = 1 never comes from seeded_uniforms; it stands for u * total rounding up to the total.
+@pytest.mark.parametrize(
+    "u, expected", [(0.0, 1), (0.4999, 1), (0.5, 3), (1.0 - 2**-24, 3), (1.0, 3)]
+)
+def test_inverse_cdf_boundaries_skip_zero_probability(u: float, expected: int) -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0]])
+    chosen = inverse_cdf(probs, probs.cumsum(-1), None, torch.tensor([u]))
+    assert chosen.tolist() == [expected]
+    # Only the first four positions kept: the trailing zero is never chosen either.
+    kept = inverse_cdf(probs, probs.cumsum(-1), torch.tensor([4]), torch.tensor([u]))
+    assert kept.tolist() == [expected]
+
+
+def test_inverse_cdf_stays_in_kept_prefix() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.2]])
+    for u, expected in ((0.0, 0), (0.7, 1), (1.0 - 2**-24, 1), (1.0, 1)):
+        chosen = inverse_cdf(probs, probs.cumsum(-1), torch.tensor([2]), torch.tensor([u]))
+        assert chosen.item() == expected
+
+
+def test_inverse_cdf_survives_a_scan_that_rounds_differently() -> None:
+    # A parallel scan may round a zero-probability token's sum above its predecessor's.
+    probs = torch.tensor([[0.5, 0.0, 0.5]])
+    cumulative = torch.tensor([[0.5, 0.5000001, 1.0]])
+    assert inverse_cdf(probs, cumulative, None, torch.tensor([0.5])).item() == 0
+
+
+def test_banned_edges_with_extreme_uniforms() -> None:
+    seeds = torch.arange(1 << 20)
+    u = seeded_uniforms(seeds, torch.zeros_like(seeds))
+    high, low = int(u.argmax()), int(u.argmin())
+    assert u[high] > 1 - 1e-4 and u[low] < 1e-4
+    logits = torch.zeros(2, VOCAB)  # uniform: the draw is decided by u alone
+    params = [SamplingParams(), SamplingParams(min_p=0.5)]
+    banned = [[0, VOCAB - 2, VOCAB - 1]] * 2
+    assert sample(logits, params, seeds=[high] * 2, banned=banned).tolist() == [VOCAB - 3] * 2
+    assert sample(logits, params, seeds=[low] * 2, banned=banned).tolist() == [1] * 2
 
 
 def test_same_seed_and_step_same_token() -> None:
@@ -435,6 +529,66 @@ def test_top_p_keeps_smallest_prefix_reaching_p() -> None:
     # Mass above token 1 is 0.5 < 0.75, above token 2 it is 0.8: tokens 0 and 1 remain.
     assert frequencies[2:].sum() == 0
     assert abs(frequencies[0].item() - 0.5 / 0.8) < 0.04
+
+
+def test_sorted_candidates_order_ties_by_token_id() -> None:
+    probs = torch.tensor([[0.1, 0.3, 0.1, 0.3, 0.2, 0.0, 0.0]])
+    for k in (5, 7):
+        cand_probs, cand_ids = sorted_candidates(probs, k)
+        assert cand_ids[0].tolist() == [1, 3, 4, 0, 2, 5, 6][:k]
+        assert cand_probs[0].tolist() == pytest.approx([0.3, 0.3, 0.2, 0.1, 0.1, 0.0, 0.0][:k])
+
+
+def test_candidate_sets_give_the_full_sort_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Coarse logits tie often, also at candidate-set edges; the flat rows' nuclei exceed the
+    # first candidate set, so they are retried with more.
+    vocab_size, num_rows = 3000, 8
+    generator = torch.Generator().manual_seed(1)
+    logits = (torch.randn(num_rows, vocab_size, generator=generator) * 2).round()
+    logits[4:] = torch.randint(0, 2, (4, vocab_size), generator=generator).float()
+    params = [
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_k=40),
+        SamplingParams(top_k=200, top_p=0.5),
+        SamplingParams(top_p=0.8, min_p=0.2),
+        SamplingParams(top_p=0.99),
+        SamplingParams(temperature=0.5, top_p=0.95),
+        SamplingParams(top_k=300),
+        SamplingParams(top_k=120, top_p=0.97),
+    ]
+    rows = list(range(num_rows))
+    for step in range(4):
+        steps = [step] * num_rows
+        batched = sample(logits, params, seeds=rows, steps=steps).tolist()
+        alone = [
+            sample(logits[[r]], [params[r]], seeds=[r], steps=[step]).item() for r in rows
+        ]
+        assert batched == alone
+        with monkeypatch.context() as patch:
+            patch.setattr(sampler_module, "_first_num_candidates", lambda _, v: v)
+            assert sample(logits, params, seeds=rows, steps=steps).tolist() == batched
+
+
+def test_top_p_edge_tie_is_kept_in_token_id_order() -> None:
+    # 255 likelier tokens, then 345 tied ones; top-p keeps exactly one of the tie, which
+    # must be the lowest id (0), also when the first candidate set (256) cuts the tie.
+    vocab_size, num_draws = 600, 3000
+    logits = torch.zeros(vocab_size)
+    logits[300:555] = 0.01
+    frequencies = sampled_frequencies(logits, SamplingParams(top_p=0.428), num_draws)
+    chosen = set(frequencies.nonzero().flatten().tolist())
+    assert 0 in chosen and chosen <= {0, *range(300, 555)}
+
+
+@pytest.mark.parametrize("num_padding", [0, 996])
+def test_filters_over_large_vocab(num_padding: int) -> None:
+    # Padding tokens of negligible probability move the filters onto partial candidate sets.
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = torch.cat([probs.log(), torch.full((num_padding,), -40.0)])
+    for params in (SamplingParams(top_p=0.75), SamplingParams(top_k=2), SamplingParams(min_p=0.4)):
+        frequencies = sampled_frequencies(logits, params, 2000)
+        assert frequencies[2:].sum() == 0
+        assert abs(frequencies[0].item() - 0.5 / 0.8) < 0.04
 
 
 def test_tiny_top_p_and_top_k_one_are_argmax() -> None:

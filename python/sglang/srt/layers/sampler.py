@@ -91,13 +91,13 @@ def process_logits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tenso
     """[B, V] float32 logits after bias, banned tokens and penalties; `logits` is not changed."""
     if not info.needs_logit_processing:
         return logits.float()
-    x = logits.to(torch.float32, copy=True)
+    x = logits.to(torch.float32, copy=True).contiguous()
     if info.logit_bias is not None:
         _add_sparse(x, info.logit_bias)
     if info.banned is not None:
         _add_sparse(x, info.banned)
     if info.penalties is not None:
-        x[info.penalties.rows] = apply_penalties(x[info.penalties.rows], info.penalties)
+        apply_penalties(x, info.penalties)
     return x
 
 
@@ -105,23 +105,29 @@ def _add_sparse(x: torch.Tensor, bias: SparseLogitBias) -> None:
     x.index_put_((bias.rows, bias.token_ids), bias.values, accumulate=True)
 
 
-def apply_penalties(x: torch.Tensor, penalties: PenaltyTensors) -> torch.Tensor:
-    """Penalized copy of `x` [P, V], the logits of the rows `penalties.rows`.
+def apply_penalties(x: torch.Tensor, penalties: PenaltyTensors) -> None:
+    """Penalizes the contiguous [B, V] logits `x` in place, on the seen tokens only.
 
     Repetition penalty as in HF transformers: a token seen in the prompt or output has a
     positive logit divided by the penalty and a negative one multiplied by it. Then
     OpenAI-style: frequency_penalty * count(output) + presence_penalty * (count > 0) is
     subtracted.
     """
-    if penalties.repeated_mask is not None:
-        rep = penalties.repetition_penalties
-        penalized = torch.where(x > 0, x / rep, x * rep)
-        x = torch.where(penalties.repeated_mask, penalized, x)
-    counts = penalties.output_counts
-    if counts is not None:
-        x = x - penalties.frequency_penalties * counts
-        x = x - penalties.presence_penalties * (counts > 0).float()
-    return x
+    flat = x.view(-1)
+    # Each update reads all its entries before writing any, so a repeated index gets the
+    # same value from every one of its entries: a token is penalized once, not per occurrence.
+    if penalties.seen_ids is not None:
+        ids, rep = penalties.seen_ids, penalties.repetition_penalties
+        seen = flat[ids]
+        flat[ids] = torch.where(seen > 0, seen / rep, seen * rep)
+    if penalties.output_ids is not None:
+        ids = penalties.output_ids
+        # Every output entry has count > 0, so each carries its row's presence penalty.
+        flat[ids] = (
+            flat[ids]
+            - penalties.frequency_penalties * penalties.output_counts
+            - penalties.presence_penalties
+        )
 
 
 def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -145,7 +151,7 @@ def _sample_unsorted(
         threshold = info.min_ps[rows].unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
         probs = probs.masked_fill(probs < threshold, 0.0)
     uniforms = seeded_uniforms(info.seeds[rows], info.steps[rows])
-    return _inverse_cdf(probs, probs.cumsum(dim=-1), None, uniforms)
+    return inverse_cdf(probs, probs.cumsum(dim=-1), None, uniforms)
 
 
 def _sample_sorted(
@@ -198,23 +204,22 @@ def _sample_candidates(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token ids [R], resolved [R] bool) drawn among each row's `num_candidates` most likely.
 
-    A row is resolved when its draw is the one the whole sorted vocabulary would give: every
-    token it keeps ranks above the least likely candidate (whose ties may lie outside the
-    set), or that candidate has probability 0. Then the draw does not depend on
-    `num_candidates`, so neither on the other rows that set it.
+    The candidates' probabilities are the first `num_candidates` of the whole sorted row
+    whatever the ties, so the filters' decisions over them are exact; only the identity of
+    tokens tied with the least likely candidate is uncertain, as some of its ties may lie
+    outside the set. A row is resolved when every token it keeps ranks above those: its
+    draw is then the one the whole sorted row would give, so it depends on neither
+    `num_candidates` nor the other rows that set it.
     """
     cand_probs, cand_ids = sorted_candidates(probs, num_candidates)  # [R, C] each
     cumulative = cand_probs.cumsum(dim=-1)
     num_kept = _num_kept(cand_probs, cumulative, filters)
-    chosen = _inverse_cdf(cand_probs, cumulative, num_kept, uniforms)
+    chosen = inverse_cdf(cand_probs, cumulative, num_kept, uniforms)
     token_ids = cand_ids.gather(1, chosen.unsqueeze(1)).squeeze(1)
     if num_candidates == filters.vocab_size:
         return token_ids, torch.ones_like(num_kept, dtype=torch.bool)
-    least = cand_probs[:, -1:]
-    num_above_least = (cand_probs > least).sum(dim=-1)
-    top_k_known = (filters.top_ks >= filters.vocab_size) | (filters.top_ks <= num_above_least)
-    resolved = ((num_kept <= num_above_least) & top_k_known) | (least.squeeze(1) == 0)
-    return token_ids, resolved
+    num_above_least = (cand_probs > cand_probs[:, -1:]).sum(dim=-1)
+    return token_ids, num_kept <= num_above_least
 
 
 def sorted_candidates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +246,7 @@ def _num_kept(
     """
     num_candidates = cand_probs.shape[1]
     top_ks = filters.top_ks.unsqueeze(1)  # [R, 1]
-    # The mass of the whole vocabulary is 1; no candidate set would give its sum exactly.
+    # Without top-k the mass is the whole vocabulary's, 1; no candidate set can sum it.
     top_k_mass = torch.where(
         top_ks < filters.vocab_size,
         cumulative.gather(1, top_ks.clamp(max=num_candidates) - 1),
@@ -259,7 +264,7 @@ def _num_kept(
     return keep.sum(dim=-1).clamp_(min=1)
 
 
-def _inverse_cdf(
+def inverse_cdf(
     probs: torch.Tensor,
     cumulative: torch.Tensor,
     num_kept: Optional[torch.Tensor],
@@ -275,11 +280,12 @@ def _inverse_cdf(
     else:
         last = (num_kept - 1).unsqueeze(1)  # [N, 1]
     target = uniforms.unsqueeze(1) * cumulative.gather(1, last)
-    # u * total can round up to total: the clamp then picks the last kept position.
+    # seeded_uniforms' u <= 1 - 2**-24 keeps u * total below total in float32; should it
+    # ever reach total, the clamp keeps the draw inside the kept positions.
     pos = torch.minimum(torch.searchsorted(cumulative, target, right=True), last)
-    # The first position with the same cumulative sum is the token that raised it. With a
-    # sequential cumsum (CPU) that token has nonzero probability; it only moves `pos` when
-    # the clamp above landed on trailing zero-probability tokens.
+    # The first position with the same cumulative sum is the token that raised it: after a
+    # clamp onto trailing zero-probability tokens, the last one that has probability. (A
+    # sequential cumsum, as on CPU, repeats the sum exactly over a zero.)
     pos = torch.searchsorted(cumulative, cumulative.gather(1, pos))
     # A parallel scan (GPU) may round differently at two positions; never pick a token of
     # probability 0. The check waits for the device, as the caller's .tolist() would.

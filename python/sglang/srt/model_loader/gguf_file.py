@@ -58,7 +58,13 @@ class GGUFFile:
     version: int
     metadata: dict[str, Any]
     tensors: list[GGUFTensorInfo]
-    data: np.ndarray  # uint8 [file size]: the memory-mapped file
+    data: np.ndarray  # uint8 [file size]: the memory-mapped file, read-only
+
+    def strings(self, array: StringArray) -> list[str]:
+        """The strings of a metadata string array (read on request: tokenizers hold ~100k)."""
+        cursor = _Cursor(self.data, len(self.data))
+        cursor.pos = array.offset
+        return [cursor.string() for _ in range(array.count)]
 
     def raw_bytes(self, tensor: GGUFTensorInfo) -> np.ndarray:
         """The tensor's stored bytes, uint8 [rows, bytes per row] (a view of the memory map)."""
@@ -93,6 +99,12 @@ class _Cursor:
         for _ in range(count):
             self._advance(self.scalar("Q"))
 
+    def check_room(self, count: int, min_size: int) -> None:
+        """Fails at once on an array length that could not fit in the rest of the file."""
+        if count * min_size > self.size - self.pos:
+            raise ValueError(f"claims an array of {count} elements at offset {self.pos}, more than "
+                             f"the {self.size - self.pos} bytes left can hold")
+
     def value(self, value_type: int) -> Any:
         if value_type in _SCALAR_FORMATS:
             return self.scalar(_SCALAR_FORMATS[value_type])
@@ -109,9 +121,11 @@ class _Cursor:
             start = self._advance(count * dtype.itemsize)
             return np.frombuffer(self.buffer, dtype=dtype, count=count, offset=start)  # a view
         if element_type == _STRING:
+            self.check_room(count, 8)
             start = self.pos
             self.skip_strings(count)
             return StringArray(start, count)
+        self.check_room(count, 12)  # nested arrays; an unknown type fails on the first element
         return [self.value(element_type) for _ in range(count)]
 
 
@@ -123,9 +137,7 @@ def read_gguf(path: str) -> GGUFFile:
             size = os.fstat(f.fileno()).st_size
             if size < 24:
                 raise ValueError(f"is {size} bytes, shorter than a GGUF header")
-            # Copy-on-write: the arrays are writable (torch.from_numpy warns on read-only ones),
-            # and nothing written to them could reach the file.
-            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         data = np.frombuffer(buffer, dtype=np.uint8)
         version, metadata, tensors = _parse_header(_Cursor(buffer, size))
     except (OSError, ValueError, struct.error) as e:
@@ -158,8 +170,8 @@ def _parse_header(cursor: _Cursor) -> tuple[int, dict[str, Any], list[GGUFTensor
 
     infos = [_tensor_info(cursor) for _ in range(num_tensors)]
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0 or alignment % 8 != 0:
-        raise ValueError(f"has general.alignment {alignment!r}; expected a positive multiple of 8")
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise ValueError(f"has general.alignment {alignment!r}; expected a positive integer")
     data_start = -(-cursor.pos // alignment) * alignment
     tensors = [_locate(info, data_start, cursor.size) for info in infos]
     return version, metadata, tensors

@@ -35,18 +35,21 @@ class SparseLogitBias:
 
 @dataclass
 class PenaltyTensors:
-    """Frequency, presence and repetition penalties for the P rows that use any of them."""
+    """Frequency, presence and repetition penalties, on the tokens each row has seen.
 
-    rows: torch.Tensor  # [P] int64, batch rows
-    frequency_penalties: torch.Tensor  # [P, 1] float32
-    presence_penalties: torch.Tensor  # [P, 1] float32
-    repetition_penalties: torch.Tensor  # [P, 1] float32
-    # [P, V] float32: how often each token occurs in the row's output; None when no row has a
-    # frequency or presence penalty.
-    output_counts: Optional[torch.Tensor]
-    # [P, V] bool: the token occurs in the row's prompt or output; None when no row has a
-    # repetition penalty.
-    repeated_mask: Optional[torch.Tensor]
+    Entries are flat indices `row * V + token_id` into the [B, V] logits, one per token
+    occurrence (an index repeats when a token does), so the size follows the prompt and
+    output lengths, never the vocabulary.
+    """
+
+    # Prompt and output tokens of the rows with a repetition penalty; None when none has one.
+    seen_ids: Optional[torch.Tensor]  # [N] int64
+    repetition_penalties: Optional[torch.Tensor]  # [N] float32, the entry's row's
+    # Output tokens of the rows with a frequency or presence penalty; None when none has one.
+    output_ids: Optional[torch.Tensor]  # [M] int64
+    output_counts: Optional[torch.Tensor]  # [M] float32, occurrences of the entry's token
+    frequency_penalties: Optional[torch.Tensor]  # [M] float32
+    presence_penalties: Optional[torch.Tensor]  # [M] float32
 
 
 @dataclass
@@ -164,7 +167,9 @@ def _index_tensor(values: list[int], device: str | torch.device) -> torch.Tensor
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
-def _optional_index_tensor(values: list[int], device: str | torch.device) -> Optional[torch.Tensor]:
+def _optional_index_tensor(
+    values: list[int], device: str | torch.device
+) -> Optional[torch.Tensor]:
     return _index_tensor(values, device) if values else None
 
 
@@ -172,10 +177,10 @@ def _flatten_rows(
     rows: list[int], token_lists: list[list[int]], device: str | torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(row index of each token, token ids) for `token_lists[i]` belonging to `rows[i]`."""
-    # array.array reads a list of ints about five times faster than torch.tensor does, which
-    # matters for prompts of thousands of tokens on every step.
-    flat = array.array("q", itertools.chain.from_iterable(token_lists))
-    token_ids = torch.frombuffer(flat, dtype=torch.int64) if flat else torch.empty(0, dtype=torch.int64)
+    # array.array reads a list of ints several times faster than torch.tensor does, which
+    # matters for prompts of thousands of tokens on every step. The tensor keeps the array.
+    flat = array.array("q", list(itertools.chain.from_iterable(token_lists)))
+    token_ids = torch.frombuffer(flat, dtype=torch.int64) if flat else _index_tensor([], "cpu")
     lengths = _index_tensor([len(tokens) for tokens in token_lists], device)
     row_ids = torch.repeat_interleave(_index_tensor(rows, device), lengths)
     return row_ids, token_ids.to(device)
@@ -188,44 +193,52 @@ def _build_penalties(
     vocab_size: int,
     device: str | torch.device,
 ) -> Optional[PenaltyTensors]:
-    rows = [
+    repetition_rows = [row for row, p in enumerate(params) if p.repetition_penalty != 1.0]
+    count_rows = [
         row
         for row, p in enumerate(params)
-        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 or p.repetition_penalty != 1.0
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
     ]
-    if not rows:
+    if not repetition_rows and not count_rows:
         return None
-    chosen = [params[row] for row in rows]
-    num_rows = len(rows)
-    # Rows are renumbered 0..P-1 inside the [P, V] tensors.
-    local = list(range(num_rows))
-    # Indices into the flattened [P * V] tensors: one scatter per tensor, no per-row work.
-    r, t = _flatten_rows(local, [output_ids[row] for row in rows], device)
-    output_flat = r * vocab_size + t
-    output_counts = repeated_mask = None
-    if any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in chosen):
-        counts = torch.zeros(num_rows * vocab_size, dtype=torch.float32, device=device)
-        counts.index_add_(0, output_flat, torch.ones_like(output_flat, dtype=torch.float32))
-        output_counts = counts.view(num_rows, vocab_size)
-    if any(p.repetition_penalty != 1.0 for p in chosen):
-        r, t = _flatten_rows(local, [input_ids[row] for row in rows], device)
-        repeated = torch.zeros(num_rows * vocab_size, dtype=torch.bool, device=device)
-        repeated[r * vocab_size + t] = True
-        repeated[output_flat] = True
-        repeated_mask = repeated.view(num_rows, vocab_size)
     table = torch.tensor(
-        [(p.frequency_penalty, p.presence_penalty, p.repetition_penalty) for p in chosen],
+        [(p.frequency_penalty, p.presence_penalty, p.repetition_penalty) for p in params],
         dtype=torch.float32,
         device=device,
-    )  # [P, 3]
+    )  # [B, 3]
+    seen_ids = repetition_penalties = None
+    if repetition_rows:
+        rows, token_ids = _flatten_rows(
+            repetition_rows * 2,
+            [input_ids[row] for row in repetition_rows]
+            + [output_ids[row] for row in repetition_rows],
+            device,
+        )
+        seen_ids = rows * vocab_size + token_ids
+        repetition_penalties = table[rows, 2]
+    output_flat_ids = output_counts = frequency_penalties = presence_penalties = None
+    if count_rows:
+        rows, token_ids = _flatten_rows(count_rows, [output_ids[row] for row in count_rows], device)
+        output_flat_ids = rows * vocab_size + token_ids
+        output_counts = _occurrences(output_flat_ids)
+        frequency_penalties = table[rows, 0]
+        presence_penalties = table[rows, 1]
     return PenaltyTensors(
-        rows=_index_tensor(rows, device),
-        frequency_penalties=table[:, 0:1],
-        presence_penalties=table[:, 1:2],
-        repetition_penalties=table[:, 2:3],
+        seen_ids=seen_ids,
+        repetition_penalties=repetition_penalties,
+        output_ids=output_flat_ids,
         output_counts=output_counts,
-        repeated_mask=repeated_mask,
+        frequency_penalties=frequency_penalties,
+        presence_penalties=presence_penalties,
     )
+
+
+def _occurrences(ids: torch.Tensor) -> torch.Tensor:
+    """[N] float32: how often each element of `ids` [N] occurs in it."""
+    # Counting by sorting, not by a scatter: no float atomics, no [B, V] scratch tensor.
+    ordered = ids.sort().values
+    num_at_most = torch.searchsorted(ordered, ids, right=True)
+    return (num_at_most - torch.searchsorted(ordered, ids)).float()
 
 
 def _build_logit_bias(
