@@ -3,6 +3,7 @@
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -19,8 +20,11 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        out = self.weight * h.to(dtype)
+        if x.dtype == torch.float32:
+            # the same math in one fused op: fewer dispatches per layer on the decode path
+            out = F.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
+        else:
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            out = self.weight * h.to(x.dtype)
         return out if residual is None else (out, residual)

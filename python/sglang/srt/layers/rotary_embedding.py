@@ -59,13 +59,22 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_cache", emb.cos(), persistent=False)
         self.register_buffer("sin_cache", emb.sin(), persistent=False)
+        # One instance serves every layer of a model, and all layers of a forward see the same
+        # positions tensor: the cos/sin lookup is done once per forward, not once per layer.
+        self._positions: torch.Tensor | None = None
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim]
-        cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
+        if positions is not self._positions or self._cos_sin[0].dtype != q.dtype:
+            self._positions = positions
+            self._cos_sin = (
+                self.cos_cache[positions].unsqueeze(1).to(q.dtype),
+                self.sin_cache[positions].unsqueeze(1).to(q.dtype),
+            )
+        cos, sin = self._cos_sin
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

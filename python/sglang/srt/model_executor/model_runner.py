@@ -4,6 +4,11 @@ KV capacity: `max_total_tokens` when given; otherwise what the memory budget lea
 weights are loaded: `available - total * (1 - mem_fraction_static)`, as SGLang sizes GPU pools.
 On CPU the buffers are allocated untouched (pages are committed as tokens are written), so a
 large pool costs nothing until it is used.
+
+dtype vs compute dtype: a CPU without bfloat16/float16 arithmetic runs a 16-bit model in float32
+on weights rounded to the 16-bit dtype (so the values are the model's), with the KV cache kept in
+the 16-bit dtype (so capacity is the model's). oneDNN's emulated 16-bit matmuls on such CPUs
+measured 3-5x slower than float32.
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.configs.model_config import ModelConfig, cpu_supports_bf16
 from sglang.srt.layers.attention.registry import create_attention_backend
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 from sglang.srt.model_loader import iter_weights
 from sglang.srt.models.registry import get_model_class
-from sglang.srt.utils import device_memory
+from sglang.srt.utils import cpu_flags, device_memory
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device = device
         self.dtype = model_config.dtype
+        self.compute_dtype = compute_dtype_for(self.dtype, device)
         self.model = self._load_model()
         self.plan = self._plan_memory(mem_fraction_static, max_total_tokens, max_running_requests)
         self.req_to_token_pool = ReqToTokenPool(
@@ -67,16 +73,20 @@ class ModelRunner:
         start = time.perf_counter()
         model_cls = get_model_class(cfg.architecture)
         previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
+        torch.set_default_dtype(self.compute_dtype)
         try:
             with torch.device(self.device):
                 model = model_cls(cfg.hf_config, max_position=cfg.context_len + 1)
         finally:
             torch.set_default_dtype(previous)
-        model.load_weights(iter_weights(cfg))
+        weights = iter_weights(cfg)
+        if self.compute_dtype != self.dtype:
+            weights = ((name, t.to(self.dtype).to(self.compute_dtype)) for name, t in weights)
+        model.load_weights(weights)
         model.eval()
         logger.info(
-            "loaded %s (%s, %s) in %.1f s", cfg.architecture, str(self.dtype).replace("torch.", ""),
+            "loaded %s (%s%s, %s) in %.1f s", cfg.architecture, _name(self.dtype),
+            f", computed in {_name(self.compute_dtype)}" if self.compute_dtype != self.dtype else "",
             self.device, time.perf_counter() - start,
         )
         return model
@@ -106,3 +116,16 @@ class ModelRunner:
         batch.attn_backend = self.attn_backend
         self.attn_backend.init_forward_metadata(batch)
         return self.model(batch.input_ids, batch.positions, batch)
+
+
+def compute_dtype_for(dtype: torch.dtype, device: str) -> torch.dtype:
+    """The dtype matmuls run in: float32 for 16-bit models on a CPU without 16-bit arithmetic."""
+    if device == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        native = cpu_supports_bf16() if dtype == torch.bfloat16 else bool(cpu_flags() & {"avx512_fp16", "amx_fp16"})
+        if not native:
+            return torch.float32
+    return dtype
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

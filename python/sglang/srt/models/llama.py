@@ -42,7 +42,7 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, layer_id: int, max_position: int, biases: tuple[bool, bool], qk_norm: bool):
+    def __init__(self, config: Any, layer_id: int, rotary_emb: nn.Module, biases: tuple[bool, bool], qk_norm: bool):
         super().__init__()
         qkv_bias, o_bias = biases
         self.num_heads = config.num_attention_heads
@@ -58,7 +58,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.qk_norm = qk_norm
-        self.rotary_emb = get_rope(self.head_dim, max_position, config)
+        self.rotary_emb = rotary_emb
         self.attn = RadixAttention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
@@ -75,9 +75,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_id: int, max_position: int, biases: tuple[bool, bool], qk_norm: bool):
+    def __init__(self, config: Any, layer_id: int, rotary_emb: nn.Module, biases: tuple[bool, bool], qk_norm: bool):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, max_position, biases, qk_norm)
+        self.self_attn = LlamaAttention(config, layer_id, rotary_emb, biases, qk_norm)
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -99,8 +99,10 @@ class LlamaModel(nn.Module):
     def __init__(self, config: Any, max_position: int, biases: tuple[bool, bool], qk_norm: bool):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rotary_emb = get_rope(head_dim, max_position, config)  # shared by every layer
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, max_position, biases, qk_norm) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, rotary_emb, biases, qk_norm) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 

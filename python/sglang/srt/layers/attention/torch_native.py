@@ -101,8 +101,8 @@ class TorchNativeAttnBackend(AttentionBackend):
         if meta.single_rows is not None:
             q = q[meta.single_rows]
         # q: [Bs, H, 1, D]; k, v: [Bs, Hkv, Lmax, D]
-        k = k_cache[meta.single_kv_slots].transpose(1, 2)
-        v = v_cache[meta.single_kv_slots].transpose(1, 2)
+        k = k_cache[meta.single_kv_slots].to(q.dtype).transpose(1, 2)
+        v = v_cache[meta.single_kv_slots].to(q.dtype).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), k, v, attn_mask=meta.single_mask, scale=layer.scaling, enable_gqa=True
         )
@@ -111,8 +111,8 @@ class TorchNativeAttnBackend(AttentionBackend):
     @staticmethod
     def _attend_extend(q, seg: _ExtendSegment, k_cache, v_cache, layer) -> torch.Tensor:
         # q: [1, H, E, D]; k, v: [1, Hkv, S, D]
-        k = k_cache[seg.kv_slots].transpose(0, 1).unsqueeze(0)
-        v = v_cache[seg.kv_slots].transpose(0, 1).unsqueeze(0)
+        k = k_cache[seg.kv_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
+        v = v_cache[seg.kv_slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),
             k,
