@@ -36,3 +36,29 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def configure_logging(level: str, prefix: str = "") -> None:
+    """One log format for every process; `prefix` names the process in each line."""
+    import logging
+
+    tag = f" {prefix}" if prefix else ""
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"[%(asctime)s{tag}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+
+
+def kill_with_parent() -> None:
+    """Asks Linux to kill this process when its parent dies, so no child outlives the server."""
+    import ctypes
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the children's parent-pid checks still end them

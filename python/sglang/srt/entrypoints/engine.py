@@ -8,17 +8,16 @@ scheduler until the submitted requests finish.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Iterator, Optional, Union
 
-from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.managers.detokenizer_manager import DetokenizerManager
 from sglang.srt.managers.io_struct import AbortReq, BatchTokenIDOut
-from sglang.srt.managers.scheduler import Scheduler
+from sglang.srt.managers.scheduler_process import build_scheduler
 from sglang.srt.managers.tokenizer_manager import GenerateReqInput, ReqState, TokenizerManager
-from sglang.srt.model_executor.model_runner import ModelRunner
-from sglang.srt.model_loader import load_tokenizer, resolve_model_path
 from sglang.srt.server_args import ServerArgs
+from sglang.srt.utils import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -26,33 +25,17 @@ logger = logging.getLogger(__name__)
 class Engine:
     def __init__(self, **kwargs: Any):
         args = ServerArgs.from_kwargs(**kwargs).resolve()
-        logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+        configure_logging(args.log_level)
         self.server_args = args
-        model_path = resolve_model_path(args.model_path)
-        self.model_config = ModelConfig.from_path(model_path, args.dtype, args.context_length, args.device)
-        self.tokenizer = load_tokenizer(model_path, args.tokenizer_path)
-        runner = ModelRunner(
-            self.model_config,
-            device=args.device,
-            attention_backend=args.attention_backend,
-            mem_fraction_static=args.mem_fraction_static,
-            max_total_tokens=args.max_total_tokens,
-            max_running_requests=args.max_running_requests,
-        )
-        self.scheduler = Scheduler(
-            runner,
-            self.tokenizer,
-            schedule_policy=args.schedule_policy,
-            chunked_prefill_size=args.chunked_prefill_size,
-            disable_radix_cache=args.disable_radix_cache,
-        )
+        self.scheduler, self.model_config, self.tokenizer = build_scheduler(args)
         self.tokenizer_manager = TokenizerManager(
             self.tokenizer, self.model_config.vocab_size, self.model_config.context_len, args.random_seed
         )
         self.detokenizer = DetokenizerManager(self.tokenizer)
+        load = self.scheduler.get_load()
         logger.info(
             "engine ready: %s, KV cache %d tokens, %d max running requests",
-            model_path, runner.plan.max_total_tokens, runner.plan.max_running_requests,
+            self.model_config.model_path, load.max_total_num_tokens, load.max_running_requests,
         )
 
     # ---- generation ----------------------------------------------------------------------
@@ -85,7 +68,6 @@ class Engine:
         reqs = self.tokenizer_manager.tokenize(obj)
         states = [ReqState(r.rid, return_logprob, return_text_in_logprobs) for r in reqs]
         for req in reqs:
-            self.detokenizer.register(req.rid, req.sampling_params.stop)
             self.scheduler.handle(req)
         if stream:
             return self._stream(states)
@@ -121,17 +103,11 @@ class Engine:
     # ---- control -------------------------------------------------------------------------
 
     def flush_cache(self) -> bool:
+        """Drops the prefix cache; False (nothing done) while requests are in flight."""
         return self.scheduler.flush_cache()
 
     def get_server_info(self) -> dict:
-        kv = self.scheduler.kv
-        return {
-            **self.server_args.to_dict(),
-            "max_total_num_tokens": kv.total_tokens,
-            "kv_tokens_free": kv.allocator.available_size(),
-            "kv_tokens_cached": kv.tree.total_size(),
-            "max_running_requests": self.scheduler.max_running_requests,
-        }
+        return {**self.server_args.to_dict(), **dataclasses.asdict(self.scheduler.get_load())}
 
     def shutdown(self) -> None:
         """Releases the model and KV memory; the engine cannot be used afterwards."""

@@ -34,9 +34,6 @@ class DetokenizerManager:
         self.tokenizer = tokenizer
         self.states: dict[str, _DecodeState] = {}
 
-    def register(self, rid: str, stop_strings: list[str]) -> None:
-        self.states[rid] = _DecodeState(stops=list(stop_strings))
-
     def forget(self, rid: str) -> None:
         self.states.pop(rid, None)
 
@@ -51,7 +48,9 @@ class DetokenizerManager:
         )
 
     def _text_delta(self, out: ReqOutput) -> str:
-        state = self.states.setdefault(out.rid, _DecodeState(stops=[]))
+        state = self.states.get(out.rid)
+        if state is None:
+            state = self.states[out.rid] = _DecodeState(stops=list(out.stop_strings))
         state.ids += out.new_token_ids
         if out.finished_reason is None:
             self._advance(state, out)
@@ -94,3 +93,28 @@ def _held_back(text: str, stops: list[str]) -> int:
                 held = k
                 break
     return held
+
+
+def run_detokenizer_process(args: Any, ipc: dict[str, str], ready_pipe: Any) -> None:
+    """Entry point of the detokenizer process: BatchTokenIDOut in, BatchStrOut out."""
+    import zmq
+
+    from sglang.srt.managers.io_struct import decode, encode
+    from sglang.srt.model_loader import load_tokenizer, resolve_model_path
+    from sglang.srt.utils import configure_logging, kill_with_parent
+
+    kill_with_parent()
+    configure_logging(args.log_level, prefix="detokenizer")
+    try:
+        manager = DetokenizerManager(load_tokenizer(resolve_model_path(args.model_path), args.tokenizer_path))
+    except Exception as exc:
+        ready_pipe.send({"error": f"{type(exc).__name__}: {exc}"})
+        return
+    ctx = zmq.Context()
+    recv = ctx.socket(zmq.PULL)
+    recv.bind(ipc["detokenizer"])
+    send = ctx.socket(zmq.PUSH)
+    send.connect(ipc["tokenizer"])
+    ready_pipe.send({})
+    while True:
+        send.send(encode(manager.handle(decode(recv.recv()))))

@@ -129,6 +129,7 @@ class OutputProcessor:
             skip_special_tokens=params.skip_special_tokens,
             spaces_between_special_tokens=params.spaces_between_special_tokens,
             no_stop_trim=params.no_stop_trim,
+            stop_strings=list(params.stop or ()),
         )
         if req.return_logprob:
             sent_in = req.num_sent_input_logprobs

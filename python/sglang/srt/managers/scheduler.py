@@ -17,7 +17,15 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from sglang.srt.managers.io_struct import AbortReq, FlushCacheReq, ReqOutput, TokenizedGenerateReqInput
+from sglang.srt.managers.io_struct import (
+    AbortReq,
+    FlushCacheReq,
+    FlushCacheReqOutput,
+    GetLoadReq,
+    GetLoadReqOutput,
+    ReqOutput,
+    TokenizedGenerateReqInput,
+)
 from sglang.srt.managers.output_processor import OutputProcessor
 from sglang.srt.managers.schedule_batch import FinishReason, Req, ScheduleBatch, ScheduledReq
 from sglang.srt.managers.schedule_policy import PrefillBudget, SchedulePolicy
@@ -52,20 +60,43 @@ class Scheduler:
         self.running: list[Req] = []  # requests holding a req_to_token row
         self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
+        # cumulative counters for /metrics
+        self.num_prompt_tokens = 0
+        self.num_cache_hit_tokens = 0
+        self.num_generation_tokens = 0
         self.pending_outputs: list[ReqOutput] = []
 
     # ---- messages ------------------------------------------------------------------------
 
-    def handle(self, msg: TokenizedGenerateReqInput | AbortReq | FlushCacheReq) -> Optional[bool]:
+    def handle(self, msg: TokenizedGenerateReqInput | AbortReq | FlushCacheReq | GetLoadReq) -> Optional[Any]:
+        """Applies one message; control requests return their reply."""
         if isinstance(msg, TokenizedGenerateReqInput):
             self._add_request(msg)
         elif isinstance(msg, AbortReq):
             self._abort(msg.rid, msg.message)
         elif isinstance(msg, FlushCacheReq):
-            return self.flush_cache()
+            return FlushCacheReqOutput(self.flush_cache())
+        elif isinstance(msg, GetLoadReq):
+            return self.get_load()
         else:
             raise TypeError(f"scheduler got an unknown message {type(msg).__name__}")
         return None
+
+    def get_load(self) -> GetLoadReqOutput:
+        kv = self.kv
+        return GetLoadReqOutput(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            max_total_num_tokens=kv.total_tokens,
+            kv_tokens_free=kv.allocator.available_size(),
+            kv_tokens_cached=kv.tree.total_size(),
+            kv_tokens_used=kv.used_tokens(),
+            max_running_requests=self.max_running_requests,
+            num_retractions=self.num_retractions,
+            cache_hit_tokens=self.num_cache_hit_tokens,
+            prompt_tokens=self.num_prompt_tokens,
+            generation_tokens=self.num_generation_tokens,
+        )
 
     def _add_request(self, msg: TokenizedGenerateReqInput) -> None:
         req = Req(
@@ -140,6 +171,8 @@ class Scheduler:
             self.running.append(req)
             if not req.num_retractions:
                 req.cached_tokens = req.prefix_len
+                self.num_prompt_tokens += len(req.origin_input_ids)
+                self.num_cache_hit_tokens += req.prefix_len
             self._add_prefill(items, req, budget)
         return ScheduleBatch([it for it in items if it.extend_len > 0])
 
@@ -184,6 +217,8 @@ class Scheduler:
         sampled = self.output.sample(batch, logits)
         for item in batch.items:
             item.req.kv_len += item.extend_len
+        if sampled is not None:
+            self.num_generation_tokens += len(sampled.next_token_ids)
         for req, reason in self.output.process(batch, logits, sampled):
             if reason is not None:
                 self._finish(req, reason)

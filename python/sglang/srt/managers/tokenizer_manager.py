@@ -4,16 +4,32 @@
 sampling dict or one per prompt). `TokenizerManager.tokenize` checks it and turns it into one
 `TokenizedGenerateReqInput` per sequence to generate (a prompt with n > 1 becomes n requests);
 `ReqState` accumulates a request's outputs into SGLang's result dict.
+
+In the server, `TokenizerManager` also talks to the scheduler and detokenizer processes
+(`attach`): `generate_request` sends the tokenized requests and yields results as the
+detokenizer's outputs arrive, which one background task receives and routes by request id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, AsyncIterator, Optional, Union
 
-from sglang.srt.managers.io_struct import ReqStrOutput, TokenizedGenerateReqInput
+from sglang.srt.managers.io_struct import (
+    AbortReq,
+    BatchStrOut,
+    FlushCacheReq,
+    FlushCacheReqOutput,
+    GetLoadReq,
+    GetLoadReqOutput,
+    ReqStrOutput,
+    TokenizedGenerateReqInput,
+    decode,
+    encode,
+)
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.utils import new_request_id
 
@@ -58,14 +74,32 @@ class ReqState:
     meta_info: dict = field(default_factory=dict)
     finished: bool = False
     created: float = field(default_factory=time.perf_counter)
+    # server side: where to announce progress (the queue of the call that owns this request)
+    index: int = 0
+    queue: Optional[asyncio.Queue] = None
 
 
 class TokenizerManager:
-    def __init__(self, tokenizer: Any, vocab_size: int, context_len: int, random_seed: int):
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        context_len: int,
+        random_seed: int,
+        served_model_name: str = "default",
+        chat_template: Optional[str] = None,
+    ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.context_len = context_len
+        self.served_model_name = served_model_name
+        self.chat_template = chat_template
         self._rng = random.Random(random_seed)
+        self.rid_to_state: dict[str, ReqState] = {}
+        self._send = None
+        self._control_replies: dict[type, asyncio.Queue] = {}
+        self._control_locks: dict[type, asyncio.Lock] = {}
+        self.dead_reason: Optional[str] = None  # set when a backend process died
 
     def tokenize(self, obj: GenerateReqInput) -> list[TokenizedGenerateReqInput]:
         prompts = obj.prompts()
@@ -167,3 +201,82 @@ class TokenizerManager:
     @staticmethod
     def result(state: ReqState) -> dict:
         return {"text": state.text, "output_ids": list(state.output_ids), "meta_info": dict(state.meta_info)}
+
+    # ---- server side: the scheduler and detokenizer processes -----------------------------
+
+    def attach(self, send_to_scheduler: Any, recv_from_backend: Any) -> asyncio.Task:
+        """Connects to the backend sockets (zmq.asyncio) and starts routing their outputs."""
+        self._send = send_to_scheduler
+        self._control_replies = {FlushCacheReqOutput: asyncio.Queue(), GetLoadReqOutput: asyncio.Queue()}
+        return asyncio.get_running_loop().create_task(self._receive_loop(recv_from_backend))
+
+    async def _receive_loop(self, recv: Any) -> None:
+        while True:
+            msg = decode(await recv.recv())
+            if isinstance(msg, BatchStrOut):
+                for item in msg.outputs:
+                    state = self.rid_to_state.get(item.out.rid)
+                    if state is not None:
+                        self.update(state, item)
+                        state.queue.put_nowait(state)
+            else:
+                self._control_replies[type(msg)].put_nowait(msg)
+
+    async def generate_request(self, obj: GenerateReqInput) -> AsyncIterator[tuple[int, dict]]:
+        """Yields (index, cumulative result) as requests progress (only final results unless
+        obj.stream); index is the position among the expanded requests, prompt-major.
+        Validation errors raise ValueError before anything is sent."""
+        if self.dead_reason:
+            raise RuntimeError(self.dead_reason)
+        reqs = self.tokenize(obj)
+        queue: asyncio.Queue = asyncio.Queue()
+        states = []
+        for i, req in enumerate(reqs):
+            if req.rid in self.rid_to_state:
+                raise ValueError(f"rid {req.rid!r} is already in use")
+            state = ReqState(req.rid, obj.return_logprob, obj.return_text_in_logprobs, index=i, queue=queue)
+            self.rid_to_state[req.rid] = state
+            states.append(state)
+        try:
+            for req in reqs:
+                await self._send.send(encode(req))
+            remaining = len(states)
+            while remaining:
+                state = await queue.get()
+                if state.finished:
+                    remaining -= 1
+                if obj.stream or state.finished:
+                    yield state.index, self.result(state)
+        finally:
+            for state in states:
+                self.rid_to_state.pop(state.rid, None)
+                if not state.finished and self.dead_reason is None:
+                    # the caller went away (client disconnect): stop the work and free the KV
+                    await self._send.send(encode(AbortReq(state.rid, "the client disconnected")))
+
+    async def abort_request(self, rid: str) -> None:
+        await self._send.send(encode(AbortReq(rid)))
+
+    async def flush_cache(self) -> bool:
+        return (await self._control(FlushCacheReq(), FlushCacheReqOutput)).success
+
+    async def get_load(self) -> GetLoadReqOutput:
+        return await self._control(GetLoadReq(), GetLoadReqOutput)
+
+    async def _control(self, msg: Any, reply_type: type) -> Any:
+        # one control exchange of a kind at a time, so each caller gets the reply to its own message
+        async with self._control_locks.setdefault(reply_type, asyncio.Lock()):
+            await self._send.send(encode(msg))
+            return await self._control_replies[reply_type].get()
+
+    def fail_all(self, reason: str) -> None:
+        """A backend process died: every in-flight request ends now with an abort reason."""
+        self.dead_reason = reason
+        for state in list(self.rid_to_state.values()):
+            state.finished = True
+            state.meta_info.update(
+                id=state.rid, finish_reason={"type": "abort", "message": reason},
+                prompt_tokens=state.meta_info.get("prompt_tokens", 0),
+                completion_tokens=len(state.output_ids), cached_tokens=state.meta_info.get("cached_tokens", 0),
+            )
+            state.queue.put_nowait(state)

@@ -1,0 +1,269 @@
+"""Bodies of the OpenAI-compatible endpoints, as pydantic v2 models.
+
+Requests are strict about JSON types (`"temperature": "0.5"` is a 400 naming the field, not a
+silent conversion) and ignore unknown fields, since OpenAI clients pass extras through
+`extra_body`. The SGLang extensions we honour (`ignore_eos`, `top_k`, ...) are declared fields
+and go to the engine's sampling parameters. Ranges that OpenAI documents are checked here;
+everything else is checked by the engine, whose ValueError becomes a 400 as well.
+
+Responses follow OpenAI's shapes, plus SGLang's `matched_stop` on each choice.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, field_serializer
+from pydantic_core import PydanticCustomError
+
+# OpenAI's documented limits.
+MAX_N = 128
+MAX_CHAT_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+
+
+def _one_of(description: str) -> WrapValidator:
+    """Replaces pydantic's one-error-per-union-member report with a single readable one."""
+
+    def validate(value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("union_type", "must be " + description) from None
+
+    return WrapValidator(validate)
+
+
+TokenIds = list[Annotated[int, Field(ge=0)]]
+Prompt = Annotated[
+    Union[str, list[str], TokenIds, list[TokenIds]],
+    _one_of("a string, a list of strings, a list of token ids or a list of lists of token ids"),
+]
+Stop = Annotated[Union[str, list[str], None], _one_of("a string, a list of strings or null")]
+LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: Optional[bool] = False
+    # vLLM's and SGLang's extension: usage on every chunk, not only in a final one.
+    continuous_usage_stats: Optional[bool] = False
+
+
+class SamplingRequest(_Request):
+    """Fields shared by /v1/completions and /v1/chat/completions; None means "the default"."""
+
+    model: Optional[str] = None
+    n: Optional[int] = Field(1, ge=1, le=MAX_N)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    stop: Stop = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    logit_bias: Optional[LogitBias] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # SGLang extensions, passed to the engine under the same name (min_tokens excepted).
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    min_tokens: Optional[int] = None
+    ignore_eos: Optional[bool] = None
+    stop_token_ids: Optional[list[int]] = None
+    skip_special_tokens: Optional[bool] = None
+    no_stop_trim: Optional[bool] = None
+    # Any value is passed on: the engine answers "not supported yet" whatever its type.
+    regex: Optional[Any] = None
+    json_schema: Optional[Any] = None
+    ebnf: Optional[Any] = None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Prompt
+    max_tokens: Optional[int] = Field(16, ge=0)
+    echo: Optional[bool] = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+
+class ContentPart(_Request):
+    type: str
+    text: Optional[str] = None
+
+
+MessageContent = Annotated[
+    Union[str, list[ContentPart], None],
+    _one_of("a string, a list of content parts or null"),
+]
+
+
+class ChatMessage(_Request):
+    role: str
+    content: MessageContent = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[Any]] = None
+    tool_call_id: Optional[str] = None
+
+
+class ResponseFormat(_Request):
+    type: str
+    json_schema: Optional[Any] = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage]
+    max_tokens: Optional[int] = Field(None, ge=0)
+    max_completion_tokens: Optional[int] = Field(None, ge=0)
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Any] = None
+    # Extra variables for the chat template (e.g. {"enable_thinking": false}).
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+FinishReason = Optional[str]  # "stop" | "length" | "abort" | None while running
+MatchedStop = Union[int, str, None]
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy format; a prompt's first token has no logprob (None)."""
+
+    tokens: list[str] = []
+    token_logprobs: list[Optional[float]] = []
+    top_logprobs: list[Optional[dict[str, float]]] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: FinishReason = None
+    matched_stop: MatchedStop = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionStreamResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str] = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: FinishReason = None
+    matched_stop: MatchedStop = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: FinishReason = None
+    matched_stop: MatchedStop = None
+
+    @field_serializer("delta")
+    def _delta_without_nulls(self, delta: DeltaMessage) -> dict:
+        # OpenAI's deltas carry only what changed: {"role", "content": ""}, {"content"}, {}.
+        return delta.model_dump(exclude_none=True)
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "sglang"
+    root: Optional[str] = None
+    max_model_len: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[int] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,78 @@
+"""The backend processes of a server: one scheduler and the detokenizer, and their IPC sockets.
+
+`Backend.start` spawns them, waits until each reports ready (or a start-up error, raised here
+as one line), and `shutdown` stops them and removes the socket directory. Children also die
+with the parent (PR_SET_PDEATHSIG), so a killed server leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional
+
+from sglang.srt.managers.detokenizer_manager import run_detokenizer_process
+from sglang.srt.managers.scheduler_process import run_scheduler_process
+from sglang.srt.server_args import ServerArgs
+
+
+class BackendStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class Backend:
+    args: ServerArgs
+    socket_dir: str = ""
+    ipc: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, mp.Process] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # what the scheduler reported when ready
+
+    def start(self) -> "Backend":
+        self.socket_dir = tempfile.mkdtemp(prefix="sglang-tknp-")
+        self.ipc = {name: f"ipc://{self.socket_dir}/{name}" for name in ("scheduler", "detokenizer", "tokenizer")}
+        ctx = mp.get_context("spawn")
+        pipes = {}
+        for name, target in (("scheduler", run_scheduler_process), ("detokenizer", run_detokenizer_process)):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=target, args=(self.args, self.ipc, writer), name=f"sglang::{name}", daemon=True)
+            proc.start()
+            writer.close()
+            self.procs[name], pipes[name] = proc, reader
+        for name, reader in pipes.items():
+            msg = self._wait_ready(name, reader)
+            if "error" in msg:
+                self.shutdown()
+                raise BackendStartError(f"{name} failed to start: {msg['error']}")
+            if name == "scheduler":
+                self.info = msg
+        return self
+
+    def _wait_ready(self, name: str, reader) -> dict:
+        try:
+            return reader.recv()
+        except EOFError:
+            self.shutdown()
+            raise BackendStartError(f"{name} process exited during start-up (code {self.procs[name].exitcode})")
+
+    def dead_process(self) -> Optional[str]:
+        """A description of the first backend process that is no longer running, if any."""
+        for name, proc in self.procs.items():
+            if not proc.is_alive():
+                return f"the {name} process died (exit code {proc.exitcode})"
+        return None
+
+    def shutdown(self) -> None:
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs.values():
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if self.socket_dir and os.path.isdir(self.socket_dir):
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
