@@ -22,14 +22,13 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from sglang.srt.entrypoints.http_server import launch_server
+    from sglang.srt.entrypoints.subprocesses import BackendStartError
+    from sglang.srt.utils import configure_logging
+
     try:
         args.resolve()
-        from sglang.srt.utils import configure_logging
-
         configure_logging(args.log_level)
-        from sglang.srt.entrypoints.http_server import launch_server
-        from sglang.srt.entrypoints.subprocesses import BackendStartError
-
         return launch_server(args)
     except (ValueError, BackendStartError) as exc:  # ModelLoadError is a ValueError
         logging.getLogger(__name__).debug("start-up failed", exc_info=True)

@@ -162,6 +162,8 @@ def build_app(state: ServerState) -> FastAPI:
             first = await anext(stream)  # validation errors surface here, before any byte is sent
         except ValueError as exc:
             return error_response(400, str(exc))
+        except RuntimeError as exc:  # the backend is gone
+            return error_response(503, str(exc), "service_unavailable")
         if obj.stream:
             return StreamingResponse(_stream_native(first, stream, obj.is_batch), media_type="text/event-stream")
         results = [first] + [item async for item in stream]

@@ -64,6 +64,11 @@ def bad_request(message: str, param: Optional[str] = None) -> OpenAIError:
     return OpenAIError(400, message, param=param)
 
 
+def backend_unavailable(exc: RuntimeError) -> OpenAIError:
+    # TokenizerManager raises RuntimeError when a backend process has died.
+    return OpenAIError(503, str(exc), type="service_unavailable")
+
+
 def validation_error_response(exc: Any) -> tuple[int, dict]:
     """(400, body) for a pydantic ValidationError or FastAPI's RequestValidationError.
 
@@ -225,9 +230,16 @@ async def generate_all(tm: Any, obj: GenerateReqInput, num_choices: int) -> list
             results[index] = result
     except ValueError as e:
         raise bad_request(str(e)) from e
+    except RuntimeError as e:
+        raise backend_unavailable(e) from e
     if any(r is None for r in results):
         raise OpenAIError(500, "the engine returned fewer results than requested")
     return results  # type: ignore[return-value]
+
+
+def token_text(tm: Any, token_id: int, text: Optional[str]) -> str:
+    """A logprob entry's token as text (the engine sends it with return_text_in_logprobs)."""
+    return text if text is not None else tm.tokenizer.decode([token_id])
 
 
 # ---- streaming -------------------------------------------------------------------------------
@@ -295,6 +307,41 @@ class StreamTracker:
         return step
 
 
+class ResponseBuilder:
+    """Per-request state shared by the completion and chat response builders: ids, the stream's
+    progress and usage, and the chunk envelope."""
+
+    id_prefix = "cmpl"
+    chunk_class: Any = None  # the protocol model of one stream chunk
+
+    def __init__(self, tm: Any, request: SamplingRequest):
+        self.tm = tm
+        self.n = num_samples(request)
+        self.id = new_id(self.id_prefix)
+        self.created = int(time.time())
+        self.tracker = StreamTracker(self.n)
+        options = request.stream_options
+        self.include_usage = bool(options and options.include_usage)
+        self.continuous_usage = self.include_usage and bool(options.continuous_usage_stats)
+
+    def chunk(self, choice: Any) -> dict:
+        """A chunk with one choice, or (choice None) the final usage chunk, which has none."""
+        usage = self.tracker.usage.usage() if choice is None or self.continuous_usage else None
+        chunk = self.chunk_class(
+            id=self.id,
+            created=self.created,
+            model=self.tm.served_model_name,
+            choices=[] if choice is None else [choice],
+            usage=usage,
+        ).model_dump()
+        if not self.include_usage:
+            del chunk["usage"]  # OpenAI sends "usage" only to clients that asked for it
+        return chunk
+
+    def end_chunks(self) -> list[dict]:
+        return [self.chunk(None)] if self.include_usage else []
+
+
 async def start_stream(
     tm: Any,
     obj: GenerateReqInput,
@@ -315,6 +362,8 @@ async def start_stream(
         first = None
     except ValueError as e:
         raise bad_request(str(e)) from e
+    except RuntimeError as e:
+        raise backend_unavailable(e) from e
     return _events(results, first, on_result, on_end)
 
 
@@ -334,6 +383,8 @@ async def _events(results, first, on_result, on_end) -> AsyncIterator[bytes]:
             error = e
         except ValueError as e:
             error = bad_request(str(e))
+        except RuntimeError as e:
+            error = backend_unavailable(e)
         except Exception as e:  # the stream has started: report it in-band, then end it
             logger.exception("error in an OpenAI stream")
             error = OpenAIError(500, f"internal error: {e}")

@@ -1,0 +1,210 @@
+"""POST /v1/chat/completions: render the conversation with the model's chat template, then
+generate from its token ids.
+
+The prompt is rendered as text (`--chat-template` override, else the tokenizer's template) and
+tokenized without special tokens, since the template already holds BOS where the model wants
+one; the engine gets `input_ids`, so usage.prompt_tokens is exactly the rendered prompt's
+length. A conversation ending with an assistant message is continued, not answered.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Optional, Union
+
+from jinja2 import TemplateError
+
+from sglang.srt.entrypoints.openai.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    DeltaMessage,
+    TopLogprob,
+)
+from sglang.srt.entrypoints.openai.serving import (
+    ResponseBuilder,
+    UsageCounter,
+    bad_request,
+    check_model,
+    finish_reason_of,
+    generate_all,
+    num_samples,
+    sampling_params,
+    start_stream,
+    token_text,
+)
+from sglang.srt.managers.tokenizer_manager import GenerateReqInput
+
+# "developer" is OpenAI's newer name for "system"; chat templates only know the latter.
+_TEMPLATE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# apply_chat_template arguments that chat_template_kwargs must not override.
+_RESERVED_TEMPLATE_ARGS = {"conversation", "chat_template", "tokenize", "add_generation_prompt", "continue_final_message"}
+
+
+async def chat_completions(tm: Any, request: ChatCompletionRequest) -> Union[dict, AsyncIterator[bytes]]:
+    """The response dict, or (with stream) an async iterator of SSE bytes. Raises OpenAIError."""
+    check_model(tm, request.model)
+    _check_supported(request)
+    input_ids = render_chat(tm, request)
+    if request.max_completion_tokens is not None:
+        max_tokens = request.max_completion_tokens
+    elif request.max_tokens is not None:
+        max_tokens = request.max_tokens
+    else:
+        # No limit: whatever the context has room for (too long a prompt is the engine's 400).
+        max_tokens = max(tm.context_len - len(input_ids), 0)
+    job = _Chat(tm, request)
+    obj = GenerateReqInput(
+        input_ids=input_ids,
+        sampling_params=sampling_params(request, max_tokens),
+        rid=job.id,
+        return_logprob=bool(request.logprobs),
+        top_logprobs_num=(request.top_logprobs or 0) if request.logprobs else None,
+        return_text_in_logprobs=True,
+        stream=bool(request.stream),
+    )
+    if request.stream:
+        return await start_stream(tm, obj, job.stream_chunks, job.end_chunks)
+    return job.response(await generate_all(tm, obj, num_samples(request)))
+
+
+def _check_supported(request: ChatCompletionRequest) -> None:
+    fmt = request.response_format
+    if fmt is not None and fmt.type != "text":
+        raise bad_request(f"response_format {fmt.type!r} is not supported yet", "response_format")
+    if request.tools and request.tool_choice != "none":
+        raise bad_request("tools are not supported yet", "tools")
+    if request.top_logprobs and not request.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+
+
+def render_chat(tm: Any, request: ChatCompletionRequest) -> list[int]:
+    """The prompt's token ids: the conversation through the chat template, then the tokenizer."""
+    messages = template_messages(request.messages)
+    continue_final = messages[-1]["role"] == "assistant"
+    extra = {k: v for k, v in (request.chat_template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_ARGS}
+    if tm.chat_template is None and not getattr(tm.tokenizer, "chat_template", None):
+        raise bad_request("this model has no chat template; start the server with --chat-template", "messages")
+    try:
+        prompt = tm.tokenizer.apply_chat_template(
+            messages,
+            chat_template=tm.chat_template,
+            tokenize=False,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+            **extra,
+        )
+    except (TemplateError, ValueError) as e:
+        raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
+    return tm.tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as the chat template sees them: {"role", "content": str}."""
+    if not messages:
+        raise bad_request("messages must not be empty", "messages")
+    rendered = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if message.role in ("tool", "function") or message.tool_calls:
+            raise bad_request(f"{where}: tool calls and tool messages are not supported yet", where)
+        role = _TEMPLATE_ROLES.get(message.role)
+        if role is None:
+            raise bad_request(
+                f"{where}.role must be one of {', '.join(_TEMPLATE_ROLES)}, got {message.role!r}", f"{where}.role"
+            )
+        rendered.append({"role": role, "content": _content_text(message.content, where)})
+    return rendered
+
+
+def _content_text(content: Any, where: str) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        part_where = f"{where}.content[{j}]"
+        if part.type != "text":
+            raise bad_request(f"{part_where}: content of type {part.type!r} is not supported", f"{part_where}.type")
+        if part.text is None:
+            raise bad_request(f"{part_where}.text is required for a text part", f"{part_where}.text")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+class _Chat(ResponseBuilder):
+    """One request's response assembly, for the whole result or chunk by chunk."""
+
+    id_prefix = "chatcmpl"
+    chunk_class = ChatCompletionChunk
+
+    def __init__(self, tm: Any, request: ChatCompletionRequest):
+        super().__init__(tm, request)
+        self.with_logprobs = bool(request.logprobs)
+        self.num_top_logprobs = request.top_logprobs or 0
+
+    def _logprobs(self, entries: list, tops: list) -> Optional[ChatLogprobs]:
+        if not self.with_logprobs:
+            return None
+        return chat_logprobs(self.tm, entries, tops, self.num_top_logprobs)
+
+    def response(self, results: list[dict]) -> dict:
+        usage = UsageCounter(self.n)
+        choices = []
+        for index, result in enumerate(results):
+            meta = result["meta_info"]
+            usage.record(index, meta)
+            finish_reason, matched = finish_reason_of(meta)
+            choices.append(
+                ChatChoice(
+                    index=index,
+                    message=ChatResponseMessage(content=result["text"]),
+                    logprobs=self._logprobs(meta.get("output_token_logprobs") or [], meta.get("output_top_logprobs") or []),
+                    finish_reason=finish_reason,
+                    matched_stop=matched,
+                )
+            )
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.tm.served_model_name, choices=choices, usage=usage.usage()
+        ).model_dump()
+
+    def stream_chunks(self, index: int, result: dict) -> list[dict]:
+        step = self.tracker.step(index, result)
+        if step is None:
+            return []
+        chunks = []
+        if step.first:
+            chunks.append(self.chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))))
+        if step.text or (self.with_logprobs and step.logprobs):
+            logprobs = self._logprobs(step.logprobs, step.top_logprobs)
+            chunks.append(self.chunk(ChatStreamChoice(index=index, delta=DeltaMessage(content=step.text), logprobs=logprobs)))
+        if step.finish_reason is not None:
+            last = ChatStreamChoice(
+                index=index, delta=DeltaMessage(), finish_reason=step.finish_reason, matched_stop=step.matched_stop
+            )
+            chunks.append(self.chunk(last))
+        return chunks
+
+
+def chat_logprobs(tm: Any, entries: list, tops: list, num_top: int) -> ChatLogprobs:
+    """OpenAI's chat logprobs for engine entries [logprob, token_id, text] and their top lists."""
+    content = []
+    for position, (logprob, token_id, text) in enumerate(entries):
+        top = tops[position] if position < len(tops) else None
+        token = token_text(tm, token_id, text)
+        alternatives = [_top_logprob(tm, *candidate) for candidate in (top or [])[:num_top]]
+        content.append(
+            ChatTokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()), top_logprobs=alternatives)
+        )
+    return ChatLogprobs(content=content)
+
+
+def _top_logprob(tm: Any, logprob: float, token_id: int, text: Optional[str]) -> TopLogprob:
+    token = token_text(tm, token_id, text)
+    return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
