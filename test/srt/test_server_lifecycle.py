@@ -130,3 +130,15 @@ def test_dead_backend_process_fails_requests_and_exits_nonzero(make_tiny_model):
         assert server.proc.returncode == 1
     finally:
         server.stop()
+
+
+def test_watchdog_ends_a_stuck_step(make_tiny_model):
+    # a timeout far below one step's duration makes every step "stuck"
+    server = ServerProcess(["--model-path", str(make_tiny_model("llama", seed=3)), "--dtype", "float32",
+                            "--max-total-tokens", "1024", "--watchdog-timeout", "0.0001"])
+    try:
+        r = requests.post(server.url + "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 50}}, timeout=30)
+        assert r.json()["meta_info"]["finish_reason"]["type"] == "abort"
+        assert server.proc.wait(timeout=15) == 1
+    finally:
+        server.stop()

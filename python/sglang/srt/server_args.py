@@ -54,7 +54,6 @@ class ServerArgs:
     log_level: str = _opt("info", "logging level", choices=LOG_LEVELS)
     enable_metrics: bool = _opt(False, "serve Prometheus metrics at /metrics")
     watchdog_timeout: float = _opt(300.0, "seconds a forward may take before the server is declared stuck")
-    skip_tokenizer_init: bool = _opt(False, "take and return token ids only")
 
     def resolve(self) -> "ServerArgs":
         """Concrete values for every auto/None setting, after validation; returns self."""
@@ -66,6 +65,7 @@ class ServerArgs:
         for name in ("context_length", "max_total_tokens", "max_running_requests"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1", value)
+        _check(self.watchdog_timeout > 0, "--watchdog-timeout must be > 0", self.watchdog_timeout)
         if self.mem_fraction_static is not None:
             _check(0 < self.mem_fraction_static < 1, "--mem-fraction-static must be in (0, 1)", self.mem_fraction_static)
         if self.model_path is not None and self.model_path.startswith("~"):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from typing import Any
 
 import zmq
@@ -68,6 +70,7 @@ def run_scheduler_process(args: ServerArgs, ipc: dict[str, str], ready_pipe: Any
     load = scheduler.get_load()
     ready_pipe.send({"max_total_num_tokens": load.max_total_num_tokens, "max_running_requests": load.max_running_requests})
     parent = os.getppid()
+    watchdog = _Watchdog(args.watchdog_timeout)
     while True:
         if not scheduler.has_work() and not recv.poll(_IDLE_POLL_MS):
             if os.getppid() != parent:
@@ -82,6 +85,31 @@ def run_scheduler_process(args: ServerArgs, ipc: dict[str, str], ready_pipe: Any
             if reply is not None:
                 to_tokenizer.send(encode(reply))
         if scheduler.has_work():
-            outputs = scheduler.step()
+            with watchdog:
+                outputs = scheduler.step()
             if outputs:
                 to_detokenizer.send(encode(BatchTokenIDOut(outputs)))
+
+
+class _Watchdog:
+    """Ends the process if one scheduler step runs longer than `timeout` seconds: a stuck
+    forward must not hang the server; the HTTP process sees the death and fails requests."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.step_started: float | None = None
+        threading.Thread(target=self._watch, daemon=True, name="watchdog").start()
+
+    def __enter__(self) -> None:
+        self.step_started = time.monotonic()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.step_started = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(self.timeout / 4, 5.0))
+            started = self.step_started
+            if started is not None and time.monotonic() - started > self.timeout:
+                logger.error("a scheduler step has run for over %.0f s (--watchdog-timeout); exiting", self.timeout)
+                os._exit(1)
