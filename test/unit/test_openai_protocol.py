@@ -15,7 +15,12 @@ from typing import Any, Optional
 import pytest
 from pydantic import ValidationError
 
-from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from sglang.srt.entrypoints.openai.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionRequest,
+    CompletionStreamResponse,
+)
 from sglang.srt.entrypoints.openai.serving import (
     OpenAIError,
     model_card,
@@ -24,6 +29,7 @@ from sglang.srt.entrypoints.openai.serving import (
 )
 from sglang.srt.entrypoints.openai.serving_chat import chat_completions
 from sglang.srt.entrypoints.openai.serving_completions import completions
+from sglang.srt.sampling.sampling_params import SamplingParams
 
 MODEL = "smollm2"
 MODEL_PATH = "/models/SmolLM2-135M-Instruct"
@@ -124,7 +130,20 @@ def stream_events(tm, handler, request_cls, **body) -> list:
     events = raw[:-2].split("\n\n")
     assert all(e.startswith("data: ") and "\n" not in e for e in events), "only data lines, no comments"
     assert events[-1] == "data: [DONE]" and events.count("data: [DONE]") == 1
-    return [json.loads(e[6:]) for e in events[:-1]] + ["[DONE]"]
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    for chunk in chunks:
+        if "error" not in chunk:
+            assert_matches_protocol(chunk)
+    return chunks + ["[DONE]"]
+
+
+def assert_matches_protocol(chunk: dict) -> None:
+    """Stream chunks are built as dicts for speed; they must be exactly what the models give."""
+    model = {"text_completion": CompletionStreamResponse, "chat.completion.chunk": ChatCompletionChunk}[chunk["object"]]
+    expected = model.model_validate(chunk).model_dump()
+    if "usage" not in chunk:
+        del expected["usage"]
+    assert chunk == expected
 
 
 def error_of(call) -> OpenAIError:
@@ -202,6 +221,7 @@ def test_unknown_fields_are_ignored_and_sglang_extensions_reach_the_engine(token
         "skip_special_tokens": False, "no_stop_trim": True,
     }
     assert not obj.return_logprob and obj.stream is False
+    SamplingParams.from_dict(obj.sampling_params).verify(vocab_size=49152)  # the engine's names
 
 
 def test_defaults_and_top_p_zero(tokenizer):
@@ -427,6 +447,11 @@ def test_chat_template_override_and_continuation(tokenizer):
     # A conversation ending with the assistant's words is continued from them.
     chat(tm, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well,"}])
     assert tokenizer.decode(tm.requests[1].input_ids).endswith("<|im_start|>assistant\nWell,")
+    # ... unless the client asks for a new assistant turn.
+    chat(tm, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well,"}], continue_final_message=False)
+    assert tokenizer.decode(tm.requests[2].input_ids).endswith("Well,<|im_end|>\n<|im_start|>assistant\n")
+    err = error_of(lambda: chat(tm, messages=[{"role": "user", "content": "Hi"}], continue_final_message=True))
+    assert err.param == "continue_final_message"
 
 
 @pytest.mark.parametrize(
@@ -494,12 +519,17 @@ def test_chat_stream_logprobs_follow_the_deltas(tokenizer):
 
 def test_responses_parse_as_openai_client_types(tokenizer):
     openai_types = pytest.importorskip("openai.types")
-    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.chat import ChatCompletion
+    from openai.types.chat import ChatCompletionChunk as OpenAIChatCompletionChunk
 
     tm = FakeTokenizerManager(tokenizer, [engine_results(["a", "b"], logprobs=True)])
     openai_types.Completion.model_validate(complete(tm, prompt="x", logprobs=2), strict=True)
     ChatCompletion.model_validate(chat(tm, messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=1), strict=True)
     events = stream_events(tm, chat_completions, ChatCompletionRequest, messages=[{"role": "user", "content": "x"}], stream_options={"include_usage": True})
     for e in events[:-1]:
-        ChatCompletionChunk.model_validate(e, strict=True)
+        OpenAIChatCompletionChunk.model_validate(e, strict=True)
+    # The client types a completion chunk as a Completion, whose finish_reason is never null
+    # (it does not validate the chunks it reads); the finishing chunk must parse.
+    last = stream_events(tm, completions, CompletionRequest, prompt="x", logprobs=1)[-2]
+    openai_types.Completion.model_validate(last, strict=True)
     openai_types.Model.model_validate(models_list(tm)["data"][0], strict=True)

@@ -25,6 +25,8 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from sglang import __version__
 from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.entrypoints.openai.routes import mount_openai_routes
+from sglang.srt.entrypoints.openai.serving import validation_error_response
 from sglang.srt.entrypoints.subprocesses import Backend
 from sglang.srt.managers.tokenizer_manager import GenerateReqInput, TokenizerManager
 from sglang.srt.model_loader import load_tokenizer, resolve_model_path
@@ -91,9 +93,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(400, f"{field or 'body'}: {first.get('msg', 'invalid request')}", param=field)
+        status, body = validation_error_response(exc)
+        return json_response(body, status)
 
     @app.get("/health")
     async def health() -> Response:
@@ -277,10 +278,9 @@ def launch_server(args: ServerArgs) -> int:
         tokenizer, model_config.vocab_size, model_config.context_len, args.random_seed,
         served_model_name=args.served_model_name, chat_template=chat_template,
     )
+    tm.model_path = model_config.model_path
     state = ServerState(args, model_config, tm, backend)
     app = build_app(state)
-    from sglang.srt.entrypoints.openai.routes import mount_openai_routes
-
     mount_openai_routes(app, tm)
     config = uvicorn.Config(app, loop="uvloop", log_level=args.log_level, timeout_keep_alive=5, access_log=False)
     state.server = uvicorn.Server(config)

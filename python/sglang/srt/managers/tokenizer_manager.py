@@ -93,6 +93,7 @@ class TokenizerManager:
         self.vocab_size = vocab_size
         self.context_len = context_len
         self.served_model_name = served_model_name
+        self.model_path: Optional[str] = None  # also accepted as a model name by the OpenAI API
         self.chat_template = chat_template
         self._rng = random.Random(random_seed)
         self.rid_to_state: dict[str, ReqState] = {}

@@ -127,6 +127,9 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Optional[Any] = None
     # Extra variables for the chat template (e.g. {"enable_thinking": false}).
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    # Continue the final assistant message instead of starting a new one; by default (None),
+    # a conversation that ends with an assistant message is continued.
+    continue_final_message: Optional[bool] = None
 
 
 # ---- responses -------------------------------------------------------------------------------

@@ -312,7 +312,7 @@ class ResponseBuilder:
     progress and usage, and the chunk envelope."""
 
     id_prefix = "cmpl"
-    chunk_class: Any = None  # the protocol model of one stream chunk
+    chunk_object = "text_completion"  # the "object" of a stream chunk
 
     def __init__(self, tm: Any, request: SamplingRequest):
         self.tm = tm
@@ -324,18 +324,24 @@ class ResponseBuilder:
         self.include_usage = bool(options and options.include_usage)
         self.continuous_usage = self.include_usage and bool(options.continuous_usage_stats)
 
-    def chunk(self, choice: Any) -> dict:
-        """A chunk with one choice, or (choice None) the final usage chunk, which has none."""
-        usage = self.tracker.usage.usage() if choice is None or self.continuous_usage else None
-        chunk = self.chunk_class(
-            id=self.id,
-            created=self.created,
-            model=self.tm.served_model_name,
-            choices=[] if choice is None else [choice],
-            usage=usage,
-        ).model_dump()
-        if not self.include_usage:
-            del chunk["usage"]  # OpenAI sends "usage" only to clients that asked for it
+    def chunk(self, choice: Optional[dict]) -> dict:
+        """A chunk with one choice, or (choice None) the final usage chunk, which has none.
+
+        Stream chunks are built as plain dicts, once per token per request: the protocol's
+        chunk models (CompletionStreamResponse, ChatCompletionChunk) give their shape, and the
+        unit tests check every chunk against them.
+        """
+        chunk = {
+            "id": self.id,
+            "object": self.chunk_object,
+            "created": self.created,
+            "model": self.tm.served_model_name,
+            "choices": [] if choice is None else [choice],
+        }
+        # OpenAI sends "usage" only to clients that asked for it, null until the last chunk.
+        if self.include_usage:
+            usage = choice is None or self.continuous_usage
+            chunk["usage"] = self.tracker.usage.usage().model_dump() if usage else None
         return chunk
 
     def end_chunks(self) -> list[dict]:

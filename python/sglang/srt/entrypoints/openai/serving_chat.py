@@ -4,7 +4,8 @@ generate from its token ids.
 The prompt is rendered as text (`--chat-template` override, else the tokenizer's template) and
 tokenized without special tokens, since the template already holds BOS where the model wants
 one; the engine gets `input_ids`, so usage.prompt_tokens is exactly the rendered prompt's
-length. A conversation ending with an assistant message is continued, not answered.
+length. A conversation ending with an assistant message is continued, not answered, unless
+the request says `continue_final_message: false`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ from jinja2 import TemplateError
 
 from sglang.srt.entrypoints.openai.protocol import (
     ChatChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
     ChatMessage,
     ChatResponseMessage,
-    ChatStreamChoice,
     ChatTokenLogprob,
-    DeltaMessage,
     TopLogprob,
 )
 from sglang.srt.entrypoints.openai.serving import (
@@ -86,7 +84,12 @@ def _check_supported(request: ChatCompletionRequest) -> None:
 def render_chat(tm: Any, request: ChatCompletionRequest) -> list[int]:
     """The prompt's token ids: the conversation through the chat template, then the tokenizer."""
     messages = template_messages(request.messages)
-    continue_final = messages[-1]["role"] == "assistant"
+    ends_with_assistant = messages[-1]["role"] == "assistant"
+    continue_final = request.continue_final_message
+    if continue_final is None:
+        continue_final = ends_with_assistant
+    elif continue_final and not ends_with_assistant:
+        raise bad_request("continue_final_message needs a final assistant message", "continue_final_message")
     extra = {k: v for k, v in (request.chat_template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_ARGS}
     if tm.chat_template is None and not getattr(tm.tokenizer, "chat_template", None):
         raise bad_request("this model has no chat template; start the server with --chat-template", "messages")
@@ -142,7 +145,7 @@ class _Chat(ResponseBuilder):
     """One request's response assembly, for the whole result or chunk by chunk."""
 
     id_prefix = "chatcmpl"
-    chunk_class = ChatCompletionChunk
+    chunk_object = "chat.completion.chunk"
 
     def __init__(self, tm: Any, request: ChatCompletionRequest):
         super().__init__(tm, request)
@@ -180,16 +183,26 @@ class _Chat(ResponseBuilder):
             return []
         chunks = []
         if step.first:
-            chunks.append(self.chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))))
+            chunks.append(self.chunk(_stream_choice(index, {"role": "assistant", "content": ""})))
         if step.text or (self.with_logprobs and step.logprobs):
             logprobs = self._logprobs(step.logprobs, step.top_logprobs)
-            chunks.append(self.chunk(ChatStreamChoice(index=index, delta=DeltaMessage(content=step.text), logprobs=logprobs)))
+            chunks.append(self.chunk(_stream_choice(index, {"content": step.text}, logprobs)))
         if step.finish_reason is not None:
-            last = ChatStreamChoice(
-                index=index, delta=DeltaMessage(), finish_reason=step.finish_reason, matched_stop=step.matched_stop
-            )
-            chunks.append(self.chunk(last))
+            chunks.append(self.chunk(_stream_choice(index, {}, None, step.finish_reason, step.matched_stop)))
         return chunks
+
+
+def _stream_choice(
+    index: int, delta: dict, logprobs: Optional[ChatLogprobs] = None, finish_reason: Optional[str] = None, matched_stop: Any = None
+) -> dict:
+    """A ChatStreamChoice as a dict, built directly: this runs once per streamed token."""
+    return {
+        "index": index,
+        "delta": delta,
+        "logprobs": None if logprobs is None else logprobs.model_dump(),
+        "finish_reason": finish_reason,
+        "matched_stop": matched_stop,
+    }
 
 
 def chat_logprobs(tm: Any, entries: list, tops: list, num_top: int) -> ChatLogprobs:

@@ -14,7 +14,6 @@ from sglang.srt.entrypoints.openai.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    CompletionStreamResponse,
 )
 from sglang.srt.entrypoints.openai.serving import (
     ResponseBuilder,
@@ -23,7 +22,6 @@ from sglang.srt.entrypoints.openai.serving import (
     check_model,
     finish_reason_of,
     generate_all,
-    new_id,
     num_samples,
     sampling_params,
     start_stream,
@@ -79,7 +77,7 @@ class _Completion(ResponseBuilder):
     """One request's response assembly, for the whole result or chunk by chunk."""
 
     id_prefix = "cmpl"
-    chunk_class = CompletionStreamResponse
+    chunk_object = "text_completion"
 
     def __init__(self, tm: Any, request: CompletionRequest, prompts: list):
         super().__init__(tm, request)
@@ -142,11 +140,23 @@ class _Completion(ResponseBuilder):
                 logprobs, self.text_offsets[index] = legacy_logprobs(
                     self.tm, entries, tops, self.request.logprobs, self.text_offsets.get(index, 0)
                 )
-            chunks.append(self.chunk(CompletionChoice(index=index, text=text, logprobs=logprobs)))
+            chunks.append(self.chunk(_stream_choice(index, text, logprobs)))
         if step.finish_reason is not None:
-            last = CompletionChoice(index=index, text="", finish_reason=step.finish_reason, matched_stop=step.matched_stop)
-            chunks.append(self.chunk(last))
+            chunks.append(self.chunk(_stream_choice(index, "", None, step.finish_reason, step.matched_stop)))
         return chunks
+
+
+def _stream_choice(
+    index: int, text: str, logprobs: Optional[CompletionLogprobs], finish_reason: Optional[str] = None, matched_stop: Any = None
+) -> dict:
+    """A CompletionChoice as a dict, built directly: this runs once per streamed token."""
+    return {
+        "index": index,
+        "text": text,
+        "logprobs": None if logprobs is None else logprobs.model_dump(),
+        "finish_reason": finish_reason,
+        "matched_stop": matched_stop,
+    }
 
 
 def _pad(tops: Optional[list], length: int) -> list:
