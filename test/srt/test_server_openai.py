@@ -32,6 +32,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def test_models(client):
     assert [m.id for m in client.models.list().data] == ["smollm2"]
     assert client.models.retrieve("smollm2").id == "smollm2"
+    assert client.models.retrieve("default").id == "smollm2"  # SGLang's examples use "default"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-5")
 

@@ -121,7 +121,8 @@ def model_card(tm: Any, model_id: str) -> dict:
 
 
 def is_served_model(tm: Any, name: str) -> bool:
-    return name in (tm.served_model_name, getattr(tm, "model_path", None))
+    # "default" names the one served model, as in SGLang's own examples.
+    return name in (tm.served_model_name, getattr(tm, "model_path", None), "default")
 
 
 def check_model(tm: Any, name: Optional[str]) -> None:
