@@ -15,10 +15,12 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from sglang.srt.layers.attention.registry import attention_backend_names
+
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
-ATTENTION_BACKENDS = ("torch_native",)
+ATTENTION_BACKENDS = tuple(attention_backend_names())
 DEVICES = ("auto", "cpu", "cuda")
 # On CPU the pool's pages are committed lazily, so this share of RAM is an upper bound, not a cost.
 _CPU_MEM_FRACTION = 0.5

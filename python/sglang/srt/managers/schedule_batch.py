@@ -75,11 +75,6 @@ class Req:
         return self.origin_input_ids + self.output_ids
 
     @property
-    def seq_len_target(self) -> int:
-        """Tokens whose KV the next forward must hold: every fill id, the newest included."""
-        return len(self.origin_input_ids) + len(self.output_ids)
-
-    @property
     def wants_input_logprobs(self) -> bool:
         return self.return_logprob and self.logprob_start_len >= 0 and self.num_retractions == 0
 

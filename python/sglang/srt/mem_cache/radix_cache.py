@@ -308,16 +308,3 @@ class RadixCache:
         slots = self.all_slots()
         assert len(slots) == self.total_size()
         assert len(torch.unique(slots)) == len(slots), "a slot is held by two tree positions"
-
-    def pretty_print(self) -> str:
-        """The tree as indented lines `key lock=… t=…` (debugging aid)."""
-        lines: list[str] = []
-        stack = [(child, 0) for child in reversed(list(self.root.children.values()))]
-        while stack:
-            node, depth = stack.pop()
-            lines.append(
-                f"{'  ' * depth}{node.key} lock={node.lock_ref} t={node.last_access_time}"
-            )
-            stack.extend((c, depth + 1) for c in reversed(list(node.children.values())))
-        lines.append(f"evictable={self._evictable_size} protected={self._protected_size}")
-        return "\n".join(lines)

@@ -23,12 +23,6 @@ class ForwardMode(IntEnum):
     DECODE = auto()  # every request brings exactly one token
     IDLE = auto()  # no tokens (a TKNP rank with an empty partition)
 
-    def is_decode(self) -> bool:
-        return self == ForwardMode.DECODE
-
-    def is_idle(self) -> bool:
-        return self == ForwardMode.IDLE
-
 
 @dataclass
 class ForwardBatch:

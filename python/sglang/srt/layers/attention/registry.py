@@ -1,8 +1,15 @@
-"""Attention backends by name, imported lazily so CPU runs never import CUDA libraries."""
+"""Attention backends by name, imported lazily so CPU runs never import CUDA libraries.
+
+This module imports nothing heavy: ServerArgs reads the names from it for --help.
+"""
+
+from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from sglang.srt.layers.attention.base import AttentionBackend
+if TYPE_CHECKING:
+    from sglang.srt.layers.attention.base import AttentionBackend
 
 _BACKENDS = {
     "torch_native": "sglang.srt.layers.attention.torch_native:TorchNativeAttnBackend",
@@ -13,7 +20,7 @@ def attention_backend_names() -> list[str]:
     return list(_BACKENDS)
 
 
-def create_attention_backend(name: str) -> AttentionBackend:
+def create_attention_backend(name: str) -> "AttentionBackend":
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend '{name}'; choices: {', '.join(_BACKENDS)}")
     module_name, cls_name = _BACKENDS[name].split(":")
