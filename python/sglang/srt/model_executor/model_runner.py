@@ -47,9 +47,13 @@ class ModelRunner:
         mem_fraction_static: float,
         max_total_tokens: int | None,
         max_running_requests: int | None,
+        hold_weights: bool = True,
     ):
         self.model_config = model_config
         self.device = device
+        # False on a non-root TKNP rank: the model is built on the meta device (shapes, layer
+        # ids, no storage) and only its KV pool and attention run here.
+        self.hold_weights = hold_weights
         self.dtype = model_config.dtype
         self.compute_dtype = compute_dtype_for(self.dtype, device)
         self.model = self._load_model()
@@ -75,10 +79,13 @@ class ModelRunner:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.compute_dtype)
         try:
-            with torch.device(self.device):
+            with torch.device(self.device if self.hold_weights else "meta"):
                 model = model_cls(cfg.hf_config, max_position=cfg.context_len + 1)
         finally:
             torch.set_default_dtype(previous)
+        if not self.hold_weights:
+            logger.info("built %s without weights (a TKNP attention rank)", cfg.architecture)
+            return model.eval()
         weights = iter_weights(cfg)
         if self.compute_dtype != self.dtype:
             weights = ((name, t.to(self.dtype).to(self.compute_dtype)) for name, t in weights)
@@ -93,7 +100,7 @@ class ModelRunner:
 
     def _plan_memory(self, mem_fraction: float, max_total_tokens: int | None, max_running: int | None) -> MemoryPlan:
         cfg = self.model_config
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
         per_token = MHATokenToKVPool.bytes_per_token(
             self.dtype, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
         )

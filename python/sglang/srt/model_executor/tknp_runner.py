@@ -1,0 +1,195 @@
+"""One model forward across a TKNP group, seen by every rank as a forward of its own batch.
+
+Every rank calls `TknpModelRunner.forward(local_batch)` in the same step (an empty partition
+passes None). The ranks all-gather a small header (tokens, requests, sampling rows, logprob
+rows, top-k); non-root ranks send their token ids, positions and row indices to the root; the
+root runs the model on the global batch (partitions concatenated in rank order) with
+`TknpAttentionBackend`, while each non-root rank serves the attention of its partition; then the
+root sends each rank the logits rows of its own requests. Each rank therefore gets back the
+same LogitsProcessorOutput a plain ModelRunner would give for its batch, and samples, appends
+and finishes its requests exactly as with --tknp-size 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.tknp_attention import TknpAttentionBackend, TknpComm, serve_attention_layers
+from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
+from sglang.srt.model_executor.model_runner import ModelRunner
+
+_HEADER = 5  # tokens, requests, sampling rows, logprob rows, top-k
+
+
+@dataclass
+class _Header:
+    tokens: int
+    reqs: int
+    samples: int
+    logprobs: int
+    top_k: int
+
+    @classmethod
+    def of(cls, batch: Optional[ForwardBatch]) -> "_Header":
+        if batch is None:
+            return cls(0, 0, 0, 0, 0)
+        n_lp = 0 if batch.logprob_indices is None else batch.logprob_indices.numel()
+        return cls(batch.input_ids.numel(), batch.batch_size, batch.sample_indices.numel(), n_lp, batch.input_top_logprobs_num)
+
+    def meta_len(self) -> int:
+        return 2 * self.tokens + 2 * self.reqs + self.samples + 2 * self.logprobs
+
+
+class TknpModelRunner:
+    def __init__(self, runner: ModelRunner, comm: TknpComm):
+        assert runner.hold_weights == comm.is_root, "exactly the TKNP root holds the weights"
+        self.runner = runner
+        self.comm = comm
+        self.layers = [m for m in runner.model.modules() if isinstance(m, RadixAttention)]
+        self.vocab_size = runner.model_config.vocab_size
+        if comm.is_root:
+            self.tknp_backend = TknpAttentionBackend(runner.attn_backend, comm)
+
+    def forward(self, local: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
+        """This rank's logits; None when its partition is empty this step."""
+        if local is not None:
+            local.req_to_token_pool = self.runner.req_to_token_pool
+            local.token_to_kv_pool = self.runner.kv_pool
+            local.attn_backend = self.runner.attn_backend
+        headers = self._exchange_headers(_Header.of(local))
+        if all(h.tokens == 0 for h in headers):
+            return None
+        if self.comm.is_root:
+            return self._root_forward(local, headers)
+        return self._rank_forward(local, headers[self.comm.tknp_rank])
+
+    def _exchange_headers(self, mine: _Header) -> list[_Header]:
+        gathered = [torch.zeros(_HEADER, dtype=torch.int64) for _ in range(self.comm.size)]
+        fields = torch.tensor([mine.tokens, mine.reqs, mine.samples, mine.logprobs, mine.top_k])
+        dist.all_gather(gathered, fields, group=self.comm.group)
+        return [_Header(*t.tolist()) for t in gathered]
+
+    # ---- non-root ranks ------------------------------------------------------------------
+
+    def _rank_forward(self, local: Optional[ForwardBatch], h: _Header) -> Optional[LogitsProcessorOutput]:
+        if local is None:
+            return None
+        parts = [local.input_ids, local.positions, torch.tensor(local.extend_lens), local.seq_lens, local.sample_indices]
+        if h.logprobs:
+            parts += [local.logprob_indices, local.logprob_target_ids]
+        self.comm.send(torch.cat(parts), 0)
+        serve_attention_layers(self.runner.attn_backend, self.layers, local, self.comm, self.runner.compute_dtype)
+        return self._recv_logits(h)
+
+    def _recv_logits(self, h: _Header) -> LogitsProcessorOutput:
+        if not (h.samples or h.logprobs):  # a prefill chunk that samples nothing: no message
+            return LogitsProcessorOutput(next_token_logits=torch.empty(0, self.vocab_size))
+        floats = self.comm.recv((h.samples * self.vocab_size + h.logprobs * (1 + h.top_k),), torch.float32, 0)
+        logits, rest = floats.split([h.samples * self.vocab_size, h.logprobs * (1 + h.top_k)])
+        out = LogitsProcessorOutput(next_token_logits=logits.view(h.samples, self.vocab_size))
+        if h.logprobs:
+            lps, top_vals = rest.split([h.logprobs, h.logprobs * h.top_k])
+            out.input_token_logprobs = lps
+            if h.top_k:
+                top_ids = self.comm.recv((h.logprobs, h.top_k), torch.int64, 0)
+                out.input_top_logprobs = (top_vals.view(h.logprobs, h.top_k), top_ids)
+        return out
+
+    # ---- the root ------------------------------------------------------------------------
+
+    def _root_forward(self, local: Optional[ForwardBatch], headers: list[_Header]) -> Optional[LogitsProcessorOutput]:
+        batches = [local] + [self._recv_batch(r, h) for r, h in enumerate(headers) if r > 0]
+        global_batch = _concat([b for b in batches if b is not None])
+        global_batch.attn_backend = self.tknp_backend
+        self.tknp_backend.begin(local, [h.tokens for h in headers])
+        out = self.runner.model(global_batch.input_ids, global_batch.positions, global_batch)
+        return self._scatter_logits(out, headers)
+
+    def _recv_batch(self, r: int, h: _Header) -> Optional[ForwardBatch]:
+        if h.tokens == 0:
+            return None
+        meta = self.comm.recv((h.meta_len(),), torch.int64, r)
+        input_ids, positions, extend_lens, seq_lens, samples, lp_idx, lp_tgt = meta.split(
+            [h.tokens, h.tokens, h.reqs, h.reqs, h.samples, h.logprobs, h.logprobs]
+        )
+        extend = extend_lens.tolist()
+        seq = seq_lens.tolist()
+        return ForwardBatch(
+            forward_mode=ForwardMode.DECODE if all(n == 1 for n in extend) else ForwardMode.EXTEND,
+            input_ids=input_ids,
+            positions=positions,
+            out_cache_loc=torch.empty(0, dtype=torch.int64),  # slots live on the owner rank
+            req_pool_indices=torch.empty(0, dtype=torch.int64),
+            seq_lens=seq_lens,
+            seq_lens_cpu=seq,
+            prefix_lens=[s - e for s, e in zip(seq, extend)],
+            extend_lens=extend,
+            sample_indices=samples,
+            logprob_indices=lp_idx if h.logprobs else None,
+            logprob_target_ids=lp_tgt if h.logprobs else None,
+            input_top_logprobs_num=h.top_k,
+        )
+
+    def _scatter_logits(self, out: LogitsProcessorOutput, headers: list[_Header]) -> Optional[LogitsProcessorOutput]:
+        logits = out.next_token_logits.split([h.samples for h in headers])
+        n_lp = [h.logprobs for h in headers]
+        lps = out.input_token_logprobs.split(n_lp) if out.input_token_logprobs is not None else None
+        tops = [x.split(n_lp) for x in out.input_top_logprobs] if out.input_top_logprobs is not None else None
+        mine = None
+        for r, h in enumerate(headers):
+            if h.tokens == 0:
+                continue
+            part = LogitsProcessorOutput(next_token_logits=logits[r])
+            if h.logprobs:
+                part.input_token_logprobs = lps[r]
+                if h.top_k:
+                    part.input_top_logprobs = (tops[0][r][:, : h.top_k], tops[1][r][:, : h.top_k])
+            if r == 0:
+                mine = part
+            elif h.samples or h.logprobs:
+                self._send_logits(part, h, r)
+        return mine
+
+    def _send_logits(self, part: LogitsProcessorOutput, h: _Header, r: int) -> None:
+        floats = [part.next_token_logits.flatten()]
+        if h.logprobs:
+            floats.append(part.input_token_logprobs)
+            if h.top_k:
+                floats.append(part.input_top_logprobs[0].flatten())
+        self.comm.send(torch.cat(floats).float(), r)
+        if h.logprobs and h.top_k:
+            self.comm.send(part.input_top_logprobs[1], r)
+
+
+def _concat(batches: list[ForwardBatch]) -> ForwardBatch:
+    """The global batch: partitions one after another, row indices shifted to global rows."""
+    offsets, total = [], 0
+    for b in batches:
+        offsets.append(total)
+        total += b.input_ids.numel()
+    cat = torch.cat
+    has_lp = any(b.logprob_indices is not None for b in batches)
+    lp_idx = [b.logprob_indices + off for b, off in zip(batches, offsets) if b.logprob_indices is not None]
+    lp_tgt = [b.logprob_target_ids for b in batches if b.logprob_target_ids is not None]
+    extend = [n for b in batches for n in b.extend_lens]
+    return ForwardBatch(
+        forward_mode=ForwardMode.DECODE if all(n == 1 for n in extend) else ForwardMode.EXTEND,
+        input_ids=cat([b.input_ids for b in batches]),
+        positions=cat([b.positions for b in batches]),
+        out_cache_loc=torch.empty(0, dtype=torch.int64),
+        req_pool_indices=torch.empty(0, dtype=torch.int64),
+        seq_lens=cat([b.seq_lens for b in batches]),
+        seq_lens_cpu=[s for b in batches for s in b.seq_lens_cpu],
+        prefix_lens=[p for b in batches for p in b.prefix_lens],
+        extend_lens=extend,
+        sample_indices=cat([b.sample_indices + off for b, off in zip(batches, offsets)]),
+        logprob_indices=cat(lp_idx) if has_lp else None,
+        logprob_target_ids=cat(lp_tgt) if has_lp else None,
+        input_top_logprobs_num=max(b.input_top_logprobs_num for b in batches),
+    )

@@ -1,0 +1,115 @@
+"""TKNP forward across real processes (gloo): every rank gets exactly the logits it would get
+from a plain single-rank forward of its own requests, with the weights only on the root."""
+
+import multiprocessing as mp
+import os
+
+import pytest
+import torch
+
+PROMPTS = [[5 + 3 * i + j for j in range(n)] for i, n in enumerate([17, 9, 30, 1, 12])]
+DECODE_STEPS = 4
+
+
+def _run_requests(runner_forward, runner, prompts, rank_reqs):
+    """Prefill this rank's prompts (one chunk of two steps for the longest), then greedy-decode;
+    returns {prompt index: (token ids, last-step logits)}."""
+    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch, ScheduledReq
+    from sglang.srt.mem_cache.kv_cache_manager import KVCacheManager
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    kv = KVCacheManager(runner.req_to_token_pool, runner.allocator, runner.kv_pool, disable_radix_cache=True)
+    params = SamplingParams(temperature=0, max_new_tokens=64)
+    params.normalize()
+    reqs = {i: Req(f"r{i}", prompts[i], params, seed=i) for i in rank_reqs}
+    for req in reqs.values():
+        assert kv.start(req)
+    results = {i: ([], None) for i in reqs}
+
+    def step(items):
+        batch = ScheduleBatch(items) if items else None
+        fb = None
+        if batch is not None:
+            slots = kv.alloc_extend([(it.req, it.extend_len) for it in items])
+            fb = batch.to_forward_batch(slots)
+        out = runner_forward(fb)
+        if batch is None:
+            return
+        next_ids = out.next_token_logits.argmax(-1).tolist()
+        rows = iter(range(len(next_ids)))
+        for it in items:
+            it.req.kv_len += it.extend_len
+            if it.samples:
+                row = next(rows)
+                it.req.output_ids.append(next_ids[row])
+                idx = int(it.req.rid[1:])
+                results[idx] = (it.req.output_ids, out.next_token_logits[row].clone())
+
+    # chunked prefill: the first 8 tokens of every prompt, then the rest with sampling
+    step([ScheduledReq(r, min(8, len(r.origin_input_ids) - 1), False) for r in reqs.values() if len(r.origin_input_ids) > 1])
+    step([ScheduledReq(r, len(r.fill_ids) - r.kv_len, True) for r in reqs.values()])
+    for _ in range(DECODE_STEPS):
+        step([ScheduledReq(r, 1, True) for r in reqs.values()])
+    return {i: (list(ids), logits) for i, (ids, logits) in results.items()}
+
+
+def _runner(model_path, hold_weights):
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    cfg = ModelConfig.from_path(model_path, dtype="float32")
+    return ModelRunner(cfg, "cpu", "torch_native", 0.5, max_total_tokens=1024, max_running_requests=8, hold_weights=hold_weights)
+
+
+def _rank_main(rank, world, init_file, model_path, queue):
+    try:
+        import torch.distributed as dist
+
+        from sglang.srt.layers.tknp_attention import TknpComm
+        from sglang.srt.model_executor.tknp_runner import TknpModelRunner
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        runner = _runner(model_path, hold_weights=rank == 0)
+        param_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters() if not p.is_meta)
+        tknp = TknpModelRunner(runner, TknpComm(None, list(range(world)), rank))
+        # shifted so the root is idle in some steps (world 2, 3) or all of them (world 6)
+        mine = [i for i in range(len(PROMPTS)) if (i + 1) % world == rank]
+        results = _run_requests(tknp.forward, runner, PROMPTS, mine)
+        queue.put((rank, param_bytes, results))
+        dist.destroy_process_group()
+    except BaseException as exc:
+        queue.put((rank, None, repr(exc)))
+        raise
+
+
+@pytest.mark.parametrize("world", [2, 3, 6])
+def test_tknp_forward_matches_single_rank(make_tiny_model, tmp_path, world):
+    model_path = str(make_tiny_model("llama", seed=4))
+    ref = _runner(model_path, True)
+    reference = _run_requests(ref.forward, ref, PROMPTS, range(len(PROMPTS)))
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, str(tmp_path / "init"), model_path, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        for _ in range(world):
+            rank, param_bytes, results = queue.get(timeout=120)
+            assert param_bytes is not None, results
+            got[rank] = (param_bytes, results)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs)
+    assert got[0][0] > 0 and all(got[r][0] == 0 for r in range(1, world)), "only the root holds weights"
+    # with 6 ranks the root owns no request and rank 4's only prompt is one token: empty partitions
+    merged = {i: res for _, (_, results) in got.items() for i, res in results.items()}
+    assert sorted(merged) == list(range(len(PROMPTS)))
+    for i, (ids, logits) in reference.items():
+        assert merged[i][0] == ids, f"prompt {i}"
+        assert torch.allclose(merged[i][1], logits, atol=1e-4), f"prompt {i}"
