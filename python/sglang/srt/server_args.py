@@ -22,6 +22,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 ATTENTION_BACKENDS = tuple(attention_backend_names())
 DEVICES = ("auto", "cpu", "cuda")
+LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "cache_aware")
 # On CPU the pool's pages are committed lazily, so this share of RAM is an upper bound, not a cost.
 _CPU_MEM_FRACTION = 0.5
 _GPU_MEM_FRACTION = 0.85
@@ -42,6 +43,9 @@ class ServerArgs:
     context_length: Optional[int] = _opt(None, "maximum tokens per request (default: the model's)")
     device: str = _opt("auto", "device to run on", choices=DEVICES)
     tp_size: int = _opt(1, "tensor parallel size")
+    tknp_size: int = _opt(1, "token parallel size: attention ranks, each owning the KV of its requests; weights on the first only")
+    load_balance_method: str = _opt("cache_aware", "how the TKNP controller places requests on ranks", choices=LOAD_BALANCE_METHODS)
+    dp_size: int = _opt(1, "data parallel size (only 1; use --tknp-size to scale KV capacity)")
     mem_fraction_static: Optional[float] = _opt(None, "share of memory for weights and KV cache")
     max_total_tokens: Optional[int] = _opt(None, "KV cache capacity in tokens (overrides mem-fraction-static)")
     max_running_requests: Optional[int] = _opt(None, "maximum requests decoding at once")
@@ -61,6 +65,13 @@ class ServerArgs:
         """Concrete values for every auto/None setting, after validation; returns self."""
         _check(self.port > 0 and self.port < 65536, "--port must be in 1..65535", self.port)
         _check(self.tp_size >= 1, "--tp-size must be >= 1", self.tp_size)
+        _check(self.tknp_size >= 1, "--tknp-size must be >= 1", self.tknp_size)
+        _check(self.load_balance_method in LOAD_BALANCE_METHODS,
+               f"--load-balance-method must be one of {', '.join(LOAD_BALANCE_METHODS)}", self.load_balance_method)
+        if self.dp_size != 1:
+            if self.tknp_size > 1:
+                raise ValueError(f"--tknp-size {self.tknp_size} and --dp-size {self.dp_size} are mutually exclusive; set one of them to 1")
+            raise ValueError(f"--dp-size must be 1 (data parallelism is not supported; use --tknp-size), got {self.dp_size}")
         _check(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}", self.dtype)
         _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}", self.device)
         _check(self.schedule_policy in SCHEDULE_POLICIES, f"--schedule-policy must be one of {', '.join(SCHEDULE_POLICIES)}", self.schedule_policy)
@@ -141,3 +152,17 @@ def _cuda_available() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+def check_rank_layout(args: ServerArgs, model_config: Any) -> None:
+    """Rank-layout rules that need the model (head counts) and the devices; one-line ValueErrors."""
+    from sglang.srt.distributed.parallel_state import RankLayout
+
+    num_devices = None
+    if args.device == "cuda":
+        import torch
+
+        num_devices = torch.cuda.device_count()
+    RankLayout(tknp_size=args.tknp_size, tp_size=args.tp_size).validate(
+        model_config.num_attention_heads, model_config.num_key_value_heads, num_devices
+    )

@@ -30,7 +30,7 @@ from sglang.srt.entrypoints.openai.serving import validation_error_response
 from sglang.srt.entrypoints.subprocesses import Backend
 from sglang.srt.managers.tokenizer_manager import GenerateReqInput, TokenizerManager
 from sglang.srt.model_loader import load_tokenizer, resolve_model_path
-from sglang.srt.server_args import ServerArgs
+from sglang.srt.server_args import ServerArgs, check_rank_layout
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +127,16 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/server_info")
     async def server_info() -> dict:
         load = dataclasses.asdict(await tm.get_load())
+        ranks = load.pop("ranks") or [load]  # under TKNP: one entry per rank
+        for rank in ranks:
+            rank.pop("ranks", None)
+            rank.pop("placements", None)
         return {
             **state.args.to_dict(),
             **load,
             "version": __version__,
             "context_length": state.model_config.context_len,
-            "internal_states": [load],
+            "internal_states": ranks,
         }
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
@@ -225,24 +229,32 @@ async def _stream_native(first: tuple[int, dict], rest: AsyncIterator, is_batch:
 
 
 def _prometheus(load: Any, model_name: str) -> str:
-    label = f'{{model_name="{model_name}"}}'
-    total = max(load.max_total_num_tokens, 1)
-    hit_rate = load.cache_hit_tokens / load.prompt_tokens if load.prompt_tokens else 0.0
-    rows = [
-        ("num_running_reqs", "gauge", load.num_running_reqs),
-        ("num_queue_reqs", "gauge", load.num_waiting_reqs),
-        ("num_used_tokens", "gauge", load.kv_tokens_used),
-        ("token_usage", "gauge", load.kv_tokens_used / total),
-        ("cache_hit_rate", "gauge", hit_rate),
-        ("max_total_num_tokens", "gauge", load.max_total_num_tokens),
-        ("prompt_tokens_total", "counter", load.prompt_tokens),
-        ("generation_tokens_total", "counter", load.generation_tokens),
-        ("cached_tokens_total", "counter", load.cache_hit_tokens),
-        ("num_retractions_total", "counter", load.num_retractions),
-    ]
+    """Prometheus text: one series per TKNP rank (a single rank 0 without TKNP)."""
+    series: dict[tuple[str, str], list[str]] = {}
+    for rank in load.ranks or [load]:
+        label = f'{{model_name="{model_name}",tknp_rank="{rank.tknp_rank}"}}'
+        hit_rate = rank.cache_hit_tokens / rank.prompt_tokens if rank.prompt_tokens else 0.0
+        rows = [
+            ("num_running_reqs", "gauge", rank.num_running_reqs),
+            ("num_queue_reqs", "gauge", rank.num_waiting_reqs),
+            ("num_used_tokens", "gauge", rank.kv_tokens_used),
+            ("num_free_tokens", "gauge", rank.max_total_num_tokens - rank.kv_tokens_used),
+            ("token_usage", "gauge", rank.kv_tokens_used / max(rank.max_total_num_tokens, 1)),
+            ("cache_hit_rate", "gauge", hit_rate),
+            ("max_total_num_tokens", "gauge", rank.max_total_num_tokens),
+            ("prompt_tokens_total", "counter", rank.prompt_tokens),
+            ("generation_tokens_total", "counter", rank.generation_tokens),
+            ("cached_tokens_total", "counter", rank.cache_hit_tokens),
+            ("num_retractions_total", "counter", rank.num_retractions),
+        ]
+        for i, placed in enumerate(load.placements):
+            if i == rank.tknp_rank:
+                rows.append(("tknp_placements_total", "counter", placed))
+        for name, kind, value in rows:
+            series.setdefault((name, kind), []).append(f"sglang:{name}{label} {value}")
     lines = []
-    for name, kind, value in rows:
-        lines += [f"# TYPE sglang:{name} {kind}", f"sglang:{name}{label} {value}"]
+    for (name, kind), samples in series.items():
+        lines += [f"# TYPE sglang:{name} {kind}", *samples]
     return "\n".join(lines) + "\n"
 
 
@@ -265,6 +277,7 @@ def launch_server(args: ServerArgs) -> int:
     model_path = resolve_model_path(args.model_path)
     model_config = ModelConfig.from_path(model_path, args.dtype, args.context_length, args.device)
     args.served_model_name = args.served_model_name or model_config.model_path
+    check_rank_layout(args, model_config)
     tokenizer = load_tokenizer(model_path, args.tokenizer_path)
     chat_template = _read_chat_template(args.chat_template)
     sock = _bind(args.host, args.port)  # before the slow start-up: a busy port fails fast

@@ -1,4 +1,9 @@
-"""The backend processes of a server: one scheduler and the detokenizer, and their IPC sockets.
+"""The backend processes of a server and their IPC sockets.
+
+--tknp-size 1: one scheduler and the detokenizer. --tknp-size N: N rank schedulers (a gloo
+group; weights on rank 0 only), the TKNP controller that places requests on them, and the
+detokenizer. The tokenizer side always talks to the socket named "scheduler", which the
+controller owns under TKNP.
 
 `Backend.start` spawns them, waits until each reports ready (or a start-up error, raised here
 as one line), and `shutdown` stops them and removes the socket directory. Children also die
@@ -16,6 +21,7 @@ from typing import Optional
 
 from sglang.srt.managers.detokenizer_manager import run_detokenizer_process
 from sglang.srt.managers.scheduler_process import run_scheduler_process
+from sglang.srt.managers.tknp_controller import run_tknp_controller_process
 from sglang.srt.server_args import ServerArgs
 
 
@@ -33,23 +39,43 @@ class Backend:
 
     def start(self) -> "Backend":
         self.socket_dir = tempfile.mkdtemp(prefix="sglang-tknp-")
-        self.ipc = {name: f"ipc://{self.socket_dir}/{name}" for name in ("scheduler", "detokenizer", "tokenizer")}
+        names = ["scheduler", "detokenizer", "tokenizer", "controller_in"] + [f"rank{r}" for r in range(self.args.tknp_size)]
+        self.ipc = {name: f"ipc://{self.socket_dir}/{name}" for name in names}
+        self.ipc["dist_init"] = f"file://{self.socket_dir}/dist_init"
+        tknp = self.args.tknp_size > 1
+        schedulers = [
+            (f"scheduler{r}" if tknp else "scheduler", run_scheduler_process, (r,)) for r in range(self.args.tknp_size)
+        ]
+        infos = self._spawn(schedulers + [("detokenizer", run_detokenizer_process, ())])
+        ranks = [infos[name] for name, _, _ in schedulers]
+        if tknp:
+            capacities = [info["max_total_num_tokens"] for info in ranks]
+            self._spawn([("controller", run_tknp_controller_process, (capacities,))])
+        self.info = {
+            "max_total_num_tokens": sum(info["max_total_num_tokens"] for info in ranks),
+            "max_running_requests": sum(info["max_running_requests"] for info in ranks),
+            "ranks": ranks,
+        }
+        return self
+
+    def _spawn(self, targets: list) -> dict[str, dict]:
+        """Starts processes and waits for each one's ready message."""
         ctx = mp.get_context("spawn")
         pipes = {}
-        for name, target in (("scheduler", run_scheduler_process), ("detokenizer", run_detokenizer_process)):
+        for name, target, extra in targets:
             reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=target, args=(self.args, self.ipc, writer), name=f"sglang::{name}", daemon=True)
+            proc = ctx.Process(target=target, args=(self.args, self.ipc, writer, *extra), name=f"sglang::{name}", daemon=True)
             proc.start()
             writer.close()
             self.procs[name], pipes[name] = proc, reader
+        infos = {}
         for name, reader in pipes.items():
             msg = self._wait_ready(name, reader)
             if "error" in msg:
                 self.shutdown()
                 raise BackendStartError(f"{name} failed to start: {msg['error']}")
-            if name == "scheduler":
-                self.info = msg
-        return self
+            infos[name] = msg
+        return infos
 
     def _wait_ready(self, name: str, reader) -> dict:
         try:

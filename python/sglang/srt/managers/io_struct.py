@@ -72,6 +72,27 @@ class GetLoadReqOutput:
     cache_hit_tokens: int
     prompt_tokens: int
     generation_tokens: int
+    weight_bytes: int = 0  # parameters this rank holds (0 on a non-root TKNP rank)
+    tknp_rank: int = 0
+    # Under TKNP the controller's aggregate: one entry per rank, and requests placed per rank.
+    ranks: list["GetLoadReqOutput"] = field(default_factory=list)
+    placements: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LoadReport:
+    """A TKNP rank's state, pushed to the controller after steps, for placement decisions."""
+
+    load: GetLoadReqOutput
+
+
+@dataclass
+class Tick:
+    """Controller -> TKNP root: how many messages each rank has been sent so far (cumulative).
+    The root broadcasts these counts each step, and every rank reads its socket up to its count,
+    so all ranks act on the same messages in the same step."""
+
+    counts: list[int]
 
 
 @dataclass
@@ -116,7 +137,8 @@ _WIRE_TYPES = {
     cls.__name__: cls
     for cls in (
         TokenizedGenerateReqInput, AbortReq, FlushCacheReq, FlushCacheReqOutput, GetLoadReq,
-        GetLoadReqOutput, ReqOutput, BatchTokenIDOut, ReqStrOutput, BatchStrOut, SamplingParams,
+        GetLoadReqOutput, LoadReport, Tick, ReqOutput, BatchTokenIDOut, ReqStrOutput, BatchStrOut,
+        SamplingParams,
     )
 }
 

@@ -15,7 +15,7 @@ backend -> Sampler -> detokenizer. Each `step`:
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from sglang.srt.managers.io_struct import (
     AbortReq,
@@ -29,7 +29,9 @@ from sglang.srt.managers.io_struct import (
 from sglang.srt.managers.output_processor import OutputProcessor
 from sglang.srt.managers.schedule_batch import FinishReason, Req, ScheduleBatch, ScheduledReq
 from sglang.srt.managers.schedule_policy import PrefillBudget, SchedulePolicy
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.mem_cache.kv_cache_manager import KVCacheManager
+from sglang.srt.model_executor.forward_batch import ForwardBatch
 from sglang.srt.model_executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -49,8 +51,13 @@ class Scheduler:
         schedule_policy: str = "fcfs",
         chunked_prefill_size: Optional[int] = None,
         disable_radix_cache: bool = False,
+        forward: Optional[Callable[[Optional[ForwardBatch]], Optional[LogitsProcessorOutput]]] = None,
+        tknp_rank: int = 0,
     ):
         self.runner = runner
+        # Under TKNP, the group's collective forward (every rank calls it every step).
+        self.forward = forward or runner.forward
+        self.tknp_rank = tknp_rank
         self.kv = KVCacheManager(runner.req_to_token_pool, runner.allocator, runner.kv_pool, disable_radix_cache)
         self.policy = SchedulePolicy(schedule_policy, self.kv)
         self.chunked_prefill_size = chunked_prefill_size if chunked_prefill_size and chunked_prefill_size > 0 else None
@@ -96,6 +103,8 @@ class Scheduler:
             cache_hit_tokens=self.num_cache_hit_tokens,
             prompt_tokens=self.num_prompt_tokens,
             generation_tokens=self.num_generation_tokens,
+            weight_bytes=self.runner.plan.weight_bytes,
+            tknp_rank=self.tknp_rank,
         )
 
     def _add_request(self, msg: TokenizedGenerateReqInput) -> None:
@@ -133,9 +142,11 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------
 
-    def step(self) -> list[ReqOutput]:
+    def step(self, lockstep: bool = False) -> list[ReqOutput]:
+        """One step; with `lockstep` (TKNP) the forward runs even for an empty batch, because
+        every rank of the group takes part in every forward."""
         batch = self._schedule()
-        if not batch.is_empty():
+        if not batch.is_empty() or lockstep:
             self._run(batch)
         outputs, self.pending_outputs = self.pending_outputs, []
         return outputs
@@ -209,11 +220,13 @@ class Scheduler:
         logger.info("retracted request %s to free KV memory (%d running)", req.rid, len(self.running))
 
     def _run(self, batch: ScheduleBatch) -> None:
+        if batch.is_empty():
+            self.forward(None)
+            return
         slots = self.kv.alloc_extend([(it.req, it.extend_len) for it in batch.items])
         if slots is None:
             raise RuntimeError("KV allocation failed after the scheduler reserved memory (a scheduler bug)")
-        forward_batch = batch.to_forward_batch(slots)
-        logits = self.runner.forward(forward_batch)
+        logits = self.forward(batch.to_forward_batch(slots))
         sampled = self.output.sample(batch, logits)
         for item in batch.items:
             item.req.kv_len += item.extend_len

@@ -1,8 +1,15 @@
-"""Building a Scheduler, and the loop that runs one in its own process behind ZMQ sockets.
+"""Building a Scheduler, and the loops that run one in its own process behind ZMQ sockets.
 
-The loop drains every message waiting on its input socket, runs one scheduler step when there
-is work, and sends the step's outputs to the detokenizer. With nothing to do it blocks on the
-socket (with a timeout only to notice a dead parent), so an idle server uses no CPU.
+Plain loop (--tknp-size 1): drain every message waiting on the input socket, run one scheduler
+step when there is work, send the step's outputs to the detokenizer. With nothing to do it
+blocks on the socket (with a timeout only to notice a dead parent), so an idle server uses no CPU.
+
+TKNP loop: every rank of the group must take part in every forward, so the ranks agree on each
+iteration. The controller sends each rank its messages and then a `Tick` with the cumulative
+per-rank message counts to the root. Per iteration the root (blocking on its socket when idle)
+broadcasts the newest counts; each rank reads its own socket up to its count (blocking: those
+messages were sent before the tick), then the ranks all-gather whether any has work and, if one
+has, all run one lockstep step. Idle non-root ranks wait inside the broadcast.
 """
 
 from __future__ import annotations
@@ -11,14 +18,20 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from datetime import timedelta
+from typing import Any, Optional
 
+import torch
+import torch.distributed as dist
 import zmq
 
 from sglang.srt.configs.model_config import ModelConfig
-from sglang.srt.managers.io_struct import BatchTokenIDOut, decode, encode
+from sglang.srt.distributed.parallel_state import RankLayout, init_distributed
+from sglang.srt.layers.tknp_attention import TknpComm
+from sglang.srt.managers.io_struct import BatchTokenIDOut, LoadReport, Tick, decode, encode
 from sglang.srt.managers.scheduler import Scheduler
 from sglang.srt.model_executor.model_runner import ModelRunner
+from sglang.srt.model_executor.tknp_runner import TknpModelRunner
 from sglang.srt.model_loader import load_tokenizer, resolve_model_path
 from sglang.srt.server_args import ServerArgs
 from sglang.srt.utils import configure_logging, kill_with_parent
@@ -26,10 +39,12 @@ from sglang.srt.utils import configure_logging, kill_with_parent
 logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 1000
+_LOAD_REPORT_INTERVAL_S = 0.02
 
 
-def build_scheduler(args: ServerArgs) -> tuple[Scheduler, ModelConfig, Any]:
-    """The model, its KV memory and a scheduler over them, per the (resolved) server args."""
+def build_scheduler(args: ServerArgs, comm: Optional[TknpComm] = None) -> tuple[Scheduler, ModelConfig, Any]:
+    """The model, its KV memory and a scheduler over them, per the (resolved) server args;
+    with `comm`, one rank of a TKNP group (weights on the root only)."""
     model_path = resolve_model_path(args.model_path)
     model_config = ModelConfig.from_path(model_path, args.dtype, args.context_length, args.device)
     tokenizer = load_tokenizer(model_path, args.tokenizer_path)
@@ -40,6 +55,9 @@ def build_scheduler(args: ServerArgs) -> tuple[Scheduler, ModelConfig, Any]:
         mem_fraction_static=args.mem_fraction_static,
         max_total_tokens=args.max_total_tokens,
         max_running_requests=args.max_running_requests,
+        hold_weights=comm is None or comm.is_root,
+        # CPU ranks share one host's memory; GPU ranks each have their own device
+        memory_share=1.0 / args.tknp_size if args.device == "cpu" else 1.0,
     )
     scheduler = Scheduler(
         runner,
@@ -47,48 +65,131 @@ def build_scheduler(args: ServerArgs) -> tuple[Scheduler, ModelConfig, Any]:
         schedule_policy=args.schedule_policy,
         chunked_prefill_size=args.chunked_prefill_size,
         disable_radix_cache=args.disable_radix_cache,
+        forward=TknpModelRunner(runner, comm).forward if comm is not None else None,
+        tknp_rank=comm.tknp_rank if comm is not None else 0,
     )
     return scheduler, model_config, tokenizer
 
 
-def run_scheduler_process(args: ServerArgs, ipc: dict[str, str], ready_pipe: Any) -> None:
-    """Entry point of the scheduler process; reports readiness (or the start-up error) on ready_pipe."""
+def run_scheduler_process(args: ServerArgs, ipc: dict[str, str], ready_pipe: Any, tknp_rank: int = 0) -> None:
+    """Entry point of a scheduler process; reports readiness (or the start-up error) on ready_pipe."""
     kill_with_parent()
-    configure_logging(args.log_level, prefix="scheduler")
+    tknp = args.tknp_size > 1
+    configure_logging(args.log_level, prefix=f"scheduler{tknp_rank}" if tknp else "scheduler")
     try:
-        scheduler, _, _ = build_scheduler(args)
+        comm = _init_tknp(args, ipc, tknp_rank) if tknp else None
+        scheduler, _, _ = build_scheduler(args, comm)
     except Exception as exc:  # reported to the parent, which prints one line and exits
         ready_pipe.send({"error": f"{type(exc).__name__}: {exc}"})
         return
     ctx = zmq.Context()
     recv = ctx.socket(zmq.PULL)
-    recv.bind(ipc["scheduler"])
+    recv.bind(ipc[f"rank{tknp_rank}"] if tknp else ipc["scheduler"])
     to_detokenizer = ctx.socket(zmq.PUSH)
     to_detokenizer.connect(ipc["detokenizer"])
-    to_tokenizer = ctx.socket(zmq.PUSH)
-    to_tokenizer.connect(ipc["tokenizer"])
+    replies = ctx.socket(zmq.PUSH)
+    replies.connect(ipc["controller_in"] if tknp else ipc["tokenizer"])
     load = scheduler.get_load()
     ready_pipe.send({"max_total_num_tokens": load.max_total_num_tokens, "max_running_requests": load.max_running_requests})
-    parent = os.getppid()
-    watchdog = _Watchdog(args.watchdog_timeout)
+    io = _SchedulerIO(scheduler, recv, to_detokenizer, replies, _Watchdog(args.watchdog_timeout))
+    if tknp:
+        _tknp_loop(io, comm)
+    else:
+        _plain_loop(io)
+
+
+def _init_tknp(args: ServerArgs, ipc: dict[str, str], tknp_rank: int) -> TknpComm:
+    layout = RankLayout(tknp_size=args.tknp_size)
+    # Idle ranks wait inside a collective for as long as the server is idle.
+    state = init_distributed(layout, tknp_rank, ipc["dist_init"], "gloo", timeout=timedelta(days=365))
+    return TknpComm(state.tknp_group, layout.tknp_group_ranks()[0], tknp_rank)
+
+
+class _SchedulerIO:
+    def __init__(self, scheduler: Scheduler, recv: Any, to_detokenizer: Any, replies: Any, watchdog: "_Watchdog"):
+        self.scheduler, self.recv, self.to_detokenizer, self.replies, self.watchdog = (
+            scheduler, recv, to_detokenizer, replies, watchdog)
+        self.parent = os.getppid()
+        self.last_report = 0.0
+
+    def handle(self, msg: Any) -> None:
+        reply = self.scheduler.handle(msg)
+        if reply is not None:
+            self.replies.send(encode(reply))
+
+    def step(self, lockstep: bool = False) -> None:
+        with self.watchdog:
+            outputs = self.scheduler.step(lockstep)
+        if outputs:
+            self.to_detokenizer.send(encode(BatchTokenIDOut(outputs)))
+
+    def report_load(self, force: bool = False) -> None:
+        """Tells the TKNP controller this rank's load, at most every few milliseconds."""
+        now = time.monotonic()
+        if force or now - self.last_report > _LOAD_REPORT_INTERVAL_S:
+            self.last_report = now
+            self.replies.send(encode(LoadReport(self.scheduler.get_load())))
+
+    def parent_alive(self) -> bool:
+        return os.getppid() == self.parent
+
+
+def _plain_loop(io: _SchedulerIO) -> None:
     while True:
-        if not scheduler.has_work() and not recv.poll(_IDLE_POLL_MS):
-            if os.getppid() != parent:
+        if not io.scheduler.has_work() and not io.recv.poll(_IDLE_POLL_MS):
+            if not io.parent_alive():
                 return
             continue
         while True:
             try:
-                msg = decode(recv.recv(zmq.NOBLOCK))
+                msg = decode(io.recv.recv(zmq.NOBLOCK))
             except zmq.Again:
                 break
-            reply = scheduler.handle(msg)
-            if reply is not None:
-                to_tokenizer.send(encode(reply))
-        if scheduler.has_work():
-            with watchdog:
-                outputs = scheduler.step()
-            if outputs:
-                to_detokenizer.send(encode(BatchTokenIDOut(outputs)))
+            io.handle(msg)
+        if io.scheduler.has_work():
+            io.step()
+
+
+def _tknp_loop(io: _SchedulerIO, comm: TknpComm) -> None:
+    consumed = 0  # messages (not ticks) read from this rank's socket
+    target = torch.zeros(comm.size, dtype=torch.int64)  # the newest counts, known to the root
+    busy = False
+    while True:
+        if comm.is_root:
+            if not busy and not io.recv.poll(_IDLE_POLL_MS):
+                if not io.parent_alive():
+                    return
+                continue
+            consumed = _drain_root(io, target, consumed)
+        counts = target.clone()
+        dist.broadcast(counts, src=comm.group_ranks[0], group=comm.group)
+        while consumed < int(counts[comm.tknp_rank]):
+            msg = decode(io.recv.recv())
+            if isinstance(msg, Tick):  # only the root gets ticks
+                target = torch.maximum(target, torch.tensor(msg.counts))
+                continue
+            io.handle(msg)
+            consumed += 1
+        flags = [torch.zeros(1, dtype=torch.int64) for _ in range(comm.size)]
+        dist.all_gather(flags, torch.tensor([int(io.scheduler.has_work())]), group=comm.group)
+        busy = any(int(f) for f in flags)
+        if busy:
+            io.step(lockstep=True)
+        io.report_load(force=not busy)  # going idle: the controller must see the final state
+
+
+def _drain_root(io: _SchedulerIO, target: torch.Tensor, consumed: int) -> int:
+    """Reads everything waiting on the root's socket: its own messages and the ticks."""
+    while True:
+        try:
+            msg = decode(io.recv.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            return consumed
+        if isinstance(msg, Tick):
+            target.copy_(torch.maximum(target, torch.tensor(msg.counts)))
+        else:
+            io.handle(msg)
+            consumed += 1
 
 
 class _Watchdog:

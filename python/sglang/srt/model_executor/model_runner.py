@@ -2,7 +2,8 @@
 
 KV capacity: `max_total_tokens` when given; otherwise what the memory budget leaves once the
 weights are loaded: `available - total * (1 - mem_fraction_static)`, as SGLang sizes GPU pools.
-On CPU the buffers are allocated untouched (pages are committed as tokens are written), so a
+Under TKNP on one CPU host the ranks split that budget (`memory_share`) and the root pays for
+the weights out of its share. On CPU the buffers are allocated untouched (pages are committed as tokens are written), so a
 large pool costs nothing until it is used.
 
 dtype vs compute dtype: a CPU without bfloat16/float16 arithmetic runs a 16-bit model in float32
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -48,6 +50,7 @@ class ModelRunner:
         max_total_tokens: int | None,
         max_running_requests: int | None,
         hold_weights: bool = True,
+        memory_share: float = 1.0,
     ):
         self.model_config = model_config
         self.device = device
@@ -57,6 +60,7 @@ class ModelRunner:
         self.dtype = model_config.dtype
         self.compute_dtype = compute_dtype_for(self.dtype, device)
         self.model = self._load_model()
+        self.memory_share = memory_share
         self.plan = self._plan_memory(mem_fraction_static, max_total_tokens, max_running_requests)
         self.req_to_token_pool = ReqToTokenPool(
             self.plan.max_running_requests, model_config.context_len + 1, device=device
@@ -107,6 +111,10 @@ class ModelRunner:
         if max_total_tokens is None:
             available, total = device_memory(self.device)
             budget = available - total * (1 - mem_fraction)
+            if self.memory_share < 1:
+                # TKNP ranks sharing one host's memory split its budget; each pays for its own
+                # weights, so the root (the only rank with weights) gets the smallest KV pool.
+                budget = (budget + weight_bytes) * self.memory_share - weight_bytes
             if budget < per_token * 16:
                 raise ValueError(
                     f"not enough memory for the KV cache: {available / 2**30:.1f} GiB available, "
@@ -117,7 +125,9 @@ class ModelRunner:
         max_running = max_running or min(2048, max_total_tokens)
         return MemoryPlan(max_total_tokens, max_running, weight_bytes)
 
-    def forward(self, batch: ForwardBatch) -> LogitsProcessorOutput:
+    def forward(self, batch: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
+        if batch is None:
+            return None
         batch.req_to_token_pool = self.req_to_token_pool
         batch.token_to_kv_pool = self.kv_pool
         batch.attn_backend = self.attn_backend
