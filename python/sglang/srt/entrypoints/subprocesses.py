@@ -23,6 +23,7 @@ from sglang.srt.managers.detokenizer_manager import run_detokenizer_process
 from sglang.srt.managers.scheduler_process import run_scheduler_process
 from sglang.srt.managers.tknp_controller import run_tknp_controller_process
 from sglang.srt.server_args import ServerArgs
+from sglang.srt.utils import device_memory
 
 
 class BackendStartError(RuntimeError):
@@ -43,8 +44,11 @@ class Backend:
         self.ipc = {name: f"ipc://{self.socket_dir}/{name}" for name in names}
         self.ipc["dist_init"] = f"file://{self.socket_dir}/dist_init"
         tknp = self.args.tknp_size > 1
+        # measured once, before any rank loads weights: ranks on one host split this budget
+        available = device_memory(self.args.device)[0] if tknp and self.args.device == "cpu" else None
         schedulers = [
-            (f"scheduler{r}" if tknp else "scheduler", run_scheduler_process, (r,)) for r in range(self.args.tknp_size)
+            (f"scheduler{r}" if tknp else "scheduler", run_scheduler_process, (r, available))
+            for r in range(self.args.tknp_size)
         ]
         infos = self._spawn(schedulers + [("detokenizer", run_detokenizer_process, ())])
         ranks = [infos[name] for name, _, _ in schedulers]

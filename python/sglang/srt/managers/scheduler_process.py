@@ -42,7 +42,9 @@ _IDLE_POLL_MS = 1000
 _LOAD_REPORT_INTERVAL_S = 0.02
 
 
-def build_scheduler(args: ServerArgs, comm: Optional[TknpComm] = None) -> tuple[Scheduler, ModelConfig, Any]:
+def build_scheduler(
+    args: ServerArgs, comm: Optional[TknpComm] = None, host_available: Optional[int] = None
+) -> tuple[Scheduler, ModelConfig, Any]:
     """The model, its KV memory and a scheduler over them, per the (resolved) server args;
     with `comm`, one rank of a TKNP group (weights on the root only)."""
     model_path = resolve_model_path(args.model_path)
@@ -58,6 +60,7 @@ def build_scheduler(args: ServerArgs, comm: Optional[TknpComm] = None) -> tuple[
         hold_weights=comm is None or comm.is_root,
         # CPU ranks share one host's memory; GPU ranks each have their own device
         memory_share=1.0 / args.tknp_size if args.device == "cpu" else 1.0,
+        available_memory=host_available,
     )
     scheduler = Scheduler(
         runner,
@@ -71,14 +74,16 @@ def build_scheduler(args: ServerArgs, comm: Optional[TknpComm] = None) -> tuple[
     return scheduler, model_config, tokenizer
 
 
-def run_scheduler_process(args: ServerArgs, ipc: dict[str, str], ready_pipe: Any, tknp_rank: int = 0) -> None:
+def run_scheduler_process(
+    args: ServerArgs, ipc: dict[str, str], ready_pipe: Any, tknp_rank: int = 0, host_available: Optional[int] = None
+) -> None:
     """Entry point of a scheduler process; reports readiness (or the start-up error) on ready_pipe."""
     kill_with_parent()
     tknp = args.tknp_size > 1
     configure_logging(args.log_level, prefix=f"scheduler{tknp_rank}" if tknp else "scheduler")
     try:
         comm = _init_tknp(args, ipc, tknp_rank) if tknp else None
-        scheduler, _, _ = build_scheduler(args, comm)
+        scheduler, _, _ = build_scheduler(args, comm, host_available)
     except Exception as exc:  # reported to the parent, which prints one line and exits
         ready_pipe.send({"error": f"{type(exc).__name__}: {exc}"})
         return

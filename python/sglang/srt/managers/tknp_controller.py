@@ -109,7 +109,8 @@ class PlacementPolicy:
             rank = self._cache_aware(req.input_ids)
         state = self.ranks[rank]
         state.placed += 1
-        state.in_flight += len(req.input_ids) + req.sampling_params.max_new_tokens
+        # the part of the prompt the rank's cache will likely serve costs it no new KV
+        state.in_flight += len(req.input_ids) - state.tree.match(req.input_ids) + req.sampling_params.max_new_tokens
         state.tree.insert(req.input_ids)
         return rank
 

@@ -51,6 +51,7 @@ class ModelRunner:
         max_running_requests: int | None,
         hold_weights: bool = True,
         memory_share: float = 1.0,
+        available_memory: Optional[int] = None,
     ):
         self.model_config = model_config
         self.device = device
@@ -61,6 +62,7 @@ class ModelRunner:
         self.compute_dtype = compute_dtype_for(self.dtype, device)
         self.model = self._load_model()
         self.memory_share = memory_share
+        self.available_memory = available_memory
         self.plan = self._plan_memory(mem_fraction_static, max_total_tokens, max_running_requests)
         self.req_to_token_pool = ReqToTokenPool(
             self.plan.max_running_requests, model_config.context_len + 1, device=device
@@ -112,9 +114,11 @@ class ModelRunner:
             available, total = device_memory(self.device)
             budget = available - total * (1 - mem_fraction)
             if self.memory_share < 1:
-                # TKNP ranks sharing one host's memory split its budget; each pays for its own
-                # weights, so the root (the only rank with weights) gets the smallest KV pool.
-                budget = (budget + weight_bytes) * self.memory_share - weight_bytes
+                # TKNP ranks sharing one host's memory split the budget measured once, before any
+                # rank loaded weights; each pays for its own weights out of its share, so the root
+                # (the only rank with weights) gets the smallest KV pool.
+                before_weights = self.available_memory if self.available_memory is not None else available + weight_bytes
+                budget = (before_weights - total * (1 - mem_fraction)) * self.memory_share - weight_bytes
             if budget < per_token * 16:
                 raise ValueError(
                     f"not enough memory for the KV cache: {available / 2**30:.1f} GiB available, "

@@ -1,0 +1,174 @@
+"""Token parallelism through the real server: parity with --tknp-size 1, placement, root-only
+weights, per-rank observability, idle ranks, and a dying rank."""
+
+import concurrent.futures as cf
+import os
+import signal
+import threading
+import time
+
+import pytest
+import requests
+
+from conftest import ServerProcess
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def model_path(make_tiny_model):
+    return str(make_tiny_model("llama", seed=5))
+
+
+def _server(model_path, tknp, *extra):
+    return ServerProcess(["--model-path", model_path, "--dtype", "float32", "--tknp-size", str(tknp), *extra])
+
+
+def _workload():
+    """16+ requests: different lengths, shared prefixes, mixed sampling (greedy and seeded)."""
+    shared = [100 + i for i in range(96)]
+    reqs = []
+    for i in range(18):
+        if i % 3 == 0:
+            ids = shared + [7 + i, 8 + i]
+        else:
+            ids = [200 + 11 * i + j for j in range(5 + 13 * (i % 5))]
+        params = {**GREEDY, "max_new_tokens": 20 + (i % 4) * 5}
+        if i % 4 == 1:
+            # Seeded sampling over a top-k set: a random tiny model's full distribution is nearly
+            # uniform over 49k tokens, where last-bit logit differences between batch shapes
+            # (matmul blocking, padded attention) can move an inverse-CDF draw to a neighbour.
+            params = {"temperature": 0.8, "top_k": 20, "top_p": 0.95, "sampling_seed": 1000 + i,
+                      "max_new_tokens": 16, "ignore_eos": True}
+        reqs.append({"input_ids": ids, "sampling_params": params, "return_logprob": True, "logprob_start_len": max(len(ids) - 4, 0)})
+    return reqs
+
+
+def _run_concurrently(server, reqs):
+    with cf.ThreadPoolExecutor(len(reqs)) as pool:
+        futures = [pool.submit(requests.post, server.url + "/generate", json=r, timeout=300) for r in reqs]
+        return [f.result().json() for f in futures]
+
+
+def test_parity_across_tknp_sizes_with_retraction(model_path):
+    results = {}
+    for tknp in (1, 2, 3):
+        # a pool this small per rank forces retractions under 18 concurrent requests
+        server = _server(model_path, tknp, "--max-total-tokens", "150", "--chunked-prefill-size", "128")
+        try:
+            results[tknp] = _run_concurrently(server, _workload())
+            info = requests.get(server.url + "/server_info").json()
+            assert info["num_retractions"] > 0, f"tknp {tknp}: the pool was meant to force retraction"
+            assert info["kv_tokens_used"] == 0 and info["num_running_reqs"] == 0
+        finally:
+            server.stop()
+    base = results[1]
+    for tknp in (2, 3):
+        for i, (a, b) in enumerate(zip(base, results[tknp])):
+            assert a["output_ids"] == b["output_ids"], f"tknp {tknp} request {i}"
+            for key in ("output_token_logprobs", "input_token_logprobs"):
+                for x, y in zip(a["meta_info"][key], b["meta_info"][key]):
+                    assert x[1] == y[1] and (x[0] is None) == (y[0] is None)
+                    assert x[0] is None or abs(x[0] - y[0]) <= 1e-4
+
+
+def test_root_only_weights_capacity_and_observability(model_path):
+    server = _server(model_path, 2, "--enable-metrics", "--load-balance-method", "round_robin")
+    try:
+        for i in range(4):
+            requests.post(server.url + "/generate", json={"input_ids": [5 + i] * 8, "sampling_params": {**GREEDY, "max_new_tokens": 3}})
+        info = requests.get(server.url + "/server_info").json()
+        root, other = info["internal_states"]
+        assert root["weight_bytes"] > 0 and other["weight_bytes"] == 0
+        assert other["max_total_num_tokens"] > root["max_total_num_tokens"], "the root pays for the weights"
+        assert info["placements"] == [2, 2], "round_robin spreads evenly"
+        assert root["prompt_tokens"] == other["prompt_tokens"] == 16
+        metrics = requests.get(server.url + "/metrics").text
+        for rank in ("0", "1"):
+            assert f'tknp_rank="{rank}"' in metrics
+        assert "sglang:tknp_placements_total" in metrics and "sglang:cache_hit_rate" in metrics
+    finally:
+        server.stop()
+
+
+def test_shortest_queue_balances_by_load(model_path):
+    server = _server(model_path, 2, "--load-balance-method", "shortest_queue", "--max-total-tokens", "4096")
+    try:
+        reqs = [{"input_ids": [9 + i] * 200, "sampling_params": {**GREEDY, "max_new_tokens": 300}} for i in range(6)]
+        _run_concurrently(server, reqs)
+        assert requests.get(server.url + "/server_info").json()["placements"] == [3, 3]
+    finally:
+        server.stop()
+
+
+def test_cache_aware_keeps_a_shared_prefix_on_one_rank(model_path):
+    server = _server(model_path, 2, "--load-balance-method", "cache_aware", "--max-total-tokens", "8192")
+    try:
+        prefix = [300 + (i % 500) for i in range(512)]
+        shared = [{"input_ids": prefix + [1000 + i], "sampling_params": {**GREEDY, "max_new_tokens": 4}} for i in range(8)]
+        first = requests.post(server.url + "/generate", json=shared[0]).json()
+        assert first["meta_info"]["cached_tokens"] == 0
+        rest = _run_concurrently(server, shared[1:])
+        assert all(r["meta_info"]["cached_tokens"] >= 512 for r in rest)
+        placements = requests.get(server.url + "/server_info").json()["placements"]
+        assert sorted(placements) == [0, 8], "all 8 sharing requests on one rank"
+        unrelated = [{"input_ids": [2000 + 37 * i + j for j in range(40)], "sampling_params": {**GREEDY, "max_new_tokens": 30}} for i in range(6)]
+        _run_concurrently(server, unrelated)
+        placements = requests.get(server.url + "/server_info").json()["placements"]
+        assert min(placements) >= 3, f"unrelated requests spread: {placements}"
+    finally:
+        server.stop()
+
+
+def _rank_pids(server_pid):
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    ppid = int(next(l for l in f if l.startswith("PPid:")).split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except (OSError, StopIteration):
+                continue
+            if ppid == server_pid and b"spawn_main" in cmd:
+                pids.append(int(entry))
+    return sorted(pids)
+
+
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_ranks_do_not_spin_and_a_dead_rank_fails_requests(model_path):
+    server = _server(model_path, 2, "--max-total-tokens", "4096")
+    try:
+        requests.post(server.url + "/generate", json={"text": "warm up", "sampling_params": {"max_new_tokens": 2}})
+        pids = _rank_pids(server.proc.pid)
+        before = {p: _cpu_seconds(p) for p in pids}
+        time.sleep(2.0)
+        spent = sum(_cpu_seconds(p) - before[p] for p in pids)
+        assert spent < 0.5, f"idle backend processes used {spent:.2f} s of CPU in 2 s"
+
+        result = {}
+
+        def run():
+            body = {"text": "Count", "sampling_params": {**GREEDY, "max_new_tokens": 4000}}
+            result["r"] = requests.post(server.url + "/generate", json=body, timeout=60)
+
+        t = threading.Thread(target=run)
+        t.start()
+        while requests.get(server.url + "/server_info").json()["num_running_reqs"] == 0:
+            time.sleep(0.01)
+        # the backend processes start in order: scheduler0 (root), scheduler1, detokenizer, controller
+        os.kill(pids[1], signal.SIGKILL)
+        start = time.time()
+        t.join(timeout=10)
+        assert not t.is_alive() and time.time() - start < 10
+        assert result["r"].json()["meta_info"]["finish_reason"]["type"] == "abort"
+        assert server.proc.wait(timeout=15) == 1
+        assert requests.get  # the server is gone: nothing left to query
+    finally:
+        server.stop()
