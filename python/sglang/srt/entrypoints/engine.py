@@ -2,21 +2,30 @@
 
 Data flow: generate() -> TokenizerManager (validate, tokenize) -> Scheduler (continuous
 batching; ModelRunner -> attention backend -> Sampler) -> DetokenizerManager (text) ->
-TokenizerManager (result dicts). Here all of it runs in the caller's thread, stepping the
-scheduler until the submitted requests finish.
+TokenizerManager (result dicts). With --tknp-size 1 all of it runs in the caller's thread,
+stepping the scheduler until the submitted requests finish. With --tknp-size N the engine
+starts the server's backend processes (controller, N rank schedulers, detokenizer) and drives
+the same TokenizerManager as the HTTP server, on an event loop in the caller's thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import Any, Iterator, Optional, Union
 
+import zmq
+import zmq.asyncio
+
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.entrypoints.subprocesses import Backend
 from sglang.srt.managers.detokenizer_manager import DetokenizerManager
 from sglang.srt.managers.io_struct import AbortReq, BatchTokenIDOut
 from sglang.srt.managers.scheduler_process import build_scheduler
 from sglang.srt.managers.tokenizer_manager import GenerateReqInput, ReqState, TokenizerManager
-from sglang.srt.server_args import ServerArgs
+from sglang.srt.model_loader import load_tokenizer, resolve_model_path
+from sglang.srt.server_args import ServerArgs, check_rank_layout
 from sglang.srt.utils import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -27,12 +36,21 @@ class Engine:
         args = ServerArgs.from_kwargs(**kwargs).resolve()
         configure_logging(args.log_level)
         self.server_args = args
-        self.scheduler, self.model_config, self.tokenizer = build_scheduler(args)
+        self.remote: Optional[_RemoteBackend] = None
+        if args.tknp_size > 1:
+            self.scheduler = None
+            self.model_config = ModelConfig.from_path(resolve_model_path(args.model_path), args.dtype, args.context_length, args.device)
+            check_rank_layout(args, self.model_config)
+            self.tokenizer = load_tokenizer(self.model_config.model_path, args.tokenizer_path)
+        else:
+            self.scheduler, self.model_config, self.tokenizer = build_scheduler(args)
         self.tokenizer_manager = TokenizerManager(
             self.tokenizer, self.model_config.vocab_size, self.model_config.context_len, args.random_seed
         )
         self.detokenizer = DetokenizerManager(self.tokenizer)
-        load = self.scheduler.get_load()
+        if args.tknp_size > 1:
+            self.remote = _RemoteBackend(args, self.tokenizer_manager)
+        load = self.remote.get_load() if self.remote else self.scheduler.get_load()
         logger.info(
             "engine ready: %s, KV cache %d tokens, %d max running requests",
             self.model_config.model_path, load.max_total_num_tokens, load.max_running_requests,
@@ -65,6 +83,8 @@ class Engine:
             return_text_in_logprobs=return_text_in_logprobs,
             stream=stream,
         )
+        if self.remote is not None:
+            return self.remote.generate(obj)
         reqs = self.tokenizer_manager.tokenize(obj)
         states = [ReqState(r.rid, return_logprob, return_text_in_logprobs) for r in reqs]
         for req in reqs:
@@ -104,17 +124,78 @@ class Engine:
 
     def flush_cache(self) -> bool:
         """Drops the prefix cache; False (nothing done) while requests are in flight."""
+        if self.remote is not None:
+            return self.remote.run(self.tokenizer_manager.flush_cache())
         return self.scheduler.flush_cache()
 
     def get_server_info(self) -> dict:
-        return {**self.server_args.to_dict(), **dataclasses.asdict(self.scheduler.get_load())}
+        load = self.remote.get_load() if self.remote else self.scheduler.get_load()
+        return {**self.server_args.to_dict(), **dataclasses.asdict(load)}
 
     def shutdown(self) -> None:
-        """Releases the model and KV memory; the engine cannot be used afterwards."""
+        """Releases the model and KV memory (and stops the TKNP processes); the engine cannot
+        be used afterwards."""
         self.scheduler = None
+        if self.remote is not None:
+            self.remote.shutdown()
+            self.remote = None
 
     def __enter__(self) -> "Engine":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+class _RemoteBackend:
+    """The server's backend processes driven from a synchronous caller (--tknp-size > 1)."""
+
+    def __init__(self, args: ServerArgs, tm: TokenizerManager):
+        self.backend = Backend(args).start()
+        self.loop = asyncio.new_event_loop()
+        self.ctx = zmq.asyncio.Context()
+        self.tm = tm
+        self.run(self._attach())
+
+    async def _attach(self) -> None:
+        send = self.ctx.socket(zmq.PUSH)
+        send.connect(self.backend.ipc["scheduler"])
+        recv = self.ctx.socket(zmq.PULL)
+        recv.bind(self.backend.ipc["tokenizer"])
+        self.receiver = self.tm.attach(send, recv)
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def get_load(self) -> Any:
+        return self.run(self.tm.get_load())
+
+    def generate(self, obj: GenerateReqInput) -> Union[dict, list[dict], Iterator[dict]]:
+        agen = self.tm.generate_request(obj)
+        if obj.stream:
+            return self._stream(agen)
+        results = self.run(_collect(agen))
+        return results if obj.is_batch or len(results) > 1 else results[0]
+
+    def _stream(self, agen: Any) -> Iterator[dict]:
+        try:
+            while True:
+                try:
+                    _, result = self.run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+                yield result
+        finally:
+            self.run(agen.aclose())  # a caller that stops reading aborts the rest
+
+    def shutdown(self) -> None:
+        self.receiver.cancel()
+        self.run(asyncio.gather(self.receiver, return_exceptions=True))
+        self.ctx.destroy(linger=0)
+        self.backend.shutdown()
+        self.loop.close()
+
+
+async def _collect(agen: Any) -> list[dict]:
+    results = [item async for item in agen]
+    return [r for _, r in sorted(results, key=lambda x: x[0])]
