@@ -11,6 +11,7 @@ Models never know: they call RadixAttention, whose backend is this wrapper.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -77,6 +78,7 @@ class TknpAttentionBackend(AttentionBackend):
         self.comm = comm
         self.local_batch: Optional["ForwardBatch"] = None
         self.sizes: list[int] = []
+        self.comm_seconds = 0.0  # time spent sending q/k/v and waiting for outputs (benchmarks)
 
     def begin(self, local_batch: Optional["ForwardBatch"], sizes: list[int]) -> None:
         """Sets the step's partition token counts and the root's own batch (None if empty)."""
@@ -90,6 +92,7 @@ class TknpAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch") -> torch.Tensor:
         # q: [T, H, D], k/v: [T, Hkv, D] for all partitions, rows in partition order
+        start = time.perf_counter()
         q_parts, k_parts, v_parts = (x.split(self.sizes) for x in (q, k, v))
         pending = [
             self.comm.isend(_pack_qkv(q_parts[r], k_parts[r], v_parts[r]), r)
@@ -97,14 +100,18 @@ class TknpAttentionBackend(AttentionBackend):
             if self.sizes[r]
         ]
         outs = []
+        local_seconds = 0.0
         if self.sizes[0]:
+            local_start = time.perf_counter()
             outs.append(self.inner.forward(q_parts[0], k_parts[0], v_parts[0], layer, self.local_batch))
+            local_seconds = time.perf_counter() - local_start
         width = layer.num_heads * layer.head_dim
         for r in range(1, self.comm.size):
             if self.sizes[r]:
                 outs.append(self.comm.recv((self.sizes[r], width), q.dtype, r))
         for work in pending:
             work.wait()
+        self.comm_seconds += time.perf_counter() - start - local_seconds
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 

@@ -15,7 +15,8 @@ backend -> Sampler -> detokenizer. Each `step`:
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+import time
+from typing import Any, Optional
 
 from sglang.srt.managers.io_struct import (
     AbortReq,
@@ -33,6 +34,7 @@ from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.mem_cache.kv_cache_manager import KVCacheManager
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 from sglang.srt.model_executor.model_runner import ModelRunner
+from sglang.srt.model_executor.tknp_runner import TknpModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +53,14 @@ class Scheduler:
         schedule_policy: str = "fcfs",
         chunked_prefill_size: Optional[int] = None,
         disable_radix_cache: bool = False,
-        forward: Optional[Callable[[Optional[ForwardBatch]], Optional[LogitsProcessorOutput]]] = None,
-        tknp_rank: int = 0,
+        tknp_runner: Optional[TknpModelRunner] = None,
     ):
         self.runner = runner
-        # Under TKNP, the group's collective forward (every rank calls it every step).
-        self.forward = forward or runner.forward
-        self.tknp_rank = tknp_rank
+        # Under TKNP, forwards are the group's collective one (every rank calls it every step).
+        self.tknp_runner = tknp_runner
+        self._forward = tknp_runner.forward if tknp_runner is not None else runner.forward
+        self.tknp_rank = tknp_runner.comm.tknp_rank if tknp_runner is not None else 0
+        self.forward_seconds = 0.0
         self.kv = KVCacheManager(runner.req_to_token_pool, runner.allocator, runner.kv_pool, disable_radix_cache)
         self.policy = SchedulePolicy(schedule_policy, self.kv)
         self.chunked_prefill_size = chunked_prefill_size if chunked_prefill_size and chunked_prefill_size > 0 else None
@@ -104,6 +107,8 @@ class Scheduler:
             prompt_tokens=self.num_prompt_tokens,
             generation_tokens=self.num_generation_tokens,
             weight_bytes=self.runner.plan.weight_bytes,
+            forward_seconds=self.forward_seconds,
+            tknp_comm_seconds=self.tknp_runner.comm_seconds if self.tknp_runner is not None else 0.0,
             tknp_rank=self.tknp_rank,
         )
 
@@ -218,6 +223,13 @@ class Scheduler:
         self.waiting.insert(0, req)
         self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
         logger.info("retracted request %s to free KV memory (%d running)", req.rid, len(self.running))
+
+    def forward(self, batch: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
+        start = time.perf_counter()
+        try:
+            return self._forward(batch)
+        finally:
+            self.forward_seconds += time.perf_counter() - start
 
     def _run(self, batch: ScheduleBatch) -> None:
         if batch.is_empty():

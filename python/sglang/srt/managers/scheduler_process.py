@@ -68,8 +68,7 @@ def build_scheduler(
         schedule_policy=args.schedule_policy,
         chunked_prefill_size=args.chunked_prefill_size,
         disable_radix_cache=args.disable_radix_cache,
-        forward=TknpModelRunner(runner, comm).forward if comm is not None else None,
-        tknp_rank=comm.tknp_rank if comm is not None else 0,
+        tknp_runner=TknpModelRunner(runner, comm) if comm is not None else None,
     )
     return scheduler, model_config, tokenizer
 

@@ -56,6 +56,11 @@ class TknpModelRunner:
         if comm.is_root:
             self.tknp_backend = TknpAttentionBackend(runner.attn_backend, comm)
 
+    @property
+    def comm_seconds(self) -> float:
+        """Root only: time its attention spent on scatter/gather, including waiting for ranks."""
+        return self.tknp_backend.comm_seconds if self.comm.is_root else 0.0
+
     def forward(self, local: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
         """This rank's logits; None when its partition is empty this step."""
         if local is not None:

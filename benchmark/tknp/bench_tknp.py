@@ -1,0 +1,178 @@
+"""Token parallelism: what --tknp-size buys and costs, measured on real servers side by side.
+
+    python benchmark/tknp/bench_tknp.py --tknp-sizes 1,2 --num-requests 32 --context-len 2048 --output-len 32
+
+For each TKNP size it starts `python -m sglang.launch_server` on a random-weight model in a real
+model's shape (SmolLM2-135M's by default, written to a temp dir; no download), sized by memory
+(no --max-total-tokens), and reports:
+  - KV capacity in tokens per rank (the root holds the weights, so it gets less);
+  - resident memory (RSS) per backend process;
+  - decode tokens/s at long context: N requests with `--context-len` prompt tokens each, all
+    prefilled first (max_new_tokens 1), then the same requests with `--output-len` new tokens,
+    their prompts now cached: decode tok/s = N * (output_len - 1) / (t_decode_run - t_first_token)
+    where the first-token time is measured by a prefill-only rerun of the cached prompts;
+  - the share of the root's forward time spent in TKNP scatter/gather (including waiting for
+    the other ranks' attention).
+It prints a table and writes a PNG plot (`--plot`, needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import requests
+
+SHAPES = {
+    # hidden, intermediate, layers, heads, kv heads, vocab, max positions
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072),
+}
+
+
+def make_model(shape: str, out_dir: str) -> str:
+    import torch
+    import transformers
+
+    from sglang.srt.model_loader import default_model_path, load_tokenizer
+
+    config = transformers.LlamaConfig(**SHAPES[shape], tie_word_embeddings=True, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(default_model_path()).save_pretrained(out_dir)  # ids beyond its vocab are never decoded
+    return out_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_of_children(pid: int) -> list[int]:
+    """VmRSS (bytes) of the server's backend processes, in start order."""
+    out = []
+    for entry in sorted(os.listdir("/proc"), key=lambda e: int(e) if e.isdigit() else -1):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if int(status["PPid"]) == pid and b"spawn_main" in cmd:
+            out.append(int(status["VmRSS"].split()[0]) * 1024)
+    return out
+
+
+def run_batch(url: str, prompts: list[list[int]], max_new_tokens: int) -> float:
+    body = lambda ids: {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        for r in pool.map(lambda ids: requests.post(url + "/generate", json=body(ids), timeout=3600), prompts):
+            r.raise_for_status()
+    return time.perf_counter() - start
+
+
+def measure(model_dir: str, tknp: int, args: argparse.Namespace) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_dir, "--port", str(port),
+           "--tknp-size", str(tknp), "--dtype", args.dtype, "--log-level", "warning",
+           "--load-balance-method", "round_robin", "--context-length", str(args.context_len + args.output_len + 8)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server for tknp {tknp} exited with {proc.returncode}")
+            try:
+                if requests.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        rng = random.Random(0)
+        prompts = [[rng.randrange(100, 40000) for _ in range(args.context_len)] for _ in range(args.num_requests)]
+        prefill = run_batch(url, prompts, 1)  # prompts are now in each owner's prefix cache
+        first_token = run_batch(url, prompts, 1)  # cached: the fixed cost of one step per request
+        before = requests.get(url + "/server_info").json()["internal_states"][0]
+        decode = run_batch(url, prompts, args.output_len)
+        info = requests.get(url + "/server_info").json()
+        root = info["internal_states"][0]
+        forward = root["forward_seconds"] - before["forward_seconds"]
+        comm = root["tknp_comm_seconds"] - before["tknp_comm_seconds"]
+        return {
+            "tknp": tknp,
+            "kv_capacity": [r["max_total_num_tokens"] for r in info["internal_states"]],
+            "rss_gib": [round(b / 2**30, 2) for b in rss_of_children(proc.pid)],
+            "prefill_s": round(prefill, 2),
+            "decode_tok_s": round(args.num_requests * (args.output_len - 1) / max(decode - first_token, 1e-9), 1),
+            "comm_share": round(comm / forward, 3) if forward > 0 else 0.0,
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    labels = [f"tknp {r['tknp']}" for r in results]
+    axes[0].bar(labels, [sum(r["kv_capacity"]) / 1e3 for r in results])
+    axes[0].set_title("KV capacity (k tokens, all ranks)")
+    axes[1].bar(labels, [r["decode_tok_s"] for r in results])
+    axes[1].set_title("decode tokens/s at long context")
+    axes[2].bar(labels, [100 * r["comm_share"] for r in results])
+    axes[2].set_title("scatter/gather share of root forward (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES))
+    parser.add_argument("--tknp-sizes", default="1,2")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--context-len", type=int, default=2048)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--plot", default="bench_tknp.png")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model(args.shape, tmp)
+        results = [measure(model_dir, int(n), args) for n in args.tknp_sizes.split(",")]
+    print(f"shape={args.shape} dtype={args.dtype} requests={args.num_requests} context={args.context_len} output={args.output_len}")
+    print(f"{'tknp':>4} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} {'decode tok/s':>12} {'comm share':>10}")
+    for r in results:
+        print(f"{r['tknp']:>4} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} {r['decode_tok_s']:>12} {r['comm_share']:>10.1%}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.plot:
+        try:
+            plot(results, args.plot)
+            print(f"plot: {args.plot}")
+        except ImportError:
+            print("plot skipped: pip install matplotlib")
+
+
+if __name__ == "__main__":
+    main()
