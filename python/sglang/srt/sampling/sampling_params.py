@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
+# A request may ask for at most this many samples (each is a full request in the scheduler).
+MAX_N = 128
 # Below this temperature a request is greedy; SGLang uses the same cut-off.
 GREEDY_TEMPERATURE_EPS = 1e-6
 
@@ -119,7 +121,7 @@ class SamplingParams:
             f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}]",
             self.min_new_tokens,
         )
-        _check(self.n >= 1, "n must be >= 1", self.n)
+        _check(1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}]", self.n)
         for token_id in self.stop_token_ids or ():
             _check(
                 0 <= token_id < vocab_size,
