@@ -145,6 +145,7 @@ def test_stream_chunks_are_cumulative_and_end_like_the_plain_call(engine):
         ({"min_p": 2}, "min_p"),
         ({"frequency_penalty": 3}, "frequency_penalty"),
         ({"n": 0}, "n"),
+        ({"n": 1000}, "n"),
         ({"temprature": 0.5}, "temprature"),
     ],
 )
