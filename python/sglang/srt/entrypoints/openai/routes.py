@@ -25,6 +25,13 @@ def _error(exc: OpenAIError) -> Response:
     return Response(orjson.dumps(exc.body()), status_code=exc.status_code, media_type="application/json")
 
 
+async def _serve(handler: Any, tm: TokenizerManager, request: Any) -> Response:
+    try:
+        return _respond(await handler(tm, request))
+    except OpenAIError as exc:
+        return _error(exc)
+
+
 def mount_openai_routes(app: FastAPI, tm: TokenizerManager) -> None:
     @app.get("/v1/models")
     async def list_models() -> Response:
@@ -39,14 +46,8 @@ def mount_openai_routes(app: FastAPI, tm: TokenizerManager) -> None:
 
     @app.post("/v1/completions")
     async def v1_completions(request: CompletionRequest) -> Response:
-        try:
-            return _respond(await completions(tm, request))
-        except OpenAIError as exc:
-            return _error(exc)
+        return await _serve(completions, tm, request)
 
     @app.post("/v1/chat/completions")
     async def v1_chat_completions(request: ChatCompletionRequest) -> Response:
-        try:
-            return _respond(await chat_completions(tm, request))
-        except OpenAIError as exc:
-            return _error(exc)
+        return await _serve(chat_completions, tm, request)
