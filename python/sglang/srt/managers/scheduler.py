@@ -133,7 +133,7 @@ class Scheduler:
 
     def _abort(self, rid: str, message: str) -> None:
         for queue in (self.waiting, self.running):
-            for req in queue:
+            for req in list(queue):  # _finish removes it from the queue
                 if req.rid == rid and not req.is_finished():
                     self._finish(req, FinishReason("abort", message=message))
 
