@@ -105,3 +105,28 @@ def test_prompt_larger_than_pool_is_aborted_not_hung(engine_factory, model_path)
     out = engine.generate(input_ids=list(range(1, 101)), sampling_params={**GREEDY, "max_new_tokens": 4})
     assert out["meta_info"]["finish_reason"]["type"] == "abort"
     assert "KV cache" in out["meta_info"]["finish_reason"]["message"]
+
+
+def test_running_request_shares_its_prompt_with_later_arrivals(engine_factory, model_path):
+    from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    engine = engine_factory(model_path=model_path, dtype="float32", max_total_tokens=4096)
+    sched = engine.scheduler
+    prefix = list(range(10, 310))
+
+    def request(rid, ids, max_new):
+        params = SamplingParams(temperature=0, max_new_tokens=max_new, ignore_eos=True)
+        params.normalize()
+        return TokenizedGenerateReqInput(rid=rid, input_ids=ids, sampling_params=params, seed=0)
+
+    sched.handle(request("long", prefix + [1], 40))
+    sched.step()  # prefills "long", which then keeps decoding
+    sched.handle(request("late", prefix + [2], 3))
+    outputs = []
+    while sched.has_work():
+        outputs += sched.step()
+        sched.check_integrity()
+    late = next(o for o in outputs if o.rid == "late")
+    assert late.cached_tokens >= 300, "the running request's prompt was shared through the cache"
+    assert next(o for o in outputs if o.rid == "long").completion_tokens == 40

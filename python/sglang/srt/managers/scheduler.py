@@ -242,6 +242,7 @@ class Scheduler:
         sampled = self.output.sample(batch, logits)
         for item in batch.items:
             item.req.kv_len += item.extend_len
+            self.kv.cache_prompt(item.req)  # acts once, when the prompt has just been computed
         if sampled is not None:
             self.num_generation_tokens += len(sampled.next_token_ids)
         for req, reason in self.output.process(batch, logits, sampled):

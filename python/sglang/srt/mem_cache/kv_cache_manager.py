@@ -75,6 +75,22 @@ class KVCacheManager:
             self.tree.evict(num_tokens - self.allocator.available_size())
         return self.allocator.alloc(num_tokens)
 
+    def cache_prompt(self, req: Req) -> None:
+        """Shares a request's just-computed prompt through the prefix cache while it decodes,
+        so requests arriving meanwhile with the same prefix reuse it."""
+        n = len(req.origin_input_ids)
+        if self.tree.disable or req.kv_len != n or req.prefix_len >= n:
+            return
+        row = req.req_pool_idx
+        slots = self.req_to_token_pool.req_to_token[row, :n]
+        inserted = self.tree.insert(req.origin_input_ids, slots)
+        self.allocator.free(slots[req.prefix_len : max(inserted, req.prefix_len)])  # held by the tree already
+        match = self.tree.match_prefix(req.origin_input_ids)
+        self.req_to_token_pool.write(row, 0, match.indices)  # the tree's slots replace freed duplicates
+        self.tree.inc_lock_ref(match.last_node)
+        self.tree.dec_lock_ref(req.last_node)
+        req.prefix_len, req.last_node = n, match.last_node
+
     def release(self, req: Req) -> None:
         """Returns a request's row; its computed tokens go to the prefix cache (or are freed)."""
         if req.req_pool_idx is None:
