@@ -2,7 +2,6 @@
 from a plain single-rank forward of its own requests, with the weights only on the root."""
 
 import multiprocessing as mp
-import os
 
 import pytest
 import torch

@@ -165,10 +165,17 @@ def test_idle_ranks_do_not_spin_and_a_dead_rank_fails_requests(model_path):
         # the backend processes start in order: scheduler0 (root), scheduler1, detokenizer, controller
         os.kill(pids[1], signal.SIGKILL)
         start = time.time()
+        statuses = set()
+        while time.time() - start < 5 and 503 not in statuses:
+            try:
+                statuses.add(requests.get(server.url + "/health", timeout=1).status_code)
+            except requests.RequestException:
+                break  # already gone
+            time.sleep(0.02)
+        assert 503 in statuses, "/health reports the dead rank before the server exits"
         t.join(timeout=10)
         assert not t.is_alive() and time.time() - start < 10
         assert result["r"].json()["meta_info"]["finish_reason"]["type"] == "abort"
         assert server.proc.wait(timeout=15) == 1
-        assert requests.get  # the server is gone: nothing left to query
     finally:
         server.stop()

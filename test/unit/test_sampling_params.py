@@ -1,0 +1,186 @@
+"""SamplingParams: parsing, range checks and normalization, with SGLang's names and defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sglang.srt.sampling.sampling_params import SamplingParams
+
+VOCAB = 16
+
+# --- SamplingParams.from_dict -------------------------------------------------------------
+
+
+def test_from_dict_defaults_match_sglang() -> None:
+    params = SamplingParams.from_dict(None)
+    assert params == SamplingParams()
+    assert (params.max_new_tokens, params.temperature, params.top_p, params.top_k) == (
+        128,
+        1.0,
+        1.0,
+        -1,
+    )
+    assert params.repetition_penalty == 1.0 and params.n == 1 and params.skip_special_tokens
+
+
+def test_from_dict_none_means_default() -> None:
+    params = SamplingParams.from_dict({"temperature": None, "max_new_tokens": None, "stop": None})
+    assert params == SamplingParams()
+
+
+def test_from_dict_accepts_ints_for_floats() -> None:
+    params = SamplingParams.from_dict({"temperature": 0, "top_p": 1, "logit_bias": {5: 2}})
+    assert isinstance(params.temperature, float) and params.temperature == 0.0
+    assert params.logit_bias == {"5": 2.0}
+
+
+def test_from_dict_rejects_unknown_key() -> None:
+    with pytest.raises(ValueError, match="unknown sampling parameter 'foo'"):
+        SamplingParams.from_dict({"foo": 1})
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("temperature", "hot", "float"),
+        ("temperature", True, "float"),
+        ("max_new_tokens", 1.5, "int"),
+        ("top_k", True, "int"),
+        ("stop", 5, "str"),
+        ("stop", ["a", 1], "str"),
+        ("stop_token_ids", "2", "list of int"),
+        ("stop_token_ids", [1, True], "list of int"),
+        ("ignore_eos", 1, "bool"),
+        ("sampling_seed", "7", "int"),
+        ("logit_bias", {"a": 1.0}, "token id"),
+        ("logit_bias", {"3": "x"}, "float"),
+    ],
+)
+def test_from_dict_rejects_wrong_types(name: str, value: Any, expected: str) -> None:
+    with pytest.raises(ValueError, match=name) as excinfo:
+        SamplingParams.from_dict({name: value})
+    assert expected in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("regex", "a+"), ("json_schema", '{"type": "object"}'), ("ebnf", "root ::= 'a'")],
+)
+def test_structured_output_is_rejected(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{name}.*structured output"):
+        SamplingParams.from_dict({name: value})
+
+
+def test_stop_regex_is_rejected_only_when_non_empty() -> None:
+    SamplingParams.from_dict({"stop_regex": ""})
+    SamplingParams.from_dict({"stop_regex": []})
+    for value in ("a.*", ["", "b+"]):
+        with pytest.raises(ValueError, match="stop_regex is not supported yet"):
+            SamplingParams.from_dict({"stop_regex": value})
+
+
+def test_to_dict_round_trips() -> None:
+    params = SamplingParams.from_dict(
+        {"temperature": 0.5, "stop": ["x"], "stop_token_ids": [3], "logit_bias": {"2": 1.5}}
+    )
+    assert SamplingParams.from_dict(params.to_dict()) == params
+    params.normalize()
+    assert params.to_dict()["stop_token_ids"] == [3]
+
+
+# --- verify ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, value, allowed",
+    [
+        ("temperature", -1.0, ">= 0"),
+        ("temperature", float("nan"), ">= 0"),
+        ("top_p", 0.0, "(0, 1]"),
+        ("top_p", 1.5, "(0, 1]"),
+        ("top_k", 0, "-1 or >= 1"),
+        ("top_k", -2, "-1 or >= 1"),
+        ("min_p", -0.1, "[0, 1]"),
+        ("min_p", 1.1, "[0, 1]"),
+        ("frequency_penalty", 2.5, "[-2, 2]"),
+        ("frequency_penalty", -2.5, "[-2, 2]"),
+        ("presence_penalty", 2.5, "[-2, 2]"),
+        ("presence_penalty", -2.5, "[-2, 2]"),
+        ("repetition_penalty", 0.0, "(0, 2]"),
+        ("repetition_penalty", 2.5, "(0, 2]"),
+        ("max_new_tokens", -1, ">= 0"),
+        ("min_new_tokens", -1, "[0, max_new_tokens=128]"),
+        ("min_new_tokens", 129, "[0, max_new_tokens=128]"),
+        ("n", 0, "[1, 128]"),
+        ("n", 129, "[1, 128]"),
+        ("stop_token_ids", [VOCAB], f"[0, {VOCAB})"),
+        ("stop_token_ids", [-1], f"[0, {VOCAB})"),
+        ("logit_bias", {str(VOCAB): 1.0}, f"[0, {VOCAB})"),
+    ],
+)
+def test_verify_rejects_out_of_range(name: str, value: Any, allowed: str) -> None:
+    params = SamplingParams(**{name: value})
+    with pytest.raises(ValueError, match=name) as excinfo:
+        params.verify(VOCAB)
+    assert allowed in str(excinfo.value) and "got" in str(excinfo.value)
+
+
+def test_verify_message_format() -> None:
+    with pytest.raises(ValueError, match=r"^temperature must be >= 0, got -1.0$"):
+        SamplingParams(temperature=-1.0).verify(VOCAB)
+    with pytest.raises(ValueError, match=r"^top_p must be in \(0, 1\], got 1.5$"):
+        SamplingParams(top_p=1.5).verify(VOCAB)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("temperature", 0.0),
+        ("top_p", 1.0),
+        ("top_k", -1),
+        ("top_k", 1),
+        ("min_p", 1.0),
+        ("frequency_penalty", -2.0),
+        ("presence_penalty", 2.0),
+        ("repetition_penalty", 2.0),
+        ("max_new_tokens", 0),
+        ("min_new_tokens", 128),
+        ("stop_token_ids", [0, VOCAB - 1]),
+        ("logit_bias", {"0": -100.0}),
+    ],
+)
+def test_verify_accepts_boundaries(name: str, value: Any) -> None:
+    SamplingParams(**{name: value}).verify(VOCAB)
+
+
+# --- normalize ------------------------------------------------------------------------------
+
+
+class CharTokenizer:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        assert not add_special_tokens, "stop strings must be encoded without special tokens"
+        return [ord(c) for c in text]
+
+
+def test_normalize_stop_strings() -> None:
+    params = SamplingParams(stop="END", stop_token_ids=[2, 2])
+    params.normalize(CharTokenizer())
+    assert params.stop == ["END"] and params.stop_token_ids == {2}
+    assert params.stop_str_max_len == 3
+    params = SamplingParams(stop=["", "ab"])
+    params.normalize()
+    assert params.stop == ["ab"]
+    params.normalize()  # idempotent
+    assert params.stop == ["ab"] and params.stop_token_ids == set()
+
+
+def test_normalize_temperature_zero_is_greedy() -> None:
+    params = SamplingParams(temperature=0.0, top_k=50)
+    assert params.is_greedy
+    params.normalize()
+    assert (params.top_k, params.temperature, params.is_greedy) == (1, 1.0, True)
+    params.verify(VOCAB)
+    assert not SamplingParams(temperature=0.5).is_greedy
+    assert SamplingParams(temperature=0.5, top_k=1).is_greedy
