@@ -58,6 +58,10 @@ def _socket_dirs() -> set[str]:
         (["--dtype", "float64"], "--dtype"),
         (["--chunked-prefill-size", "0"], "--chunked-prefill-size"),
         (["--attention-backend", "flashattn"], "--attention-backend"),
+        (["--tknp-size", "2", "--dp-size", "2"], "mutually exclusive"),
+        (["--tknp-size", "0"], "--tknp-size"),
+        (["--load-balance-method", "random"], "--load-balance-method"),
+        (["--tp-size", "2"], "--tp-size"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, word):

@@ -11,8 +11,8 @@ Placement policies (--load-balance-method):
   shortest_queue  the rank with the least KV in use plus in flight, relative to its capacity
                   (the root holds the weights, so its capacity is smaller);
   cache_aware     the rank whose approximate prefix tree matches the prompt longest, unless the
-                  match is short or that rank is much busier than the least-loaded one, in
-                  which case shortest_queue decides.
+                  match is short or, counting the request, that rank would be much busier than
+                  the least-loaded one would be; then shortest_queue decides.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ logger = logging.getLogger(__name__)
 # cache_aware: a match counts when it covers this share of the prompt (or this many tokens) ...
 _CACHE_MATCH_RATIO = 0.5
 _CACHE_MATCH_TOKENS = 256
-# ... and the matching rank is not busier than the least-loaded one by this share of capacity.
+# ... and, with the request placed, the matching rank would not be busier than the least-loaded
+# rank (with the request placed there instead) by more than this share of capacity.
 _BALANCE_SLACK = 0.25
 # The approximate trees forget everything past this many tokens per rank (it is a hint only).
 _TREE_MAX_TOKENS = 1 << 20
@@ -106,7 +107,7 @@ class PlacementPolicy:
         elif self.method == "shortest_queue":
             rank = self._least_loaded()
         else:
-            rank = self._cache_aware(req.input_ids)
+            rank = self._cache_aware(req)
         state = self.ranks[rank]
         state.placed += 1
         # the part of the prompt the rank's cache will likely serve costs it no new KV
@@ -117,13 +118,19 @@ class PlacementPolicy:
     def _least_loaded(self) -> int:
         return min(range(len(self.ranks)), key=lambda r: (self.ranks[r].load(), self.ranks[r].waiting, r))
 
-    def _cache_aware(self, ids: list[int]) -> int:
+    def _cache_aware(self, req: TokenizedGenerateReqInput) -> int:
+        ids = req.input_ids
         matches = [s.tree.match(ids) for s in self.ranks]
         best = max(range(len(self.ranks)), key=lambda r: (matches[r], -self.ranks[r].load()))
-        long_enough = matches[best] >= min(_CACHE_MATCH_TOKENS, _CACHE_MATCH_RATIO * len(ids))
+        long_enough = matches[best] > 0 and matches[best] >= min(_CACHE_MATCH_TOKENS, _CACHE_MATCH_RATIO * len(ids))
         least = self._least_loaded()
-        balanced = self.ranks[best].load() - self.ranks[least].load() <= _BALANCE_SLACK
-        return best if long_enough and matches[best] > 0 and balanced else least
+
+        def load_after(r: int) -> float:  # the rank's load if this request went there
+            state = self.ranks[r]
+            return state.load() + (len(ids) - matches[r] + req.sampling_params.max_new_tokens) / max(state.capacity, 1)
+
+        balanced = load_after(best) - load_after(least) <= _BALANCE_SLACK
+        return best if long_enough and balanced else least
 
     def update(self, load: GetLoadReqOutput) -> None:
         state = self.ranks[load.tknp_rank]
