@@ -93,7 +93,9 @@ def measure(model_dir: str, tknp: int, args: argparse.Namespace) -> dict:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_dir, "--port", str(port),
            "--tknp-size", str(tknp), "--dtype", args.dtype, "--log-level", "warning",
-           "--load-balance-method", "round_robin", "--context-length", str(args.context_len + args.output_len + 8)]
+           # cache_aware sends a repeated prompt back to the rank that cached it (round_robin would
+           # place it by arrival order, which concurrent clients shuffle)
+           "--load-balance-method", "cache_aware", "--context-length", str(args.context_len + args.output_len + 8)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while True:
@@ -119,7 +121,7 @@ def measure(model_dir: str, tknp: int, args: argparse.Namespace) -> dict:
             "kv_capacity": [r["max_total_num_tokens"] for r in info["internal_states"]],
             "rss_gib": [round(b / 2**30, 2) for b in rss_of_children(proc.pid)],
             "prefill_s": round(prefill, 2),
-            "decode_tok_s": round(args.num_requests * (args.output_len - 1) / max(decode - first_token, 1e-9), 1),
+            "decode_tok_s": round(args.num_requests * (args.output_len - 1) / (decode - first_token), 1),
             "comm_share": round(comm / forward, 3) if forward > 0 else 0.0,
         }
     finally:
