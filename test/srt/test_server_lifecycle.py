@@ -146,3 +146,15 @@ def test_watchdog_ends_a_stuck_step(make_tiny_model):
         assert server.proc.wait(timeout=15) == 1
     finally:
         server.stop()
+
+
+def test_backend_start_failure_is_one_line_and_leaves_nothing_behind(make_tiny_model):
+    before = _socket_dirs()
+    # the scheduler process cannot size a KV cache from 1% of memory: it fails during start-up
+    r = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--model-path", str(make_tiny_model("llama", seed=3)),
+         "--mem-fraction-static", "0.01", "--log-level", "error"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2 and "KV cache" in r.stderr and "Traceback" not in r.stderr
+    assert _socket_dirs() == before

@@ -43,6 +43,14 @@ class Backend:
         names = ["scheduler", "detokenizer", "tokenizer", "controller_in"] + [f"rank{r}" for r in range(self.args.tknp_size)]
         self.ipc = {name: f"ipc://{self.socket_dir}/{name}" for name in names}
         self.ipc["dist_init"] = f"file://{self.socket_dir}/dist_init"
+        try:
+            self._start_processes()
+        except BaseException:
+            self.shutdown()  # leaves no process and no socket directory behind
+            raise
+        return self
+
+    def _start_processes(self) -> None:
         tknp = self.args.tknp_size > 1
         # measured once, before any rank loads weights: ranks on one host split this budget
         available = device_memory(self.args.device)[0] if tknp and self.args.device == "cpu" else None
@@ -60,7 +68,6 @@ class Backend:
             "max_running_requests": sum(info["max_running_requests"] for info in ranks),
             "ranks": ranks,
         }
-        return self
 
     def _spawn(self, targets: list) -> dict[str, dict]:
         """Starts processes and waits for each one's ready message."""
@@ -76,7 +83,6 @@ class Backend:
         for name, reader in pipes.items():
             msg = self._wait_ready(name, reader)
             if "error" in msg:
-                self.shutdown()
                 raise BackendStartError(f"{name} failed to start: {msg['error']}")
             infos[name] = msg
         return infos
@@ -85,7 +91,6 @@ class Backend:
         try:
             return reader.recv()
         except EOFError:
-            self.shutdown()
             raise BackendStartError(f"{name} process exited during start-up (code {self.procs[name].exitcode})")
 
     def dead_process(self) -> Optional[str]:
