@@ -314,6 +314,7 @@ class ResponseBuilder:
 
     id_prefix = "cmpl"
     chunk_object = "text_completion"  # the "object" of a stream chunk
+    response_model: type  # CompletionResponse or ChatCompletionResponse
 
     def __init__(self, tm: Any, request: SamplingRequest):
         self.tm = tm
@@ -344,6 +345,22 @@ class ResponseBuilder:
             usage = choice is None or self.continuous_usage
             chunk["usage"] = self.tracker.usage.usage().model_dump() if usage else None
         return chunk
+
+    def response(self, results: list[dict]) -> dict:
+        """The non-streaming response: one choice per result, usage counted once per prompt."""
+        usage = UsageCounter(self.n)
+        choices = []
+        for index, result in enumerate(results):
+            meta = result["meta_info"]
+            usage.record(index, meta)
+            finish_reason, matched = finish_reason_of(meta)
+            choices.append(self.choice(index, result, finish_reason, matched))
+        return self.response_model(
+            id=self.id, created=self.created, model=self.tm.served_model_name, choices=choices, usage=usage.usage()
+        ).model_dump()
+
+    def choice(self, index: int, result: dict, finish_reason: Optional[str], matched: Any) -> Any:
+        raise NotImplementedError
 
     def end_chunks(self) -> list[dict]:
         return [self.chunk(None)] if self.include_usage else []

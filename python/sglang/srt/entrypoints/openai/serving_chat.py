@@ -26,10 +26,8 @@ from sglang.srt.entrypoints.openai.protocol import (
 )
 from sglang.srt.entrypoints.openai.serving import (
     ResponseBuilder,
-    UsageCounter,
     bad_request,
     check_model,
-    finish_reason_of,
     generate_all,
     num_samples,
     sampling_params,
@@ -146,6 +144,7 @@ class _Chat(ResponseBuilder):
 
     id_prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
+    response_model = ChatCompletionResponse
 
     def __init__(self, tm: Any, request: ChatCompletionRequest):
         super().__init__(tm, request)
@@ -157,25 +156,15 @@ class _Chat(ResponseBuilder):
             return None
         return chat_logprobs(self.tm, entries, tops, self.num_top_logprobs)
 
-    def response(self, results: list[dict]) -> dict:
-        usage = UsageCounter(self.n)
-        choices = []
-        for index, result in enumerate(results):
-            meta = result["meta_info"]
-            usage.record(index, meta)
-            finish_reason, matched = finish_reason_of(meta)
-            choices.append(
-                ChatChoice(
-                    index=index,
-                    message=ChatResponseMessage(content=result["text"]),
-                    logprobs=self._logprobs(meta.get("output_token_logprobs") or [], meta.get("output_top_logprobs") or []),
-                    finish_reason=finish_reason,
-                    matched_stop=matched,
-                )
-            )
-        return ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.tm.served_model_name, choices=choices, usage=usage.usage()
-        ).model_dump()
+    def choice(self, index: int, result: dict, finish_reason: Optional[str], matched: Any) -> ChatChoice:
+        meta = result["meta_info"]
+        return ChatChoice(
+            index=index,
+            message=ChatResponseMessage(content=result["text"]),
+            logprobs=self._logprobs(meta.get("output_token_logprobs") or [], meta.get("output_top_logprobs") or []),
+            finish_reason=finish_reason,
+            matched_stop=matched,
+        )
 
     def stream_chunks(self, index: int, result: dict) -> list[dict]:
         step = self.tracker.step(index, result)

@@ -17,10 +17,8 @@ from sglang.srt.entrypoints.openai.protocol import (
 )
 from sglang.srt.entrypoints.openai.serving import (
     ResponseBuilder,
-    UsageCounter,
     bad_request,
     check_model,
-    finish_reason_of,
     generate_all,
     num_samples,
     sampling_params,
@@ -78,6 +76,7 @@ class _Completion(ResponseBuilder):
 
     id_prefix = "cmpl"
     chunk_object = "text_completion"
+    response_model = CompletionResponse
 
     def __init__(self, tm: Any, request: CompletionRequest, prompts: list):
         super().__init__(tm, request)
@@ -98,32 +97,22 @@ class _Completion(ResponseBuilder):
         entries = meta.get("input_token_logprobs") or []
         return list(entries), _pad(meta.get("input_top_logprobs"), len(entries))
 
-    def response(self, results: list[dict]) -> dict:
-        usage = UsageCounter(self.n)
-        choices = []
-        for index, result in enumerate(results):
+    def choice(self, index: int, result: dict, finish_reason: Optional[str], matched: Any) -> CompletionChoice:
+        logprobs = None
+        if self.with_logprobs:
             meta = result["meta_info"]
-            usage.record(index, meta)
-            finish_reason, matched = finish_reason_of(meta)
-            logprobs = None
-            if self.with_logprobs:
-                entries, tops = self._echo_logprobs(meta)
-                output = meta.get("output_token_logprobs") or []
-                entries += output
-                tops += _pad(meta.get("output_top_logprobs"), len(output))
-                logprobs, _ = legacy_logprobs(self.tm, entries, tops, self.request.logprobs, 0)
-            choices.append(
-                CompletionChoice(
-                    index=index,
-                    text=self._echo(index) + result["text"],
-                    logprobs=logprobs,
-                    finish_reason=finish_reason,
-                    matched_stop=matched,
-                )
-            )
-        return CompletionResponse(
-            id=self.id, created=self.created, model=self.tm.served_model_name, choices=choices, usage=usage.usage()
-        ).model_dump()
+            entries, tops = self._echo_logprobs(meta)
+            output = meta.get("output_token_logprobs") or []
+            entries += output
+            tops += _pad(meta.get("output_top_logprobs"), len(output))
+            logprobs, _ = legacy_logprobs(self.tm, entries, tops, self.request.logprobs, 0)
+        return CompletionChoice(
+            index=index,
+            text=self._echo(index) + result["text"],
+            logprobs=logprobs,
+            finish_reason=finish_reason,
+            matched_stop=matched,
+        )
 
     def stream_chunks(self, index: int, result: dict) -> list[dict]:
         step = self.tracker.step(index, result)
