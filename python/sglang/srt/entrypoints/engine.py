@@ -18,13 +18,11 @@ from typing import Any, Iterator, Optional, Union
 import zmq
 import zmq.asyncio
 
-from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.entrypoints.subprocesses import Backend
 from sglang.srt.managers.detokenizer_manager import DetokenizerManager
 from sglang.srt.managers.io_struct import AbortReq, BatchTokenIDOut
-from sglang.srt.managers.scheduler_process import build_scheduler
+from sglang.srt.managers.scheduler_process import build_scheduler, load_model_config_and_tokenizer
 from sglang.srt.managers.tokenizer_manager import GenerateReqInput, ReqState, TokenizerManager
-from sglang.srt.model_loader import load_tokenizer, resolve_model_path
 from sglang.srt.server_args import ServerArgs, check_rank_layout
 from sglang.srt.utils import configure_logging
 
@@ -39,9 +37,8 @@ class Engine:
         self.remote: Optional[_RemoteBackend] = None
         if args.tknp_size > 1:
             self.scheduler = None
-            self.model_config = ModelConfig.from_path(resolve_model_path(args.model_path), args.dtype, args.context_length, args.device)
+            self.model_config, self.tokenizer = load_model_config_and_tokenizer(args)
             check_rank_layout(args, self.model_config)
-            self.tokenizer = load_tokenizer(self.model_config.model_path, args.tokenizer_path)
         else:
             self.scheduler, self.model_config, self.tokenizer = build_scheduler(args)
         self.tokenizer_manager = TokenizerManager(

@@ -29,7 +29,7 @@ from sglang.srt.entrypoints.openai.routes import mount_openai_routes
 from sglang.srt.entrypoints.openai.serving import validation_error_response
 from sglang.srt.entrypoints.subprocesses import Backend
 from sglang.srt.managers.tokenizer_manager import GenerateReqInput, TokenizerManager
-from sglang.srt.model_loader import load_tokenizer, resolve_model_path
+from sglang.srt.managers.scheduler_process import load_model_config_and_tokenizer
 from sglang.srt.server_args import ServerArgs, check_rank_layout
 
 logger = logging.getLogger(__name__)
@@ -274,11 +274,9 @@ async def _watchdog(state: ServerState) -> None:
 
 def launch_server(args: ServerArgs) -> int:
     """Runs the server until SIGINT/SIGTERM or a backend failure; returns the exit code."""
-    model_path = resolve_model_path(args.model_path)
-    model_config = ModelConfig.from_path(model_path, args.dtype, args.context_length, args.device)
+    model_config, tokenizer = load_model_config_and_tokenizer(args)
     args.served_model_name = args.served_model_name or model_config.model_path
     check_rank_layout(args, model_config)
-    tokenizer = load_tokenizer(model_path, args.tokenizer_path)
     chat_template = _read_chat_template(args.chat_template)
     sock = _bind(args.host, args.port)  # before the slow start-up: a busy port fails fast
     backend = Backend(args).start()

@@ -144,9 +144,8 @@ class ScheduleBatch:
                 logprob_targets += fill[first + 1 : last + 1]
                 top_k = max(top_k, req.top_logprobs_num)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)
-        mode = ForwardMode.DECODE if all(n == 1 for n in extend_lens) else ForwardMode.EXTEND
         return ForwardBatch(
-            forward_mode=mode,
+            forward_mode=ForwardMode.of(extend_lens),
             input_ids=as_long(input_ids),
             positions=as_long(positions),
             out_cache_loc=out_cache_loc,

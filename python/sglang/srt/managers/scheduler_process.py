@@ -42,14 +42,18 @@ _IDLE_POLL_MS = 1000
 _LOAD_REPORT_INTERVAL_S = 0.02
 
 
+def load_model_config_and_tokenizer(args: ServerArgs) -> tuple[ModelConfig, Any]:
+    """The model's config and tokenizer, per the (resolved) server args; nothing heavy."""
+    model_config = ModelConfig.from_path(resolve_model_path(args.model_path), args.dtype, args.context_length, args.device)
+    return model_config, load_tokenizer(model_config.model_path, args.tokenizer_path)
+
+
 def build_scheduler(
     args: ServerArgs, comm: Optional[TknpComm] = None, host_available: Optional[int] = None
 ) -> tuple[Scheduler, ModelConfig, Any]:
     """The model, its KV memory and a scheduler over them, per the (resolved) server args;
     with `comm`, one rank of a TKNP group (weights on the root only)."""
-    model_path = resolve_model_path(args.model_path)
-    model_config = ModelConfig.from_path(model_path, args.dtype, args.context_length, args.device)
-    tokenizer = load_tokenizer(model_path, args.tokenizer_path)
+    model_config, tokenizer = load_model_config_and_tokenizer(args)
     runner = ModelRunner(
         model_config,
         device=args.device,

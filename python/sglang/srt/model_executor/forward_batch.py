@@ -23,6 +23,10 @@ class ForwardMode(IntEnum):
     DECODE = auto()  # every request brings exactly one token
     IDLE = auto()  # no tokens (a TKNP rank with an empty partition)
 
+    @staticmethod
+    def of(extend_lens: list[int]) -> "ForwardMode":
+        return ForwardMode.DECODE if all(n == 1 for n in extend_lens) else ForwardMode.EXTEND
+
 
 @dataclass
 class ForwardBatch:

@@ -126,7 +126,7 @@ class TknpModelRunner:
         extend = extend_lens.tolist()
         seq = seq_lens.tolist()
         return ForwardBatch(
-            forward_mode=ForwardMode.DECODE if all(n == 1 for n in extend) else ForwardMode.EXTEND,
+            forward_mode=ForwardMode.of(extend),
             input_ids=input_ids,
             positions=positions,
             out_cache_loc=torch.empty(0, dtype=torch.int64),  # slots live on the owner rank
@@ -184,7 +184,7 @@ def _concat(batches: list[ForwardBatch]) -> ForwardBatch:
     lp_tgt = [b.logprob_target_ids for b in batches if b.logprob_target_ids is not None]
     extend = [n for b in batches for n in b.extend_lens]
     return ForwardBatch(
-        forward_mode=ForwardMode.DECODE if all(n == 1 for n in extend) else ForwardMode.EXTEND,
+        forward_mode=ForwardMode.of(extend),
         input_ids=cat([b.input_ids for b in batches]),
         positions=cat([b.positions for b in batches]),
         out_cache_loc=torch.empty(0, dtype=torch.int64),
