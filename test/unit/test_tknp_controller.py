@@ -11,10 +11,10 @@ def req(ids, max_new=16):
     return TokenizedGenerateReqInput(rid="r", input_ids=list(ids), sampling_params=SamplingParams(max_new_tokens=max_new), seed=0)
 
 
-def load(rank, used, waiting=0, capacity=1000):
-    return GetLoadReqOutput(num_running_reqs=0, num_waiting_reqs=waiting, max_total_num_tokens=capacity,
+def load(rank, used, pending=0, received=0, capacity=1000):
+    return GetLoadReqOutput(num_running_reqs=0, num_waiting_reqs=0, max_total_num_tokens=capacity,
                             kv_tokens_free=capacity - used, kv_tokens_cached=0, kv_tokens_used=used,
-                            max_running_requests=8, num_retractions=0, cache_hit_tokens=0, prompt_tokens=0,
+                            kv_tokens_pending=pending, num_received_reqs=received, max_running_requests=8, num_retractions=0, cache_hit_tokens=0, prompt_tokens=0,
                             generation_tokens=0, tknp_rank=rank)
 
 
@@ -40,6 +40,19 @@ def test_shortest_queue_weighs_load_by_capacity():
     # the placed request's tokens count until the next report: 100 + 10 + 16 + 500 more
     assert policy.place(req([2] * 500)) == 0  # rank 0 at 12.6% still lighter than 20%
     assert policy.place(req([3] * 10)) == 1   # now rank 0 is at 62.6%
+
+
+def test_a_report_forgets_only_the_requests_it_counted():
+    policy = PlacementPolicy("shortest_queue", [1000, 1000])
+    assert [policy.place(req([i] * 84)) for i in range(4)] == [0, 1, 0, 1]  # 100 tokens each
+    # rank 0 has received its first request only, and queued it; the second is still in the socket
+    policy.update(load(0, 0, pending=100, received=1))
+    assert policy.ranks[0].load() == pytest.approx(0.2)
+    # both received: one admitted (84 prompt tokens in use, 16 to generate), one queued
+    policy.update(load(0, 84, pending=16 + 100, received=2))
+    assert policy.ranks[0].load() == pytest.approx(0.2)
+    assert policy.place(req([5] * 84)) == 0, "ties go to the lower rank"
+    assert policy.place(req([6] * 84)) == 1
 
 
 def test_cache_aware_prefers_the_matching_rank_until_it_is_overloaded():

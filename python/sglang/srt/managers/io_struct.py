@@ -67,6 +67,8 @@ class GetLoadReqOutput:
     kv_tokens_free: int  # free in the allocator
     kv_tokens_cached: int  # held by the prefix cache (evictable ones included)
     kv_tokens_used: int  # owned by requests or locked in the cache
+    kv_tokens_pending: int  # still to be allocated: queued prompts, and what requests may generate
+    num_received_reqs: int  # generate requests this scheduler has been sent, ever
     max_running_requests: int
     num_retractions: int
     cache_hit_tokens: int

@@ -70,7 +70,8 @@ class Scheduler:
         self.running: list[Req] = []  # requests holding a req_to_token row
         self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
-        # cumulative counters for /metrics
+        # cumulative counters for /metrics (and, received requests, for TKNP placement)
+        self.num_received_reqs = 0
         self.num_prompt_tokens = 0
         self.num_cache_hit_tokens = 0
         self.num_generation_tokens = 0
@@ -101,6 +102,9 @@ class Scheduler:
             kv_tokens_free=kv.allocator.available_size(),
             kv_tokens_cached=kv.tree.total_size(),
             kv_tokens_used=kv.used_tokens(),
+            kv_tokens_pending=sum(len(r.fill_ids) for r in self.waiting)
+            + sum(r.remaining_new_tokens() for r in self.waiting + self.running),
+            num_received_reqs=self.num_received_reqs,
             max_running_requests=self.max_running_requests,
             num_retractions=self.num_retractions,
             cache_hit_tokens=self.num_cache_hit_tokens,
@@ -113,6 +117,7 @@ class Scheduler:
         )
 
     def _add_request(self, msg: TokenizedGenerateReqInput) -> None:
+        self.num_received_reqs += 1
         req = Req(
             rid=msg.rid,
             origin_input_ids=list(msg.input_ids),

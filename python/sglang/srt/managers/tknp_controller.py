@@ -8,8 +8,9 @@ counts, which keeps the ranks' steps in agreement (see scheduler_process).
 
 Placement policies (--load-balance-method):
   round_robin     ranks in turn;
-  shortest_queue  the rank with the least KV in use plus in flight, relative to its capacity
-                  (the root holds the weights, so its capacity is smaller);
+  shortest_queue  the rank with the least KV in use, still to be allocated, and in flight
+                  (placed but not yet counted by a report), relative to its capacity (the
+                  root holds the weights, so its capacity is smaller);
   cache_aware     the rank whose approximate prefix tree matches the prompt longest, unless the
                   match is short or, counting the request, that rank would be much busier than
                   the least-loaded one would be; then shortest_queue decides.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,13 +85,17 @@ class ApproxPrefixTree:
 class RankState:
     capacity: int
     used: int = 0  # KV tokens in use at the last report
-    waiting: int = 0
-    in_flight: int = 0  # tokens of requests sent since that report
-    placed: int = 0
+    pending: int = 0  # KV tokens its requests were still to allocate at that report
+    placed: int = 0  # requests placed on this rank, ever
+    # Requests the last report did not count yet, as (placement number, tokens), oldest first.
+    # A report says how many requests the rank has received; those leave this list then, and
+    # not before, so requests still in the socket are never forgotten.
+    unreported: deque = field(default_factory=deque)
     tree: ApproxPrefixTree = field(default_factory=ApproxPrefixTree)
 
     def load(self) -> float:
-        return (self.used + self.in_flight) / max(self.capacity, 1)
+        in_flight = sum(tokens for _, tokens in self.unreported)
+        return (self.used + self.pending + in_flight) / max(self.capacity, 1)
 
 
 class PlacementPolicy:
@@ -111,12 +117,13 @@ class PlacementPolicy:
         state = self.ranks[rank]
         state.placed += 1
         # the part of the prompt the rank's cache will likely serve costs it no new KV
-        state.in_flight += len(req.input_ids) - state.tree.match(req.input_ids) + req.sampling_params.max_new_tokens
+        tokens = len(req.input_ids) - state.tree.match(req.input_ids) + req.sampling_params.max_new_tokens
+        state.unreported.append((state.placed, tokens))
         state.tree.insert(req.input_ids)
         return rank
 
     def _least_loaded(self) -> int:
-        return min(range(len(self.ranks)), key=lambda r: (self.ranks[r].load(), self.ranks[r].waiting, r))
+        return min(range(len(self.ranks)), key=lambda r: (self.ranks[r].load(), r))
 
     def _cache_aware(self, req: TokenizedGenerateReqInput) -> int:
         ids = req.input_ids
@@ -135,8 +142,9 @@ class PlacementPolicy:
     def update(self, load: GetLoadReqOutput) -> None:
         state = self.ranks[load.tknp_rank]
         state.used = load.kv_tokens_used
-        state.waiting = load.num_waiting_reqs
-        state.in_flight = 0
+        state.pending = load.kv_tokens_pending
+        while state.unreported and state.unreported[0][0] <= load.num_received_reqs:
+            state.unreported.popleft()
 
 
 def merge_loads(loads: list[GetLoadReqOutput], placements: list[int]) -> GetLoadReqOutput:
