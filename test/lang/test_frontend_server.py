@@ -1,0 +1,226 @@
+"""Frontend programs against a real server on a tiny random Llama (float32), started by
+sgl.Runtime, which this module also tests (launch, endpoint, shutdown)."""
+
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+import sglang as sgl
+from sglang.lang.http_client import ServerError
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+API_KEY = "sk-frontend-test"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def runtime(make_tiny_model):
+    model = make_tiny_model("llama", seed=3)
+    rt = sgl.Runtime(model_path=str(model), dtype="float32", max_total_tokens=4096, port=31000, log_level="warning",
+                     api_key=API_KEY)
+    sgl.set_default_backend(rt)
+    yield rt
+    sgl.set_default_backend(None)
+    pid = rt.pid
+    rt.shutdown()
+    with pytest.raises(ServerError, match="cannot reach"):  # the server is gone after shutdown
+        sgl.RuntimeEndpoint(rt.url, timeout=5)
+    with pytest.raises(ProcessLookupError):
+        import os
+
+        os.kill(pid, 0)
+
+
+def _generate(rt, text, **params):
+    r = requests.post(rt.url + "/generate", json={"text": text, "sampling_params": {**GREEDY, **params}}, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_runtime_endpoint_and_server_info(runtime, make_tiny_model):
+    assert runtime.endpoint.get_model_name() == str(make_tiny_model("llama", seed=3))
+    info = sgl.get_server_info()
+    assert info["max_total_num_tokens"] == 4096 and info["dtype"] == "float32"
+    assert sgl.flush_cache() is True
+
+
+def test_gen_is_the_servers_continuation(runtime):
+    @sgl.function
+    def prog(s, subject):
+        s += "Facts about " + subject + ":"
+        s += sgl.gen("facts", max_tokens=6, ignore_eos=True, temperature=0, return_logprob=True, top_logprobs_num=2)
+        s += "\nMore:" + sgl.gen("more", max_tokens=3)
+
+    state = prog.run(subject="owls", temperature=0, ignore_eos=True)
+    direct = _generate(runtime, "Facts about owls:", max_new_tokens=6)
+    assert state["facts"] == direct["text"]
+    meta = state.get_meta_info("facts")
+    assert meta["completion_tokens"] == 6 and meta["prompt_tokens"] == direct["meta_info"]["prompt_tokens"]
+    assert [e[1] for e in meta["output_token_logprobs"]] == direct["output_ids"]
+    assert all(len(top) == 2 for top in meta["output_top_logprobs"])
+    more = _generate(runtime, "Facts about owls:" + direct["text"] + "\nMore:", max_new_tokens=3)["text"]
+    assert state["more"] == more  # run()'s defaults apply to gens that do not set them
+    assert state.text() == "Facts about owls:" + direct["text"] + "\nMore:" + more
+
+
+def test_gen_stop_and_min_tokens(runtime):
+    full = _generate(runtime, "Once upon a time", max_new_tokens=12)["text"]
+    stop = full[len(full) // 2:][:3]
+    assert stop.strip() and stop in full
+
+    @sgl.function
+    def prog(s):
+        s += "Once upon a time"
+        s += sgl.gen("x", max_tokens=12, stop=[stop], temperature=0)
+
+    assert prog.run()["x"] == full[:full.index(stop)]
+
+
+def test_structured_output_fails_clearly(runtime):
+    @sgl.function
+    def prog(s, kind):
+        s += "A number:"
+        if kind == "regex":
+            s += sgl.gen("n", regex=r"[0-9]+")
+        elif kind == "json":
+            s += sgl.gen("n", json_schema={"type": "object"})
+        else:
+            s += sgl.gen_int("n")
+
+    for kind in ("regex", "json", "int"):
+        with pytest.raises(ServerError) as info:
+            prog.run(kind=kind)
+        err = info.value
+        assert err.status == 400 and err.url == runtime.url + "/generate"
+        assert "not supported" in str(err) and runtime.url in str(err)
+        assert ("json_schema" if kind == "json" else "regex") in err.message
+
+
+def _choice_score(rt, prompt, choice):
+    """Mean logprob of the tokens `prompt + choice` has beyond `prompt`'s own, from scratch."""
+    def entries(text):
+        r = requests.post(rt.url + "/generate", json={"text": text, "sampling_params": {"max_new_tokens": 0},
+                                                      "return_logprob": True, "logprob_start_len": 0}, headers=AUTH, timeout=60)
+        return r.json()["meta_info"]["input_token_logprobs"]
+
+    base, full = [e[1] for e in entries(prompt)], entries(prompt + choice)
+    start = next(i for i, (a, b) in enumerate(zip(base + [None], full)) if a != b[1])
+    values = [e[0] for e in full[start:]]
+    return sum(values) / len(values)
+
+
+def test_select_picks_the_best_scored_choice(runtime):
+    choices = [" red", " green apples", " blue"]
+
+    @sgl.function
+    def prog(s):
+        s += "My favourite colour is"
+        s += sgl.select("colour", choices=choices)
+        s += "." + sgl.gen("same", choices=choices)
+
+    state = prog.run()
+    scores = [_choice_score(runtime, "My favourite colour is", c) for c in choices]
+    meta = state.get_meta_info("colour")
+    assert meta["normalized_prompt_logprobs"] == pytest.approx(scores, abs=1e-3)
+    assert state["colour"] == choices[scores.index(max(scores))]
+    assert state["same"] in choices and state.text() == "My favourite colour is" + state["colour"] + "." + state["same"]
+
+
+def test_roles_use_the_servers_chat_template(runtime, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    @sgl.function
+    def chat(s, question):
+        s += sgl.system("You are terse.")
+        s += sgl.user(question)
+        s += sgl.assistant(sgl.gen("answer", max_tokens=4, ignore_eos=True, temperature=0))
+        s += sgl.user_begin() + "Thanks" + sgl.user_end()
+
+    state = chat.run(question="Name a colour.")
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+    prompt = AutoTokenizer.from_pretrained(tokenizer_dir).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    answer = _generate(runtime, prompt, max_new_tokens=4)["text"]
+    assert state["answer"] == answer
+    assert state.text() == prompt + answer + "<|im_end|>\n<|im_start|>user\nThanks<|im_end|>\n"
+    assert state.messages() == messages + [{"role": "assistant", "content": answer.lstrip()}, {"role": "user", "content": "Thanks"}]
+
+
+def test_fork_branches_continue_independently(runtime):
+    @sgl.function
+    def prog(s):
+        s += "List:"
+        forks = s.fork(2)
+        forks += lambda i: [" one", " two"][i]
+        forks += sgl.gen("item", max_tokens=4, **GREEDY)
+        forks.join()
+
+    state = prog.run()
+    assert state["item"] == [_generate(runtime, "List:" + w, max_new_tokens=4)["text"] for w in (" one", " two")]
+    assert state.text() == "List:"
+
+
+def test_stream_yields_the_same_text_in_pieces(runtime):
+    @sgl.function
+    def prog(s):
+        s += "Once upon a time"
+        s += sgl.gen("story", max_tokens=8, **GREEDY)
+
+    state = prog.run(stream=True)
+    pieces = list(state.text_iter("story"))
+    assert len(pieces) > 1
+    assert "".join(pieces) == state["story"] == _generate(runtime, "Once upon a time", max_new_tokens=8)["text"]
+    assert state.get_meta_info("story")["completion_tokens"] == 8
+    whole = prog.run(stream=True)
+    assert "".join(whole.text_iter()) == whole.text() == "Once upon a time" + state["story"]
+
+
+def test_run_batch_caches_the_shared_prefix_once(runtime):
+    @sgl.function
+    def qa(s, question):
+        s += "You answer questions about the solar system, briefly and correctly, in one line.\n"
+        s += "Q: " + question + "\nA:"
+        s += sgl.gen("a", max_tokens=3, **GREEDY)
+
+    questions = ["Which planet is largest?", "What is the Sun?", "How many moons has Mars?", "Is Pluto a planet?"]
+    assert sgl.flush_cache()
+    states = qa.run_batch([{"question": q} for q in questions], num_threads=4, progress_bar=True)
+    prefix_tokens = _generate(runtime, "You answer questions about the solar system, briefly and correctly, in one line.\n",
+                              max_new_tokens=0)["meta_info"]["prompt_tokens"]
+    for q, state in zip(questions, states):
+        assert state.get_meta_info("a")["cached_tokens"] >= prefix_tokens - 1  # every program reused it
+        assert state["a"] == qa.run(question=q)["a"]
+    assert qa.run_batch([("Is the Moon a planet?",)])[0]["a"] == qa.run("Is the Moon a planet?")["a"]
+
+
+def test_errors_name_the_url_and_never_hang(runtime):
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ServerError, match=f"{dead}/get_model_info failed: cannot reach"):
+        sgl.RuntimeEndpoint(dead)
+
+    silent = socket.socket()  # accepts connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    started = time.monotonic()
+    with pytest.raises(ServerError, match="no answer within 1 s"):
+        sgl.RuntimeEndpoint(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=1)
+    assert time.monotonic() - started < 10
+    silent.close()
+
+    @sgl.function
+    def too_long(s):
+        s += "hi"
+        s += sgl.gen("x", max_tokens=-3)
+
+    with pytest.raises(ServerError, match="answered 400: .*max_new_tokens must be >= 0"):
+        too_long.run()
+
+    with pytest.raises(ServerError, match="get_model_info answered 401: missing or invalid API key"):
+        sgl.RuntimeEndpoint(runtime.url, api_key="wrong")
+    done = threading.Event()
+    threading.Thread(target=lambda: (too_long.run_batch([{}, {}]), done.set()), daemon=True).start()
+    assert done.wait(30), "a failing batch must return"
