@@ -1,5 +1,6 @@
-"""TKNP forward across real processes (gloo): every rank gets exactly the logits it would get
-from a plain single-rank forward of its own requests, with the weights only on the root."""
+"""TKNP and TP forwards across real processes (gloo): every rank gets the logits it would get
+from a plain single-rank forward of its own requests; weights live on the root's TP ranks only,
+each holding its shard."""
 
 import multiprocessing as mp
 
@@ -52,45 +53,52 @@ def _run_requests(runner_forward, runner, prompts, rank_reqs):
     return {i: (list(ids), logits) for i, (ids, logits) in results.items()}
 
 
-def _runner(model_path, hold_weights):
+def _runner(model_path, hold_weights, tp=None):
     from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.layers.tensor_parallel import TpGroup
     from sglang.srt.model_executor.model_runner import ModelRunner
 
     cfg = ModelConfig.from_path(model_path, dtype="float32")
-    return ModelRunner(cfg, "cpu", "torch_native", 0.5, max_total_tokens=1024, max_running_requests=8, hold_weights=hold_weights)
+    return ModelRunner(cfg, "cpu", "torch_native", 0.5, max_total_tokens=1024, max_running_requests=8,
+                       hold_weights=hold_weights, tp=tp or TpGroup())
 
 
-def _rank_main(rank, world, init_file, model_path, queue):
+def _rank_main(rank, tknp, tp, init_file, model_path, queue):
     try:
-        import torch.distributed as dist
-
+        from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
+        from sglang.srt.layers.tensor_parallel import TpGroup
         from sglang.srt.layers.tknp_attention import TknpComm
         from sglang.srt.model_executor.tknp_runner import TknpModelRunner
 
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-        runner = _runner(model_path, hold_weights=rank == 0)
+        state = init_distributed(RankLayout(tknp_size=tknp, tp_size=tp), rank, f"file://{init_file}", "gloo")
+        runner = _runner(model_path, hold_weights=state.coords.tknp == 0, tp=TpGroup.of(state))
         param_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters() if not p.is_meta)
-        tknp = TknpModelRunner(runner, TknpComm(None, list(range(world)), rank))
-        # shifted so the root is idle in some steps (world 2, 3) or all of them (world 6)
-        mine = [i for i in range(len(PROMPTS)) if (i + 1) % world == rank]
-        results = _run_requests(tknp.forward, runner, PROMPTS, mine)
-        queue.put((rank, param_bytes, results))
-        dist.destroy_process_group()
+        forward = TknpModelRunner(runner, TknpComm.of(state)).forward if tknp > 1 else runner.forward
+        # shifted so the root is idle in some steps (tknp 2, 3) or all of them (tknp 6)
+        mine = [i for i in range(len(PROMPTS)) if (i + 1) % tknp == state.coords.tknp]
+        results = _run_requests(forward, runner, PROMPTS, mine)
+        # plain lists: a tensor would cross as a shared-memory fd that dies with this process
+        queue.put((rank, param_bytes, {i: (ids, logits.tolist()) for i, (ids, logits) in results.items()}))
+        destroy_distributed()
     except BaseException as exc:
         queue.put((rank, None, repr(exc)))
         raise
 
 
-@pytest.mark.parametrize("world", [2, 3, 6])
-def test_tknp_forward_matches_single_rank(make_tiny_model, tmp_path, world):
+@pytest.mark.parametrize("tknp,tp", [(2, 1), (3, 1), (6, 1), (1, 2), (2, 2)])
+def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, tp):
+    """TKNP gives the single-rank logits bit for bit in effect (1e-4); TP to rounding (its
+    row-parallel sums run in another order), with the same greedy tokens."""
     model_path = str(make_tiny_model("llama", seed=4))
     ref = _runner(model_path, True)
     reference = _run_requests(ref.forward, ref, PROMPTS, range(len(PROMPTS)))
+    full_bytes = sum(p.numel() * p.element_size() for p in ref.model.parameters())
 
+    world = tknp * tp
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, str(tmp_path / "init"), model_path, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, tknp, tp, str(tmp_path / "init"), model_path, queue)) for r in range(world)]
     for p in procs:
         p.start()
     got = {}
@@ -105,10 +113,17 @@ def test_tknp_forward_matches_single_rank(make_tiny_model, tmp_path, world):
             if p.is_alive():
                 p.kill()
     assert all(p.exitcode == 0 for p in procs)
-    assert got[0][0] > 0 and all(got[r][0] == 0 for r in range(1, world)), "only the root holds weights"
-    # with 6 ranks the root owns no request and rank 4's only prompt is one token: empty partitions
-    merged = {i: res for _, (_, results) in got.items() for i, res in results.items()}
+    # global rank = tknp_rank * tp + tp_rank: the first tp ranks are the root's shards
+    root_bytes = [got[r][0] for r in range(tp)]
+    assert all(0 < b < full_bytes * (0.6 if tp > 1 else 1.01) for b in root_bytes), f"root shards {root_bytes} of {full_bytes}"
+    assert all(got[r][0] == 0 for r in range(tp, world)), "only the root holds weights"
+    # TP replicas of a TKNP rank return the same thing
+    for r in range(world):
+        first = got[r - r % tp][1]
+        assert {i: ids for i, (ids, _) in got[r][1].items()} == {i: ids for i, (ids, _) in first.items()}
+    # with tknp 6 the root owns no request and rank 4's only prompt is one token: empty partitions
+    merged = {i: res for r, (_, results) in got.items() if r % tp == 0 for i, res in results.items()}
     assert sorted(merged) == list(range(len(PROMPTS)))
     for i, (ids, logits) in reference.items():
         assert merged[i][0] == ids, f"prompt {i}"
-        assert torch.allclose(merged[i][1], logits, atol=1e-4), f"prompt {i}"
+        assert torch.allclose(torch.tensor(merged[i][1]), logits, atol=1e-4), f"prompt {i}"

@@ -50,22 +50,25 @@ def _run_concurrently(server, reqs):
         return [f.result().json() for f in futures]
 
 
-def test_parity_across_tknp_sizes_with_retraction(model_path):
+def test_parity_across_tknp_and_tp_sizes_with_retraction(model_path):
+    """The oracle is --tknp-size 1: TKNP 2 and 3 must match it, and TP 2 x TKNP 2 must match
+    TP 2 x TKNP 1 (4 processes). TP itself changes float rounding (row-parallel sums), so
+    TP 2 is held to the same tokens and logprobs within 1e-4 of TP 1."""
     results = {}
-    for tknp in (1, 2, 3):
+    for tknp, tp in ((1, 1), (2, 1), (3, 1), (1, 2), (2, 2)):
         # a pool this small per rank forces retractions under 18 concurrent requests
-        server = _server(model_path, tknp, "--max-total-tokens", "150", "--chunked-prefill-size", "128")
+        server = _server(model_path, tknp, "--tp-size", str(tp), "--max-total-tokens", "150", "--chunked-prefill-size", "128")
         try:
-            results[tknp] = _run_concurrently(server, _workload())
+            results[tknp, tp] = _run_concurrently(server, _workload())
             info = requests.get(server.url + "/server_info").json()
-            assert info["num_retractions"] > 0, f"tknp {tknp}: the pool was meant to force retraction"
+            assert info["num_retractions"] > 0, f"tknp {tknp} tp {tp}: the pool was meant to force retraction"
             assert info["kv_tokens_used"] == 0 and info["num_running_reqs"] == 0
+            assert len(info["internal_states"]) == tknp, "one entry per TKNP rank (TP replicas are one rank)"
         finally:
             server.stop()
-    base = results[1]
-    for tknp in (2, 3):
-        for i, (a, b) in enumerate(zip(base, results[tknp])):
-            assert a["output_ids"] == b["output_ids"], f"tknp {tknp} request {i}"
+    for config, oracle in (((2, 1), (1, 1)), ((3, 1), (1, 1)), ((2, 2), (1, 2)), ((1, 2), (1, 1))):
+        for i, (a, b) in enumerate(zip(results[oracle], results[config])):
+            assert a["output_ids"] == b["output_ids"], f"tknp x tp {config} request {i}"
             for key in ("output_token_logprobs", "input_token_logprobs"):
                 for x, y in zip(a["meta_info"][key], b["meta_info"][key]):
                     assert x[1] == y[1] and (x[0] is None) == (y[0] is None)

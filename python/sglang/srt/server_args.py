@@ -85,8 +85,6 @@ class ServerArgs:
             self.model_path = os.path.expanduser(self.model_path)
         if self.device == "auto":
             self.device = "cuda" if _cuda_available() else "cpu"
-        if self.tp_size > 1:
-            raise ValueError("--tp-size > 1 is not supported yet")
         if self.attention_backend is None:
             self.attention_backend = "torch_native"
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -100,6 +98,11 @@ class ServerArgs:
         if self.random_seed is None:
             self.random_seed = random.randrange(1 << 31)
         return self
+
+    @property
+    def world_size(self) -> int:
+        """Scheduler processes: one per (TKNP rank, TP rank)."""
+        return self.tknp_size * self.tp_size
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:

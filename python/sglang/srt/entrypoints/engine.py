@@ -2,10 +2,10 @@
 
 Data flow: generate() -> TokenizerManager (validate, tokenize) -> Scheduler (continuous
 batching; ModelRunner -> attention backend -> Sampler) -> DetokenizerManager (text) ->
-TokenizerManager (result dicts). With --tknp-size 1 all of it runs in the caller's thread,
-stepping the scheduler until the submitted requests finish. With --tknp-size N the engine
-starts the server's backend processes (controller, N rank schedulers, detokenizer) and drives
-the same TokenizerManager as the HTTP server, on an event loop in the caller's thread.
+TokenizerManager (result dicts). With one rank all of it runs in the caller's thread, stepping
+the scheduler until the submitted requests finish. With --tknp-size and/or --tp-size > 1 the
+engine starts the server's backend processes (controller, rank schedulers, detokenizer) and
+drives the same TokenizerManager as the HTTP server, on an event loop in the caller's thread.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Engine:
         configure_logging(args.log_level)
         self.server_args = args
         self.remote: Optional[_RemoteBackend] = None
-        if args.tknp_size > 1:
+        if args.world_size > 1:
             self.scheduler = None
             self.model_config, self.tokenizer = load_model_config_and_tokenizer(args)
             check_rank_layout(args, self.model_config)
@@ -45,7 +45,7 @@ class Engine:
             self.tokenizer, self.model_config.vocab_size, self.model_config.context_len, args.random_seed
         )
         self.detokenizer = DetokenizerManager(self.tokenizer)
-        if args.tknp_size > 1:
+        if args.world_size > 1:
             self.remote = _RemoteBackend(args, self.tokenizer_manager)
         load = self.remote.get_load() if self.remote else self.scheduler.get_load()
         logger.info(
@@ -145,7 +145,7 @@ class Engine:
 
 
 class _RemoteBackend:
-    """The server's backend processes driven from a synchronous caller (--tknp-size > 1)."""
+    """The server's backend processes driven from a synchronous caller (more than one rank)."""
 
     def __init__(self, args: ServerArgs, tm: TokenizerManager):
         self.backend = Backend(args).start()

@@ -1,9 +1,9 @@
 """The backend processes of a server and their IPC sockets.
 
---tknp-size 1: one scheduler and the detokenizer. --tknp-size N: N rank schedulers (a gloo
-group; weights on rank 0 only), the TKNP controller that places requests on them, and the
-detokenizer. The tokenizer side always talks to the socket named "scheduler", which the
-controller owns under TKNP.
+One rank: one scheduler and the detokenizer. --tknp-size N x --tp-size M: N * M rank
+schedulers (a gloo group; weights on the M TP ranks of TKNP rank 0 only), the controller that
+places requests on the TKNP ranks, and the detokenizer. The tokenizer side always talks to the
+socket named "scheduler", which the controller owns when there is more than one rank.
 
 `Backend.start` spawns them, waits until each reports ready (or a start-up error, raised here
 as one line), and `shutdown` stops them and removes the socket directory. Children also die
@@ -40,7 +40,7 @@ class Backend:
 
     def start(self) -> "Backend":
         self.socket_dir = tempfile.mkdtemp(prefix="sglang-tknp-")
-        names = ["scheduler", "detokenizer", "tokenizer", "controller_in"] + [f"rank{r}" for r in range(self.args.tknp_size)]
+        names = ["scheduler", "detokenizer", "tokenizer", "controller_in"] + [f"rank{r}" for r in range(self.args.world_size)]
         self.ipc = {name: f"ipc://{self.socket_dir}/{name}" for name in names}
         self.ipc["dist_init"] = f"file://{self.socket_dir}/dist_init"
         try:
@@ -51,16 +51,17 @@ class Backend:
         return self
 
     def _start_processes(self) -> None:
-        tknp = self.args.tknp_size > 1
+        multi = self.args.world_size > 1
         # measured once, before any rank loads weights: ranks on one host split this budget
-        available = device_memory(self.args.device)[0] if tknp and self.args.device == "cpu" else None
+        available = device_memory(self.args.device)[0] if multi and self.args.device == "cpu" else None
         schedulers = [
-            (f"scheduler{r}" if tknp else "scheduler", run_scheduler_process, (r, available))
-            for r in range(self.args.tknp_size)
+            (f"scheduler{r}" if multi else "scheduler", run_scheduler_process, (r, available))
+            for r in range(self.args.world_size)
         ]
         infos = self._spawn(schedulers + [("detokenizer", run_detokenizer_process, ())])
-        ranks = [infos[name] for name, _, _ in schedulers]
-        if tknp:
+        # TP replicas of a TKNP rank agree on their capacity; count each TKNP rank once
+        ranks = [infos[name] for name, _, _ in schedulers[:: self.args.tp_size]]
+        if multi:
             capacities = [info["max_total_num_tokens"] for info in ranks]
             self._spawn([("controller", run_tknp_controller_process, (capacities,))])
         self.info = {

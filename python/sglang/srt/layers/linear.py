@@ -2,7 +2,8 @@
 
 `MergedLinear` stacks several checkpoint matrices (q/k/v, or gate/up) into one weight so a
 layer runs one matmul instead of several; `load_shard` places each checkpoint tensor at its
-offset. Tensor parallelism, when it comes, shards these at one boundary, not in the models.
+offset. Tensor parallelism replaces them with their sharded forms in one place
+(`tensor_parallel.shard_model`), not in the models.
 """
 
 from typing import Sequence

@@ -6,11 +6,14 @@ in blocks so a long prompt never materializes a [prompt_len, vocab] matrix at on
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from sglang.srt.model_executor.forward_batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.tensor_parallel import TpGroup
 
 _LOGPROB_BLOCK_ROWS = 256
 
@@ -24,9 +27,18 @@ class LogitsProcessorOutput:
 
 
 class LogitsProcessor:
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        # Under tensor parallelism (set by shard_model) the LM head holds a slice of the vocab
+        # rows: a rank's logits are columns of the whole, gathered here.
+        self.tp: Optional["TpGroup"] = None
+
     def __call__(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: ForwardBatch) -> LogitsProcessorOutput:
         def logits_of(rows: torch.Tensor) -> torch.Tensor:
-            return torch.matmul(rows, lm_head_weight.t()).float()
+            logits = torch.matmul(rows, lm_head_weight.t()).float()
+            if self.tp is not None:
+                logits = self.tp.all_gather_cols(logits)[:, : self.vocab_size]
+            return logits
 
         out = LogitsProcessorOutput(next_token_logits=logits_of(hidden[batch.sample_indices]))
         if batch.return_all_logits:

@@ -48,8 +48,11 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"unsupported rope_type '{rope_type}'; supported: default, linear, llama3")
         self.head_dim = head_dim
         base = float(params["rope_theta"])
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        positions = torch.arange(max_position, dtype=torch.float32)
+        # Computed on the CPU even when the model is built on the meta device (weights come
+        # later; these are not weights), and moved to the device of the first forward.
+        cpu = torch.device("cpu")
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=cpu).float() / head_dim))
+        positions = torch.arange(max_position, dtype=torch.float32, device=cpu)
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, params)
         elif rope_type == "linear":
@@ -57,8 +60,7 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq)
         # [max_position, head_dim]: cos and sin of the rotation, halves repeated (neox layout).
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos_cache", emb.cos(), persistent=False)
-        self.register_buffer("sin_cache", emb.sin(), persistent=False)
+        self.cos_cache, self.sin_cache = emb.cos(), emb.sin()
         # One instance serves every layer of a model, and all layers of a forward see the same
         # positions tensor: the cos/sin lookup is done once per forward, not once per layer.
         self._positions: torch.Tensor | None = None
@@ -69,6 +71,8 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim]
         if positions is not self._positions or self._cos_sin[0].dtype != q.dtype:
+            if self.cos_cache.device != positions.device:
+                self.cos_cache, self.sin_cache = self.cos_cache.to(positions.device), self.sin_cache.to(positions.device)
             self._positions = positions
             self._cos_sin = (
                 self.cos_cache[positions].unsqueeze(1).to(q.dtype),

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from sglang.srt.layers.attention.base import AttentionBackend
 
 if TYPE_CHECKING:
+    from sglang.srt.distributed.parallel_state import ParallelState
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.model_executor.forward_batch import ForwardBatch
 
@@ -32,6 +33,13 @@ class TknpComm:
     group: Optional[dist.ProcessGroup]
     group_ranks: list[int]  # global ranks, index = tknp_rank; [0] is the root
     tknp_rank: int
+
+    @classmethod
+    def of(cls, state: "ParallelState") -> "TknpComm":
+        """This process's TKNP group: the ranks that share its TP rank (TP rank r of the root
+        sends q/k/v of its heads to TP rank r of every attention rank)."""
+        ranks = next(g for g in state.layout.tknp_group_ranks() if state.global_rank in g)
+        return cls(state.tknp_group, ranks, state.coords.tknp)
 
     @property
     def size(self) -> int:

@@ -4,12 +4,14 @@ Plain loop (--tknp-size 1): drain every message waiting on the input socket, run
 step when there is work, send the step's outputs to the detokenizer. With nothing to do it
 blocks on the socket (with a timeout only to notice a dead parent), so an idle server uses no CPU.
 
-TKNP loop: every rank of the group must take part in every forward, so the ranks agree on each
-iteration. The controller sends each rank its messages and then a `Tick` with the cumulative
-per-rank message counts to the root. Per iteration the root (blocking on its socket when idle)
+Lockstep loop (more than one rank: --tknp-size and/or --tp-size > 1): every rank must take
+part in every forward, so the ranks agree on each iteration. The controller sends each TKNP
+rank's messages to all of its TP replicas, then a `Tick` with the cumulative per-TKNP-rank
+message counts to global rank 0. Per iteration rank 0 (blocking on its socket when idle)
 broadcasts the newest counts; each rank reads its own socket up to its count (blocking: those
 messages were sent before the tick), then the ranks all-gather whether any has work and, if one
-has, all run one lockstep step. Idle non-root ranks wait inside the broadcast.
+has, all run one lockstep step. Idle ranks wait inside the broadcast. TP replicas read the same
+messages in the same steps, so their schedulers make the same decisions.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 import time
 from datetime import timedelta
 from typing import Any, Optional
@@ -26,7 +29,8 @@ import torch.distributed as dist
 import zmq
 
 from sglang.srt.configs.model_config import ModelConfig
-from sglang.srt.distributed.parallel_state import RankLayout, init_distributed
+from sglang.srt.distributed.parallel_state import ParallelState, RankLayout, init_distributed
+from sglang.srt.layers.tensor_parallel import TpGroup
 from sglang.srt.layers.tknp_attention import TknpComm
 from sglang.srt.managers.io_struct import BatchTokenIDOut, LoadReport, Tick, decode, encode
 from sglang.srt.managers.scheduler import Scheduler
@@ -49,11 +53,12 @@ def load_model_config_and_tokenizer(args: ServerArgs) -> tuple[ModelConfig, Any]
 
 
 def build_scheduler(
-    args: ServerArgs, comm: Optional[TknpComm] = None, host_available: Optional[int] = None
+    args: ServerArgs, state: Optional[ParallelState] = None, host_available: Optional[int] = None
 ) -> tuple[Scheduler, ModelConfig, Any]:
     """The model, its KV memory and a scheduler over them, per the (resolved) server args;
-    with `comm`, one rank of a TKNP group (weights on the root only)."""
+    with `state`, one rank of a TKNP x TP layout (weights on the root's TP ranks only)."""
     model_config, tokenizer = load_model_config_and_tokenizer(args)
+    tknp_rank = state.coords.tknp if state is not None else 0
     runner = ModelRunner(
         model_config,
         device=args.device,
@@ -61,10 +66,11 @@ def build_scheduler(
         mem_fraction_static=args.mem_fraction_static,
         max_total_tokens=args.max_total_tokens,
         max_running_requests=args.max_running_requests,
-        hold_weights=comm is None or comm.is_root,
+        hold_weights=tknp_rank == 0,
         # CPU ranks share one host's memory; GPU ranks each have their own device
-        memory_share=1.0 / args.tknp_size if args.device == "cpu" else 1.0,
+        memory_share=1.0 / args.world_size if args.device == "cpu" else 1.0,
         available_memory=host_available,
+        tp=TpGroup.of(state) if state is not None else TpGroup(),
     )
     scheduler = Scheduler(
         runner,
@@ -72,69 +78,75 @@ def build_scheduler(
         schedule_policy=args.schedule_policy,
         chunked_prefill_size=args.chunked_prefill_size,
         disable_radix_cache=args.disable_radix_cache,
-        tknp_runner=TknpModelRunner(runner, comm) if comm is not None else None,
+        tknp_runner=TknpModelRunner(runner, TknpComm.of(state)) if args.tknp_size > 1 else None,
     )
     return scheduler, model_config, tokenizer
 
 
 def run_scheduler_process(
-    args: ServerArgs, ipc: dict[str, str], ready_pipe: Any, tknp_rank: int = 0, host_available: Optional[int] = None
+    args: ServerArgs, ipc: dict[str, str], ready_pipe: Any, global_rank: int = 0, host_available: Optional[int] = None
 ) -> None:
-    """Entry point of a scheduler process; reports readiness (or the start-up error) on ready_pipe."""
+    """Entry point of a scheduler process; reports readiness (or the start-up error) on ready_pipe.
+
+    With more than one rank (TKNP and/or TP), the rank reads its own socket, fed by the
+    controller; only TP rank 0 of each TKNP rank talks back (outputs, replies, load reports):
+    its TP peers compute the same steps and would say the same things.
+    """
     kill_with_parent()
-    tknp = args.tknp_size > 1
-    configure_logging(args.log_level, prefix=f"scheduler{tknp_rank}" if tknp else "scheduler")
+    multi = args.world_size > 1
+    configure_logging(args.log_level, prefix=f"scheduler{global_rank}" if multi else "scheduler")
     try:
-        comm = _init_tknp(args, ipc, tknp_rank) if tknp else None
-        scheduler, _, _ = build_scheduler(args, comm, host_available)
+        state = _init_distributed(args, ipc, global_rank) if multi else None
+        scheduler, _, _ = build_scheduler(args, state, host_available)
     except Exception as exc:  # reported to the parent, which prints one line and exits
         ready_pipe.send({"error": f"{type(exc).__name__}: {exc}"})
         return
+    speaks = state is None or state.coords.tp == 0
     ctx = zmq.Context()
     recv = ctx.socket(zmq.PULL)
-    recv.bind(ipc[f"rank{tknp_rank}"] if tknp else ipc["scheduler"])
+    recv.bind(ipc[f"rank{global_rank}"] if multi else ipc["scheduler"])
     to_detokenizer = ctx.socket(zmq.PUSH)
     to_detokenizer.connect(ipc["detokenizer"])
     replies = ctx.socket(zmq.PUSH)
-    replies.connect(ipc["controller_in"] if tknp else ipc["tokenizer"])
+    replies.connect(ipc["controller_in"] if multi else ipc["tokenizer"])
     load = scheduler.get_load()
     ready_pipe.send({"max_total_num_tokens": load.max_total_num_tokens, "max_running_requests": load.max_running_requests})
-    io = _SchedulerIO(scheduler, recv, to_detokenizer, replies, _Watchdog(args.watchdog_timeout))
-    if tknp:
-        _tknp_loop(io, comm)
+    io = _SchedulerIO(scheduler, recv, to_detokenizer, replies, _Watchdog(args.watchdog_timeout), speaks)
+    if multi:
+        _lockstep_loop(io, state)
     else:
         _plain_loop(io)
 
 
-def _init_tknp(args: ServerArgs, ipc: dict[str, str], tknp_rank: int) -> TknpComm:
-    layout = RankLayout(tknp_size=args.tknp_size)
+def _init_distributed(args: ServerArgs, ipc: dict[str, str], global_rank: int) -> ParallelState:
+    layout = RankLayout(tknp_size=args.tknp_size, tp_size=args.tp_size)
     # Idle ranks wait inside a collective for as long as the server is idle.
-    state = init_distributed(layout, tknp_rank, ipc["dist_init"], "gloo", timeout=timedelta(days=365))
-    return TknpComm(state.tknp_group, layout.tknp_group_ranks()[0], tknp_rank)
+    return init_distributed(layout, global_rank, ipc["dist_init"], "gloo", timeout=timedelta(days=365))
 
 
 class _SchedulerIO:
-    def __init__(self, scheduler: Scheduler, recv: Any, to_detokenizer: Any, replies: Any, watchdog: "_Watchdog"):
+    def __init__(self, scheduler: Scheduler, recv: Any, to_detokenizer: Any, replies: Any, watchdog: "_Watchdog", speaks: bool):
         self.scheduler, self.recv, self.to_detokenizer, self.replies, self.watchdog = (
             scheduler, recv, to_detokenizer, replies, watchdog)
+        self.speaks = speaks  # False on TP ranks other than 0: they stay silent
         self.parent = os.getppid()
         self.last_report = 0.0
 
     def handle(self, msg: Any) -> None:
         reply = self.scheduler.handle(msg)
-        if reply is not None:
+        if reply is not None and self.speaks:
             self.replies.send(encode(reply))
 
     def step(self, lockstep: bool = False) -> None:
         with self.watchdog:
             outputs = self.scheduler.step(lockstep)
-        if outputs:
+        if outputs and self.speaks:
             self.to_detokenizer.send(encode(BatchTokenIDOut(outputs)))
 
     def report_load(self, force: bool = False) -> None:
-        """Tells the TKNP controller this rank's load, at most every few milliseconds."""
+        """Tells the controller this rank's load, at most every few milliseconds."""
         now = time.monotonic()
-        if force or now - self.last_report > _LOAD_REPORT_INTERVAL_S:
+        if self.speaks and (force or now - self.last_report > _LOAD_REPORT_INTERVAL_S):
             self.last_report = now
             self.replies.send(encode(LoadReport(self.scheduler.get_load())))
 
@@ -158,46 +170,52 @@ def _plain_loop(io: _SchedulerIO) -> None:
             io.step()
 
 
-def _tknp_loop(io: _SchedulerIO, comm: TknpComm) -> None:
-    consumed = 0  # messages (not ticks) read from this rank's socket
-    target = torch.zeros(comm.size, dtype=torch.int64)  # the newest counts, known to the root
+def _lockstep_loop(io: _SchedulerIO, state: ParallelState) -> None:
+    """Every rank of the layout (TKNP ranks and their TP replicas) in step; see the docstring.
+    Global rank 0 (TKNP root, TP rank 0) gets the ticks and leads."""
+    consumed = 0  # messages (not ticks) handled from this rank's socket
+    early: deque = deque()  # rank 0: messages read while looking for ticks, not yet counted by one
+    target = torch.zeros(state.layout.tknp_size, dtype=torch.int64)  # the newest counts, known to rank 0
+    leads = state.global_rank == 0
     busy = False
     while True:
-        if comm.is_root:
+        if leads:
             if not busy and not io.recv.poll(_IDLE_POLL_MS):
                 if not io.parent_alive():
                     return
                 continue
-            consumed = _drain_root(io, target, consumed)
+            _read_ahead(io, target, early)
         counts = target.clone()
-        dist.broadcast(counts, src=comm.group_ranks[0], group=comm.group)
-        while consumed < int(counts[comm.tknp_rank]):
-            msg = decode(io.recv.recv())
-            if isinstance(msg, Tick):  # only the root gets ticks
+        dist.broadcast(counts, src=0)
+        # Exactly the counted messages, on every rank alike: a TP replica that handled one more
+        # request than its peers would schedule a different batch.
+        while consumed < int(counts[state.coords.tknp]):
+            msg = early.popleft() if early else decode(io.recv.recv())
+            if isinstance(msg, Tick):  # only rank 0 gets ticks
                 target = torch.maximum(target, torch.tensor(msg.counts))
                 continue
             io.handle(msg)
             consumed += 1
-        flags = [torch.zeros(1, dtype=torch.int64) for _ in range(comm.size)]
-        dist.all_gather(flags, torch.tensor([int(io.scheduler.has_work())]), group=comm.group)
+        flags = [torch.zeros(1, dtype=torch.int64) for _ in range(state.layout.world_size)]
+        dist.all_gather(flags, torch.tensor([int(io.scheduler.has_work())]))
         busy = any(int(f) for f in flags)
         if busy:
             io.step(lockstep=True)
         io.report_load(force=not busy)  # going idle: the controller must see the final state
 
 
-def _drain_root(io: _SchedulerIO, target: torch.Tensor, consumed: int) -> int:
-    """Reads everything waiting on the root's socket: its own messages and the ticks."""
+def _read_ahead(io: _SchedulerIO, target: torch.Tensor, early: deque) -> None:
+    """Rank 0: reads everything waiting on its socket; ticks raise the target counts, other
+    messages wait in `early` until a broadcast count includes them."""
     while True:
         try:
             msg = decode(io.recv.recv(zmq.NOBLOCK))
         except zmq.Again:
-            return consumed
+            return
         if isinstance(msg, Tick):
             target.copy_(torch.maximum(target, torch.tensor(msg.counts)))
         else:
-            io.handle(msg)
-            consumed += 1
+            early.append(msg)
 
 
 class _Watchdog:

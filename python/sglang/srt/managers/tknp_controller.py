@@ -1,10 +1,12 @@
 """The TKNP controller: places each request on one rank of the TKNP group.
 
 It sits between the tokenizer side and the rank schedulers: tokenized requests arrive on the
-socket a plain scheduler would own; each goes to exactly one rank's socket, chosen by the
-placement policy; aborts and control requests go to every rank, and control replies are merged
-into one. After every batch of sends the root gets a `Tick` with the cumulative per-rank message
-counts, which keeps the ranks' steps in agreement (see scheduler_process).
+socket a plain scheduler would own; each goes to exactly one rank, chosen by the placement
+policy (and, under TP, to every TP replica of that rank); aborts and control requests go to
+every rank, and control replies (from TP rank 0 of each rank) are merged into one. After every
+batch of sends global rank 0 gets a `Tick` with the cumulative per-rank message counts, which
+keeps the ranks' steps in agreement (see scheduler_process). With --tknp-size 1 and
+--tp-size > 1 it runs too, with one rank to place on, to feed the TP replicas.
 
 Placement policies (--load-balance-method):
   round_robin     ranks in turn;
@@ -168,11 +170,14 @@ def run_tknp_controller_process(args: Any, ipc: dict[str, str], ready_pipe: Any,
     from_ranks.bind(ipc["controller_in"])
     to_tokenizer = ctx.socket(zmq.PUSH)
     to_tokenizer.connect(ipc["tokenizer"])
-    to_ranks = []
+    to_ranks = []  # per TKNP rank, a socket per TP replica (global ranks r * tp .. r * tp + tp - 1)
     for r in range(args.tknp_size):
-        sock = ctx.socket(zmq.PUSH)
-        sock.connect(ipc[f"rank{r}"])
-        to_ranks.append(sock)
+        replicas = []
+        for t in range(args.tp_size):
+            sock = ctx.socket(zmq.PUSH)
+            sock.connect(ipc[f"rank{r * args.tp_size + t}"])
+            replicas.append(sock)
+        to_ranks.append(replicas)
     controller = _Controller(PlacementPolicy(args.load_balance_method, capacities), to_ranks, from_ranks, to_tokenizer)
     ready_pipe.send({})
     poller = zmq.Poller()
@@ -196,11 +201,13 @@ class _Controller:
         self.counts = [0] * len(to_ranks)
 
     def _send(self, rank: int, msg: Any) -> None:
-        self.to_ranks[rank].send(encode(msg))
+        data = encode(msg)
+        for replica in self.to_ranks[rank]:  # TP replicas all compute the rank's steps
+            replica.send(data)
         self.counts[rank] += 1
 
     def _tick(self) -> None:
-        self.to_ranks[0].send(encode(Tick(list(self.counts))))
+        self.to_ranks[0][0].send(encode(Tick(list(self.counts))))
 
     def on_request(self, msg: Any) -> None:
         if isinstance(msg, TokenizedGenerateReqInput):

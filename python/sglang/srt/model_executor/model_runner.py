@@ -24,6 +24,7 @@ import torch
 from sglang.srt.configs.model_config import ModelConfig, cpu_supports_bf16
 from sglang.srt.layers.attention.registry import create_attention_backend
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.layers.tensor_parallel import TpGroup, shard_model
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 from sglang.srt.model_loader import iter_weights
@@ -52,12 +53,15 @@ class ModelRunner:
         hold_weights: bool = True,
         memory_share: float = 1.0,
         available_memory: Optional[int] = None,
+        tp: TpGroup = TpGroup(),
     ):
         self.model_config = model_config
         self.device = device
-        # False on a non-root TKNP rank: the model is built on the meta device (shapes, layer
+        # False on a non-root TKNP rank: the model stays on the meta device (shapes, layer
         # ids, no storage) and only its KV pool and attention run here.
         self.hold_weights = hold_weights
+        self.tp = tp
+        self.num_kv_heads = model_config.num_key_value_heads // tp.size  # the heads this rank keeps
         self.dtype = model_config.dtype
         self.compute_dtype = compute_dtype_for(self.dtype, device)
         self.model = self._load_model()
@@ -71,7 +75,7 @@ class ModelRunner:
         self.kv_pool = MHATokenToKVPool(
             self.plan.max_total_tokens,
             self.dtype,
-            model_config.num_key_value_heads,
+            self.num_kv_heads,
             model_config.head_dim,
             model_config.num_hidden_layers,
             device=device,
@@ -85,8 +89,13 @@ class ModelRunner:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.compute_dtype)
         try:
-            with torch.device(self.device if self.hold_weights else "meta"):
+            # Shapes first, storage after: a TP rank allocates only its shard.
+            with torch.device("meta"):
                 model = model_cls(cfg.hf_config, max_position=cfg.context_len + 1)
+                if self.tp.size > 1:
+                    shard_model(model, self.tp)
+            if self.hold_weights:
+                model.to_empty(device=self.device)  # every parameter is overwritten by the loader
         finally:
             torch.set_default_dtype(previous)
         if not self.hold_weights:
@@ -107,9 +116,7 @@ class ModelRunner:
     def _plan_memory(self, mem_fraction: float, max_total_tokens: int | None, max_running: int | None) -> MemoryPlan:
         cfg = self.model_config
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
-        per_token = MHATokenToKVPool.bytes_per_token(
-            self.dtype, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
-        )
+        per_token = MHATokenToKVPool.bytes_per_token(self.dtype, self.num_kv_heads, cfg.head_dim, cfg.num_hidden_layers)
         if max_total_tokens is None:
             available, total = device_memory(self.device)
             budget = available - total * (1 - mem_fraction)
@@ -127,6 +134,10 @@ class ModelRunner:
                 )
             max_total_tokens = int(budget // per_token)
         max_running = max_running or min(2048, max_total_tokens)
+        if self.tp.size > 1:
+            # TP ranks schedule in lockstep, so they must agree on their pool: the smallest wins
+            agreed = self.tp.all_reduce_min(torch.tensor([max_total_tokens, max_running]))
+            max_total_tokens, max_running = (int(x) for x in agreed)
         return MemoryPlan(max_total_tokens, max_running, weight_bytes)
 
     def forward(self, batch: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:

@@ -132,7 +132,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        self.logits_processor = LogitsProcessor()
+        self.logits_processor = LogitsProcessor(config.vocab_size)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -161,9 +161,14 @@ class LlamaForCausalLM(nn.Module):
                 if name not in params:
                     raise ValueError(f"checkpoint tensor '{name}' matches no parameter of {type(self).__name__}")
                 param = params[name]
-                if param.shape != tensor.shape:
+                # a tensor-parallel layer cuts its own part out of the full tensor
+                load_param = getattr(self.get_submodule(name.rpartition(".")[0]), "load_param", None)
+                if load_param is not None:
+                    load_param(param, tensor, name)
+                elif param.shape != tensor.shape:
                     raise ValueError(f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-                param.data.copy_(tensor)
+                else:
+                    param.data.copy_(tensor)
                 loaded.add(name)
         missing = [n for n in self._expected_weight_keys() if n not in loaded]
         if missing:
