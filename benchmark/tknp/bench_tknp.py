@@ -1,9 +1,12 @@
 """Token parallelism: what --tknp-size buys and costs, measured on real servers side by side.
 
-    python benchmark/tknp/bench_tknp.py --tknp-sizes 1,2 --num-requests 32 --context-len 2048 --output-len 32
+    python benchmark/tknp/bench_tknp.py --configs 1,2 --num-requests 32 --context-len 2048 --output-len 32
+    python benchmark/tknp/bench_tknp.py --shape llama-160m --configs 1,2,1x2,2x2 ...
 
-For each TKNP size it starts `python -m sglang.launch_server` on a random-weight model in a real
-model's shape (SmolLM2-135M's by default, written to a temp dir; no download), sized by memory
+`--configs` lists TKNP sizes, or TKNPxTP pairs (`2x2`: --tknp-size 2 --tp-size 2, 4 processes;
+the shape's heads must split over the TP size: llama-160m's 12 do, smollm2-135m's 9 do not).
+For each it starts `python -m sglang.launch_server` on a random-weight model in a real model's
+shape (SmolLM2-135M's by default, written to a temp dir; no download), sized by memory
 (no --max-total-tokens), and reports:
   - KV capacity in tokens per rank (the root holds the weights, so it gets less);
   - resident memory (RSS) per backend process;
@@ -12,7 +15,7 @@ model's shape (SmolLM2-135M's by default, written to a temp dir; no download), s
     their prompts now cached: decode tok/s = N * (output_len - 1) / (t_decode_run - t_first_token)
     where the first-token time is measured by a prefill-only rerun of the cached prompts;
   - the share of the root's forward time spent in TKNP scatter/gather (including waiting for
-    the other ranks' attention).
+    the other ranks' attention); under TP, of TP rank 0 of the root.
 It prints a table and writes a PNG plot (`--plot`, needs matplotlib).
 """
 
@@ -36,6 +39,9 @@ SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab, max positions
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192),
+    # JackFram/llama-160m (a Llama-2-style draft model): 12 heads, so TP 2 and 4 fit
+    "llama-160m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072),
 }
@@ -88,11 +94,12 @@ def run_batch(url: str, prompts: list[list[int]], max_new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(model_dir: str, tknp: int, args: argparse.Namespace) -> dict:
+def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
+    tknp, _, tp = config.partition("x")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_dir, "--port", str(port),
-           "--tknp-size", str(tknp), "--dtype", args.dtype, "--log-level", "warning",
+           "--tknp-size", tknp, "--tp-size", tp or "1", "--dtype", args.dtype, "--log-level", "warning",
            # cache_aware sends a repeated prompt back to the rank that cached it (round_robin would
            # place it by arrival order, which concurrent clients shuffle)
            "--load-balance-method", "cache_aware", "--context-length", str(args.context_len + args.output_len + 8)]
@@ -100,14 +107,15 @@ def measure(model_dir: str, tknp: int, args: argparse.Namespace) -> dict:
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server for tknp {tknp} exited with {proc.returncode}")
+                raise RuntimeError(f"server for {config} exited with {proc.returncode}")
             try:
                 if requests.get(url + "/health", timeout=1).status_code == 200:
                     break
             except requests.RequestException:
                 time.sleep(0.5)
         rng = random.Random(0)
-        prompts = [[rng.randrange(100, 40000) for _ in range(args.context_len)] for _ in range(args.num_requests)]
+        top = min(40000, SHAPES[args.shape]["vocab_size"])
+        prompts = [[rng.randrange(100, top) for _ in range(args.context_len)] for _ in range(args.num_requests)]
         prefill = run_batch(url, prompts, 1)  # prompts are now in each owner's prefix cache
         first_token = run_batch(url, prompts, 1)  # cached: the fixed cost of one step per request
         before = requests.get(url + "/server_info").json()["internal_states"][0]
@@ -117,7 +125,7 @@ def measure(model_dir: str, tknp: int, args: argparse.Namespace) -> dict:
         forward = root["forward_seconds"] - before["forward_seconds"]
         comm = root["tknp_comm_seconds"] - before["tknp_comm_seconds"]
         return {
-            "tknp": tknp,
+            "config": config,
             "kv_capacity": [r["max_total_num_tokens"] for r in info["internal_states"]],
             "rss_gib": [round(b / 2**30, 2) for b in rss_of_children(proc.pid)],
             "prefill_s": round(prefill, 2),
@@ -129,6 +137,11 @@ def measure(model_dir: str, tknp: int, args: argparse.Namespace) -> dict:
         proc.wait(timeout=60)
 
 
+def _label(config: str) -> str:
+    tknp, _, tp = config.partition("x")
+    return f"tknp {tknp}" + (f" x tp {tp}" if tp else "")
+
+
 def plot(results: list[dict], path: str) -> None:
     import matplotlib
 
@@ -136,7 +149,7 @@ def plot(results: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    labels = [f"tknp {r['tknp']}" for r in results]
+    labels = [_label(r["config"]) for r in results]
     axes[0].bar(labels, [sum(r["kv_capacity"]) / 1e3 for r in results])
     axes[0].set_title("KV capacity (k tokens, all ranks)")
     axes[1].bar(labels, [r["decode_tok_s"] for r in results])
@@ -150,7 +163,7 @@ def plot(results: list[dict], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES))
-    parser.add_argument("--tknp-sizes", default="1,2")
+    parser.add_argument("--configs", default="1,2", help="TKNP sizes or TKNPxTP pairs, comma-separated")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--context-len", type=int, default=2048)
     parser.add_argument("--output-len", type=int, default=32)
@@ -160,11 +173,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(args.shape, tmp)
-        results = [measure(model_dir, int(n), args) for n in args.tknp_sizes.split(",")]
+        results = [measure(model_dir, c, args) for c in args.configs.split(",")]
     print(f"shape={args.shape} dtype={args.dtype} requests={args.num_requests} context={args.context_len} output={args.output_len}")
-    print(f"{'tknp':>4} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} {'decode tok/s':>12} {'comm share':>10}")
+    print(f"{'config':>12} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} {'decode tok/s':>12} {'comm share':>10}")
     for r in results:
-        print(f"{r['tknp']:>4} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} {r['decode_tok_s']:>12} {r['comm_share']:>10.1%}")
+        print(f"{_label(r['config']):>12} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} {r['decode_tok_s']:>12} {r['comm_share']:>10.1%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
