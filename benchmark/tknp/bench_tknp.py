@@ -47,13 +47,14 @@ SHAPES = {
 }
 
 
-def make_model(shape: str, out_dir: str) -> str:
+def make_model(shape: str, out_dir: str, initializer_range: float = 0.02) -> str:
     import torch
     import transformers
 
     from sglang.srt.model_loader import default_model_path, load_tokenizer
 
-    config = transformers.LlamaConfig(**SHAPES[shape], tie_word_embeddings=True, rms_norm_eps=1e-5)
+    config = transformers.LlamaConfig(**SHAPES[shape], tie_word_embeddings=True, rms_norm_eps=1e-5,
+                                      initializer_range=initializer_range)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out_dir, safe_serialization=True)

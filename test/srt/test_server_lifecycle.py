@@ -58,6 +58,7 @@ def _socket_dirs() -> set[str]:
         (["--dtype", "float64"], "--dtype"),
         (["--chunked-prefill-size", "0"], "--chunked-prefill-size"),
         (["--attention-backend", "flashattn"], "--attention-backend"),
+        (["--attention-backend", "flashinfer", "--device", "cpu"], "--attention-backend flashinfer cannot run here: it needs CUDA"),
         (["--tknp-size", "2", "--dp-size", "2"], "mutually exclusive"),
         (["--tknp-size", "0"], "--tknp-size"),
         (["--load-balance-method", "random"], "--load-balance-method"),

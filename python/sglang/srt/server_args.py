@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import random
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ class ServerArgs:
     chunked_prefill_size: Optional[int] = _opt(None, "prefill tokens per step; -1 disables chunking")
     schedule_policy: str = _opt("fcfs", "order in which waiting requests are admitted", choices=SCHEDULE_POLICIES)
     disable_radix_cache: bool = _opt(False, "disable prefix caching")
-    attention_backend: Optional[str] = _opt(None, "attention kernels", choices=ATTENTION_BACKENDS)
+    attention_backend: Optional[str] = _opt(None, "attention kernels (default: flashinfer on CUDA when installed, else torch_native)", choices=ATTENTION_BACKENDS)
     random_seed: Optional[int] = _opt(None, "seed for requests that do not set sampling_seed")
     api_key: Optional[str] = _opt(None, "require 'Authorization: Bearer <key>' on every endpoint but /health")
     served_model_name: Optional[str] = _opt(None, "model name reported by the API (default: model path)")
@@ -86,9 +87,11 @@ class ServerArgs:
         if self.device == "auto":
             self.device = "cuda" if _cuda_available() else "cpu"
         if self.attention_backend is None:
-            self.attention_backend = "torch_native"
+            self.attention_backend = "torch_native" if _flashinfer_unusable(self.device, self.dtype) else "flashinfer"
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
+        if self.attention_backend == "flashinfer" and (reason := _flashinfer_unusable(self.device, self.dtype)):
+            raise ValueError(f"--attention-backend flashinfer cannot run here: {reason}; use --attention-backend torch_native")
         if self.mem_fraction_static is None:
             self.mem_fraction_static = _GPU_MEM_FRACTION if self.device == "cuda" else _CPU_MEM_FRACTION
         if self.chunked_prefill_size is None:
@@ -155,6 +158,17 @@ def _cuda_available() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+def _flashinfer_unusable(device: str, dtype: str) -> Optional[str]:
+    """Why FlashInfer cannot serve this device and dtype, or None when it can."""
+    if device != "cuda":
+        return f"it needs CUDA (--device {device})"
+    if importlib.util.find_spec("flashinfer") is None:
+        return "the flashinfer package is not installed (pip install -e 'python[cuda]')"
+    if dtype in ("float32", "float"):
+        return f"it has no float32 kernels (--dtype {dtype})"
+    return None
 
 
 def check_rank_layout(args: ServerArgs, model_config: Any) -> None:

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 _BACKENDS = {
     "torch_native": "sglang.srt.layers.attention.torch_native:TorchNativeAttnBackend",
+    "flashinfer": "sglang.srt.layers.attention.flashinfer_backend:FlashInferAttnBackend",  # CUDA only
 }
 
 
