@@ -153,7 +153,7 @@ def test_evict_lru_over_leaves_and_cascades_to_parents(cache, allocator):
         return slot_set(cache.all_slots())
 
     assert cache.evict(1) == 2 and cached() == slot_set(a) | slot_set(c)
-    assert not slot_set(b[2:]) & slot_set(allocator.used_slots())  # B's leaf went back
+    assert not slot_set(b[2:]) & slot_set(allocator.used_pages())  # B's leaf went back
     assert cache.evict(1) == 2 and cached() == slot_set(a)
     # [3] goes first; its parent [1, 2] is then an unlocked leaf and goes next.
     assert cache.evict(1) == 1 and cached() == slot_set(a[:2])
@@ -237,7 +237,7 @@ def test_randomized_operations_keep_counters_and_slots_consistent():
         held = sum(len(r[3]) for r in running)
         assert allocator.available_size() + cache.total_size() + held == allocator.size
         owned = [cache.all_slots()] + [r[3] for r in running]
-        assert slot_set(torch.cat(owned)) == slot_set(allocator.used_slots())
+        assert slot_set(torch.cat(owned)) == slot_set(allocator.used_pages())
 
     for _, _, node, own in running:
         allocator.free(own)

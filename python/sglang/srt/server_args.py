@@ -48,7 +48,8 @@ class ServerArgs:
     load_balance_method: str = _opt("cache_aware", "how the TKNP controller places requests on ranks", choices=LOAD_BALANCE_METHODS)
     dp_size: int = _opt(1, "data parallel size (only 1; use --tknp-size to scale KV capacity)")
     mem_fraction_static: Optional[float] = _opt(None, "share of memory for weights and KV cache")
-    max_total_tokens: Optional[int] = _opt(None, "KV cache capacity in tokens (overrides mem-fraction-static)")
+    max_total_tokens: Optional[int] = _opt(None, "KV cache capacity in tokens, rounded down to whole pages (overrides mem-fraction-static)")
+    page_size: int = _opt(1, "tokens per KV cache page; the pool and the prefix cache work in whole pages (FlashInfer's paged KV cache)")
     max_running_requests: Optional[int] = _opt(None, "maximum requests decoding at once")
     chunked_prefill_size: Optional[int] = _opt(None, "prefill tokens per step; -1 disables chunking")
     schedule_policy: str = _opt("fcfs", "order in which waiting requests are admitted", choices=SCHEDULE_POLICIES)
@@ -79,6 +80,10 @@ class ServerArgs:
         for name in ("context_length", "max_total_tokens", "max_running_requests"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1", value)
+        _check(self.page_size >= 1, "--page-size must be >= 1", self.page_size)
+        if self.max_total_tokens is not None:
+            _check(self.max_total_tokens >= self.page_size,
+                   f"--max-total-tokens must hold at least one page of --page-size {self.page_size}", self.max_total_tokens)
         _check(self.watchdog_timeout > 0, "--watchdog-timeout must be > 0", self.watchdog_timeout)
         if self.mem_fraction_static is not None:
             _check(0 < self.mem_fraction_static < 1, "--mem-fraction-static must be in (0, 1)", self.mem_fraction_static)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.mem_cache.kv_cache_manager import KVCacheManager
+from sglang.srt.mem_cache.memory_pool import slots_needed
 
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 _LPM_MAX_QUEUE = 128
@@ -35,15 +36,16 @@ class PrefillBudget:
     """What the step being built may still add as prefill tokens."""
 
     tokens: int  # chunked_prefill_size minus the prefill tokens already scheduled
-    reserved: int  # slots already promised: this step's tokens plus the decode reserve
+    reserved: int  # slots already promised: this step's new pages plus the decode reserve
+    page_size: int = 1
 
-    def room(self, available: int) -> int:
-        """Prefill tokens that fit, given the slots the KV cache can give now (free + evictable)."""
-        return max(0, min(self.tokens, available - self.reserved))
-
-    def take(self, wanted: int, available: int) -> int:
-        """How many of `wanted` tokens fit (0 when none), and consume them."""
-        n = min(wanted, self.room(available))
+    def take(self, kv_len: int, wanted: int, available: int) -> int:
+        """How many of the `wanted` tokens after a request's first `kv_len` fit (0 when none),
+        given the slots the KV cache can give now (free + evictable), and consume them. The free
+        rest of the request's last page costs nothing; every new page costs page_size slots."""
+        free_in_last_page = -kv_len % self.page_size
+        new_pages = max(0, available - self.reserved) // self.page_size
+        n = max(0, min(wanted, self.tokens, free_in_last_page + new_pages * self.page_size))
         self.tokens -= n
-        self.reserved += n
+        self.reserved += slots_needed(kv_len, kv_len + n, self.page_size)
         return n

@@ -128,7 +128,7 @@ class Scheduler:
             top_logprobs_num=msg.top_logprobs_num,
             stream=msg.stream,
         )
-        need = len(req.origin_input_ids) + 1
+        need = self.kv.slots_needed(0, len(req.origin_input_ids) + 1)
         if need > self.kv.total_tokens:
             self._finish(req, FinishReason("abort", message=(
                 f"the prompt needs {need} KV slots but this rank's KV cache holds {self.kv.total_tokens} tokens"
@@ -165,7 +165,8 @@ class Scheduler:
         items = self._schedule_decodes()
         budget = PrefillBudget(
             tokens=self.chunked_prefill_size or 1 << 62,
-            reserved=len(items) + self._decode_reserve(),
+            reserved=self._decode_slots([it.req for it in items]) + self._decode_reserve(),
+            page_size=self.kv.page_size,
         )
         # requests in the middle of a chunked prefill continue first
         for req in self.running:
@@ -178,7 +179,7 @@ class Scheduler:
             # Starting a request locks its cached prefix, which then no longer counts as evictable;
             # admit it only if its whole remaining prefill fits beside what is already promised.
             matched = self.kv.prefix_match_len(req)
-            needed = len(req.fill_ids) - matched
+            needed = self.kv.slots_needed(matched, len(req.fill_ids))
             if self.kv.available_size() - matched - budget.reserved < needed:
                 if not self.running and not items:
                     self._finish(req, FinishReason("abort", message=(
@@ -200,7 +201,7 @@ class Scheduler:
     def _schedule_decodes(self) -> list[ScheduledReq]:
         while True:
             decoding = [r for r in self.running if self._is_decoding(r)]
-            if self.kv.available_size() >= len(decoding) or not decoding:
+            if not decoding or self.kv.available_size() >= self._decode_slots(decoding):
                 break
             self._retract(decoding[-1])
         self.new_token_ratio = max(_MIN_NEW_TOKEN_RATIO, self.new_token_ratio - _NEW_TOKEN_RATIO_DECAY)
@@ -209,13 +210,17 @@ class Scheduler:
     def _is_decoding(self, req: Req) -> bool:
         return req.kv_len >= len(req.origin_input_ids) and req.kv_len == len(req.fill_ids) - 1
 
+    def _decode_slots(self, decoding: list[Req]) -> int:
+        """Slots one decode step of these requests takes: a new page for each whose last is full."""
+        return sum(self.kv.slots_needed(r.kv_len, r.kv_len + 1) for r in decoding)
+
     def _decode_reserve(self) -> int:
         return int(self.new_token_ratio * sum(r.remaining_new_tokens() for r in self.running))
 
     def _add_prefill(self, items: list[ScheduledReq], req: Req, budget: PrefillBudget) -> None:
         missing = len(req.fill_ids) - req.kv_len
         # available_size is read after kv.start locked this request's prefix, which made it unevictable
-        n = budget.take(missing, self.kv.available_size())
+        n = budget.take(req.kv_len, missing, self.kv.available_size())
         samples = n == missing and req.sampling_params.max_new_tokens > 0
         items.append(ScheduledReq(req, n, samples))
 

@@ -71,6 +71,7 @@ def build_scheduler(
         memory_share=1.0 / args.world_size if args.device == "cpu" else 1.0,
         available_memory=host_available,
         tp=TpGroup.of(state) if state is not None else TpGroup(),
+        page_size=args.page_size,
     )
     scheduler = Scheduler(
         runner,

@@ -4,6 +4,11 @@ It owns the request-to-token table, the slot allocator, the KV pool and the radi
 moves a request's slots between them: `start` gives a request its row and locks its cached prefix,
 `alloc_extend` gives it slots for the tokens a step computes (evicting cached leaves when the
 allocator runs short), and `release` hands everything back, the computed tokens to the cache.
+
+With pages (see memory_pool) the tree takes only the page-aligned part of a request's tokens; the
+slots of the unaligned tail share a page nobody else uses, so the request keeps them (after
+`cache_prompt`) or frees them (`release`). A matched prefix is whole pages, so a request's own
+tokens always start on a fresh page.
 """
 
 from __future__ import annotations
@@ -13,7 +18,14 @@ from typing import Optional
 import torch
 
 from sglang.srt.managers.schedule_batch import Req
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import (
+    MHATokenToKVPool,
+    ReqToTokenPool,
+    TokenToKVPoolAllocator,
+    check_page_layout,
+    pages_of,
+    slots_needed,
+)
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
 
@@ -33,6 +45,15 @@ class KVCacheManager:
     @property
     def total_tokens(self) -> int:
         return self.allocator.size
+
+    @property
+    def page_size(self) -> int:
+        return self.allocator.page_size
+
+    def slots_needed(self, kv_len: int, seq_len: int) -> int:
+        """Slots a request with `kv_len` tokens of KV takes to reach `seq_len` (whole pages: up to
+        page_size - 1 more than the tokens, none while its last page has room)."""
+        return slots_needed(kv_len, seq_len, self.page_size)
 
     def available_size(self) -> int:
         """Slots a step can get: free ones plus cached ones nobody is using."""
@@ -60,8 +81,15 @@ class KVCacheManager:
 
     def alloc_extend(self, reqs_and_lens: list[tuple[Req, int]]) -> Optional[torch.Tensor]:
         """Slots for `n` new tokens of each request, written into their rows; None if memory is short."""
-        total = sum(n for _, n in reqs_and_lens)
-        slots = self.alloc_tokens(total)
+        needed = sum(self.slots_needed(req.kv_len, req.kv_len + n) for req, n in reqs_and_lens)
+        if self.allocator.available_size() < needed:
+            self.tree.evict(needed - self.allocator.available_size())
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)
+        kv_lens = as_long([req.kv_len for req, _ in reqs_and_lens])
+        rows = as_long([req.req_pool_idx for req, _ in reqs_and_lens])
+        # the slot of each request's newest token names its last page (read only when not full)
+        last_slots = self.req_to_token_pool.req_to_token[rows, (kv_lens - 1).clamp(min=0)].cpu()
+        slots = self.allocator.alloc_extend(kv_lens, kv_lens + as_long([n for _, n in reqs_and_lens]), last_slots)
         if slots is None:
             return None
         offset = 0
@@ -70,22 +98,17 @@ class KVCacheManager:
             offset += n
         return slots
 
-    def alloc_tokens(self, num_tokens: int) -> Optional[torch.Tensor]:
-        if self.allocator.available_size() < num_tokens:
-            self.tree.evict(num_tokens - self.allocator.available_size())
-        return self.allocator.alloc(num_tokens)
-
     def cache_prompt(self, req: Req) -> None:
         """Shares a request's just-computed prompt through the prefix cache while it decodes,
         so requests arriving meanwhile with the same prefix reuse it."""
-        n = len(req.origin_input_ids)
-        if self.tree.disable or req.kv_len != n or req.prefix_len >= n:
+        n = self.tree.page_aligned(len(req.origin_input_ids))  # the tail's page stays the request's
+        if self.tree.disable or req.kv_len != len(req.origin_input_ids) or req.prefix_len >= n:
             return
         row = req.req_pool_idx
         slots = self.req_to_token_pool.req_to_token[row, :n]
-        inserted = self.tree.insert(req.origin_input_ids, slots)
+        inserted = self.tree.insert(req.origin_input_ids[:n], slots)
         self.allocator.free(slots[req.prefix_len : max(inserted, req.prefix_len)])  # held by the tree already
-        match = self.tree.match_prefix(req.origin_input_ids)
+        match = self.tree.match_prefix(req.origin_input_ids[:n])
         self.req_to_token_pool.write(row, 0, match.indices)  # the tree's slots replace freed duplicates
         self.tree.inc_lock_ref(match.last_node)
         self.tree.dec_lock_ref(req.last_node)
@@ -97,11 +120,11 @@ class KVCacheManager:
             return
         row = req.req_pool_idx
         slots = self.req_to_token_pool.req_to_token[row, : req.kv_len]
-        inserted = self.tree.insert(req.fill_ids[: req.kv_len], slots)
+        cached = 0 if self.tree.disable else self.tree.page_aligned(req.kv_len)
+        inserted = self.tree.insert(req.fill_ids[:cached], slots[:cached])
         # The tree already held [prefix_len, inserted) from another request: ours are duplicates.
         self.allocator.free(slots[req.prefix_len : max(inserted, req.prefix_len)])
-        if self.tree.disable:
-            self.allocator.free(slots[req.prefix_len :])
+        self.allocator.free(slots[cached:])  # the unaligned tail (everything without a cache)
         self.tree.dec_lock_ref(req.last_node)
         self.req_to_token_pool.free(row)
         req.req_pool_idx = None
@@ -117,14 +140,20 @@ class KVCacheManager:
         return True
 
     def check_integrity(self, running: list[Req]) -> None:
-        """free + owned by requests + cached == total, with no slot counted twice."""
-        owned = [
-            self.req_to_token_pool.req_to_token[r.req_pool_idx, r.prefix_len : r.kv_len] for r in running
-        ]
-        held = torch.cat(owned + [self.tree.all_slots()]) if owned else self.tree.all_slots()
-        assert held.numel() == held.unique().numel(), "a KV slot is held twice"
-        free = self.allocator.available_size()
-        assert free + held.numel() == self.total_tokens, (
-            f"KV slots leaked: free {free} + held {held.numel()} != total {self.total_tokens}"
+        """free + owned by requests + cached == total, counted in pages, with no page counted
+        twice; every running request's row keeps the page layout."""
+        self.tree.check_integrity()  # first: it checks that nodes hold whole pages
+        ps = self.page_size
+        owned = []
+        for r in running:
+            row = self.req_to_token_pool.req_to_token[r.req_pool_idx, : r.kv_len].cpu()
+            assert r.prefix_len % ps == 0, f"request {r.rid} shares a partial page with the cache"
+            check_page_layout(row, ps)
+            owned.append(pages_of(row[r.prefix_len :], ps))
+        held = torch.cat(owned + [self.tree.all_slots()[::ps].cpu() // ps])
+        assert held.numel() == held.unique().numel(), "a KV page is held twice"
+        free = self.allocator.available_size() // ps
+        assert free + held.numel() == self.allocator.num_pages, (
+            f"KV pages leaked: free {free} + held {held.numel()} != total {self.allocator.num_pages}"
         )
-        self.tree.check_integrity()
+        assert torch.equal(held.sort().values, self.allocator.used_pages()), "the allocator's free map disagrees"

@@ -1,19 +1,59 @@
-"""KV memory of one rank: the request-to-token table, the token-slot allocator, the KV pool.
+"""KV memory of one rank: the request-to-token table, the paged slot allocator, the KV pool.
 
 A request owns one row of `ReqToTokenPool.req_to_token`; entry `[row, i]` is the KV slot that
-holds token `i` of the request. Slots are handed out by `TokenToKVPoolAllocator` and name a row
-of every layer's K and V buffers in `MHATokenToKVPool`. Slot 0 is never handed out: it is the
-padding slot that batched attention gathers from for positions past a sequence's end.
+holds token `i` of the request. Slots name a row of every layer's K and V buffers in
+`MHATokenToKVPool`.
 
-Slots move between three states: free (in the allocator), owned by a running request, or held by
-the radix cache. `free + used + cached == total` is checked by `check_integrity` callers.
+Pages (`--page-size`, default 1): the allocator hands out whole pages of `page_size` slots; slot
+`s` lives in page `s // page_size` at offset `s % page_size`. Each layer's K and V buffer has
+`(num_pages + 1) * page_size` rows [rows, num_kv_heads, head_dim] (NHD), so
+`k_buffer[layer].view(num_pages + 1, page_size, H, D)` is FlashInfer's paged layout. Page 0 is
+never handed out: slot 0 is the padding slot that batched attention gathers from for positions
+past a sequence's end (with pages the whole page 0 is reserved). Capacity is
+`num_pages * page_size` tokens.
+
+A request fills its last page before it takes a new one, so token `i` sits at offset
+`i % page_size` of the page holding token `i - i % page_size`, and the request's page table is
+`req_to_token[row, 0:seq_len:page_size] // page_size`. With page size 1 a page is a slot.
+
+Pages move between three states: free (in the allocator), owned by a running request, or held
+by the radix cache (which shares whole pages only). `KVCacheManager.check_integrity` checks
+`free + owned + cached == total`, in pages.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, TypeVar
 
 import torch
+
+_Len = TypeVar("_Len", int, torch.Tensor)
+
+
+def slots_needed(kv_len: _Len, seq_len: _Len, page_size: int) -> _Len:
+    """Slots (whole new pages) that growing a request from `kv_len` to `seq_len` tokens takes
+    from the pool: the free rest of its last page comes first. Works on ints and int tensors."""
+    return (_num_pages(seq_len, page_size) - _num_pages(kv_len, page_size)) * page_size
+
+
+def _num_pages(num_tokens: _Len, page_size: int) -> _Len:
+    return -(-num_tokens // page_size)  # ceil, for ints and tensors alike
+
+
+def pages_of(slots: torch.Tensor, page_size: int) -> torch.Tensor:
+    """The pages holding `slots`, once each, for slots that list a page's slots together (a
+    request's row, a tree node's value)."""
+    return slots if page_size == 1 else torch.unique_consecutive(slots // page_size)
+
+
+def check_page_layout(slots: torch.Tensor, page_size: int) -> None:
+    """Assert that `slots[i]` (token i of a request, or of a page-aligned run) sits at offset
+    `i % page_size` of the page that holds `slots[i - i % page_size]`."""
+    if page_size == 1 or slots.numel() == 0:
+        return
+    i = torch.arange(slots.numel(), device=slots.device)
+    assert bool((slots % page_size == i % page_size).all()), "a token is at the wrong offset of its page"
+    assert bool((slots // page_size == slots[i - i % page_size] // page_size).all()), "a page is split"
 
 
 class ReqToTokenPool:
@@ -45,50 +85,97 @@ class ReqToTokenPool:
 
 
 class TokenToKVPoolAllocator:
-    """Hands out KV slots 1..size; each slot is freed exactly once."""
+    """Hands out KV pages 1..num_pages as the slots they hold; each page is freed exactly once.
 
-    def __init__(self, size: int):
+    Sizes are in tokens (slots): `size == num_pages * page_size`. Freed pages are reused first.
+    """
+
+    def __init__(self, size: int, page_size: int = 1):
+        assert page_size >= 1 and size % page_size == 0, f"{size} slots are not whole pages of {page_size}"
         self.size = size
+        self.page_size = page_size
+        self.num_pages = size // page_size
         self.clear()
 
     def clear(self) -> None:
-        self._free = torch.arange(1, self.size + 1, dtype=torch.int64)
-        self._num_free = self.size
+        self._free_pages = torch.arange(1, self.num_pages + 1, dtype=torch.int64)
+        self._num_free = self.num_pages
         # A bitmap catches double frees in debug checks without scanning the free list.
-        self._is_free = torch.ones(self.size + 1, dtype=torch.bool)
+        self._is_free = torch.ones(self.num_pages + 1, dtype=torch.bool)
         self._is_free[0] = False
 
     def available_size(self) -> int:
-        return self._num_free
+        """Free slots (whole free pages)."""
+        return self._num_free * self.page_size
 
     def alloc(self, num_tokens: int) -> Optional[torch.Tensor]:
-        """`num_tokens` slot indices (int64), or None when fewer are free."""
-        if num_tokens > self._num_free:
+        """The slots of `num_tokens / page_size` new pages (int64, page by page), or None when
+        fewer are free; `num_tokens` must be whole pages."""
+        assert num_tokens % self.page_size == 0, f"{num_tokens} tokens are not whole pages of {self.page_size}"
+        pages = self._take(num_tokens // self.page_size)
+        if pages is None:
             return None
-        start = self._num_free - num_tokens
-        slots = self._free[start : self._num_free].clone()
+        return (pages.unsqueeze(1) * self.page_size + torch.arange(self.page_size)).flatten()
+
+    def alloc_extend(
+        self, kv_lens: torch.Tensor, seq_lens: torch.Tensor, last_slots: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """Slots for tokens `kv_lens[i] .. seq_lens[i] - 1` of each request, concatenated in
+        request order; None (nothing taken) when too few pages are free.
+
+        A request first fills the rest of its last page, the one holding `last_slots[i]` (the
+        slot of its token `kv_lens[i] - 1`; ignored when `kv_lens[i]` is a multiple of
+        page_size), then takes new pages. All three are int64 tensors, [num_reqs].
+        """
+        ps = self.page_size
+        first_new = _num_pages(kv_lens, ps)  # index (within the request) of its first new page
+        num_new = _num_pages(seq_lens, ps) - first_new
+        pages = self._take(int(num_new.sum()))
+        if pages is None:
+            return None
+        extend_lens = seq_lens - kv_lens
+        req = torch.repeat_interleave(torch.arange(len(extend_lens)), extend_lens)  # [T]
+        token_start = torch.cumsum(extend_lens, 0) - extend_lens
+        pos = torch.arange(len(req)) - token_start[req] + kv_lens[req]  # [T] position in its request
+        page_in_req = pos // ps
+        new_page = (torch.cumsum(num_new, 0) - num_new)[req] + page_in_req - first_new[req]
+        # One lookup table for both kinds: each request's current last page, then the new ones.
+        table = torch.cat([last_slots // ps, pages])
+        page = table[torch.where(page_in_req >= first_new[req], len(extend_lens) + new_page, req)]
+        return page * ps + pos % ps
+
+    def _take(self, num_pages: int) -> Optional[torch.Tensor]:
+        if num_pages > self._num_free:
+            return None
+        start = self._num_free - num_pages
+        pages = self._free_pages[start : self._num_free].clone()
         self._num_free = start
-        self._is_free[slots] = False
-        return slots
+        self._is_free[pages] = False
+        return pages
 
     def free(self, slots: torch.Tensor) -> None:
-        n = slots.numel()
-        if n == 0:
+        """Frees the pages holding `slots` (a request's or tree node's slots, page by page); the
+        caller frees a page only when nothing else uses any of its slots."""
+        if slots.numel() == 0:
             return
-        assert not bool(self._is_free[slots].any()), "KV slot freed twice"
-        self._is_free[slots] = True
-        self._free[self._num_free : self._num_free + n] = slots
+        pages = pages_of(slots.cpu(), self.page_size)  # rows of req_to_token may live on the GPU
+        assert not bool(self._is_free[pages].any()), "KV page freed twice"
+        assert pages.unique().numel() == pages.numel(), "KV page freed twice in one call"
+        n = pages.numel()
+        self._is_free[pages] = True
+        self._free_pages[self._num_free : self._num_free + n] = pages
         self._num_free += n
 
-    def used_slots(self) -> torch.Tensor:
-        """Indices of the slots currently handed out (for integrity checks)."""
+    def used_pages(self) -> torch.Tensor:
+        """Pages currently handed out, ascending (for integrity checks)."""
         return (~self._is_free[1:]).nonzero().flatten() + 1
 
 
 class MHATokenToKVPool:
     """Per-layer K and V buffers indexed by slot.
 
-    k_buffer[layer]: [size + 1, num_kv_heads, head_dim] (NHD, the layout FlashInfer accepts).
+    k_buffer[layer]: [(num_pages + 1) * page_size, num_kv_heads, head_dim] (NHD); viewed as
+    [num_pages + 1, page_size, num_kv_heads, head_dim] it is FlashInfer's paged KV cache.
     """
 
     def __init__(
@@ -99,20 +186,24 @@ class MHATokenToKVPool:
         head_dim: int,
         layer_num: int,
         device: str = "cpu",
+        page_size: int = 1,
     ):
+        assert size % page_size == 0, f"{size} slots are not whole pages of {page_size}"
         self.size = size
+        self.page_size = page_size
+        self.num_pages = size // page_size
         self.dtype = dtype
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.layer_num = layer_num
-        shape = (size + 1, num_kv_heads, head_dim)
-        # Uninitialized: a slot is always written before it is read, so only slot 0 (the
-        # padding slot, which masked attention still multiplies by zero) needs zeros. On CPU
-        # this leaves the pages uncommitted until tokens land in them.
+        shape = (size + page_size, num_kv_heads, head_dim)  # page 0 is the reserved padding page
+        # Uninitialized: a slot is always written before it is read, so only page 0 (slot 0 is
+        # the padding slot, which masked attention still multiplies by zero) needs zeros. On CPU
+        # this leaves the memory pages uncommitted until tokens land in them.
         self.k_buffer = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layer_num)]
         self.v_buffer = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layer_num)]
         for buf in self.k_buffer + self.v_buffer:
-            buf[0].zero_()
+            buf[:page_size].zero_()
 
     @staticmethod
     def bytes_per_token(dtype: torch.dtype, num_kv_heads: int, head_dim: int, layer_num: int) -> int:

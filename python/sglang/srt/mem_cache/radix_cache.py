@@ -3,10 +3,15 @@
 Data structure
 --------------
 Each edge of the tree is a `TreeNode` whose `key` is a run of token ids and whose `value` holds
-the KV slot of each of those tokens (page size 1, so `len(key) == len(value)`). The path from the
-root to a node spells a token prefix; the concatenated values of that path are the slots of the
-prefix. Children are keyed by the first token of their key, so siblings never share a first token
-and a lookup walks one child per edge. The root has an empty key.
+the KV slot of each of those tokens (`len(key) == len(value)`). The path from the root to a node
+spells a token prefix; the concatenated values of that path are the slots of the prefix. Children
+are keyed by the first page of their key (the first token with page size 1), so siblings never
+share a first page and a lookup walks one child per edge. The root has an empty key.
+
+Pages: the tree shares whole pages only. Every key is a whole number of pages and its value the
+slots of those pages (see memory_pool), a match is truncated to whole pages, and nodes split only
+at page boundaries, so a page is never held by two nodes, nor partly by the tree and partly by a
+request. Callers insert only the page-aligned part of a request's tokens.
 
 A node is split when a lookup or an insert diverges (or stops) inside its key: the first part
 becomes a new parent, so every matched prefix ends exactly on a node boundary and that node can be
@@ -48,7 +53,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from sglang.srt.mem_cache.memory_pool import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import TokenToKVPoolAllocator, check_page_layout
 
 
 def _empty_slots() -> torch.Tensor:
@@ -68,8 +73,8 @@ class TreeNode:
         last_access_time: int,
         lock_ref: int = 0,
     ):
-        # Keyed by the first token of the child's key; siblings never share a first token.
-        self.children: dict[int, TreeNode] = {}
+        # Keyed by the first page of the child's key (`RadixCache._child_key`).
+        self.children: dict[int | tuple[int, ...], TreeNode] = {}
         self.parent = parent
         self.key = key
         self.value = value  # int64 slots, [len(key)]
@@ -94,9 +99,9 @@ class MatchResult:
         assert self.indices.dtype == torch.int64 and self.indices.dim() == 1
 
 
-def _common_prefix_len(node_key: list[int], key: Sequence[int], start: int) -> int:
-    """Length of the common prefix of `node_key` and `key[start:]`, without slicing `key`."""
-    limit = min(len(node_key), len(key) - start)
+def _common_prefix_len(node_key: list[int], key: Sequence[int], start: int, end: int) -> int:
+    """Length of the common prefix of `node_key` and `key[start:end]`, without slicing `key`."""
+    limit = min(len(node_key), end - start)
     i = 0
     while i < limit and node_key[i] == key[start + i]:
         i += 1
@@ -104,10 +109,11 @@ def _common_prefix_len(node_key: list[int], key: Sequence[int], start: int) -> i
 
 
 class RadixCache:
-    """Token-prefix -> KV-slot cache over a `TokenToKVPoolAllocator` (page size 1)."""
+    """Token-prefix -> KV-slot cache over a `TokenToKVPoolAllocator`, in whole pages."""
 
     def __init__(self, allocator: TokenToKVPoolAllocator, disable: bool = False):
         self.allocator = allocator
+        self.page_size = allocator.page_size
         self.disable = disable
         self.reset()
 
@@ -126,21 +132,22 @@ class RadixCache:
     # ---- lookup and insertion -------------------------------------------------------------
 
     def match_prefix(self, key: Sequence[int]) -> MatchResult:
-        """The longest cached prefix of `key` and the node that ends it.
+        """The longest cached prefix of `key` in whole pages, and the node that ends it.
 
         Splits the last node when the match ends inside it, so `last_node` covers exactly the
         match, and refreshes the access time of every node on the path.
         """
-        if self.disable or not key:
+        end = self.page_aligned(len(key))
+        if self.disable or end == 0:
             return MatchResult(_empty_slots(), self.root)
         now = self._tick()
         node, pos = self.root, 0
         values: list[torch.Tensor] = []
-        while pos < len(key):
-            child = node.children.get(key[pos])
+        while pos < end:
+            child = node.children.get(self._child_key(key, pos))
             if child is None:
                 break
-            n = _common_prefix_len(child.key, key, pos)
+            n = self.page_aligned(_common_prefix_len(child.key, key, pos, end))
             partial = n < len(child.key)
             if partial:
                 child = self._split(child, n)
@@ -156,28 +163,31 @@ class RadixCache:
         """Cache `value[i]` as the slot of token `key[i]`; return how many leading tokens were
         already cached.
 
-        For those first `n` tokens (the return value) the tree keeps its own slots and ignores
-        `value[:n]`; only `value[n:]` passes to the tree. The caller must therefore free every
-        slot in `value[:n]` that it allocated itself: if `value` starts with the `k` slots it got
-        from `match_prefix`, those are the tree's own and it frees `value[k:n]`. When the cache is
-        disabled nothing is stored, 0 is returned, and the caller frees all of `value`.
+        `key` must be whole pages (callers keep or free the slots of a request's unaligned tail).
+        For those first `n` tokens (the return value, whole pages) the tree keeps its own slots
+        and ignores `value[:n]`; only `value[n:]` passes to the tree. The caller must therefore
+        free every slot in `value[:n]` that it allocated itself: if `value` starts with the `k`
+        slots it got from `match_prefix`, those are the tree's own and it frees `value[k:n]`. When
+        the cache is disabled nothing is stored, 0 is returned, and the caller frees all of `value`.
 
         `value` is copied, because callers often pass a view of a `ReqToTokenPool` row that is
         overwritten when the row is reused.
         """
         assert len(key) == len(value), f"{len(key)} tokens but {len(value)} slots"
+        assert len(key) % self.page_size == 0, f"{len(key)} tokens are not whole pages of {self.page_size}"
         if self.disable:
             return 0
         now = self._tick()
         node, pos = self.root, 0
         while pos < len(key):
-            child = node.children.get(key[pos])
+            child_key = self._child_key(key, pos)
+            child = node.children.get(child_key)
             if child is None:
                 leaf = TreeNode(list(key[pos:]), value[pos:].clone(), node, now)
-                node.children[key[pos]] = leaf
+                node.children[child_key] = leaf
                 self._evictable_size += len(leaf.key)
                 return pos
-            n = _common_prefix_len(child.key, key, pos)
+            n = self.page_aligned(_common_prefix_len(child.key, key, pos, len(key)))
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access_time = now
@@ -191,16 +201,25 @@ class RadixCache:
         its ancestors, which now include the new parent. Sizes do not change, because both parts
         keep the same lock state.
         """
-        assert 0 < n < len(node.key)
+        assert 0 < n < len(node.key) and n % self.page_size == 0
         parent = node.parent
         assert parent is not None
         prefix = TreeNode(
             node.key[:n], node.value[:n], parent, node.last_access_time, lock_ref=node.lock_ref
         )
-        prefix.children[node.key[n]] = node
-        parent.children[node.key[0]] = prefix
+        prefix.children[self._child_key(node.key, n)] = node
+        parent.children[self._child_key(node.key, 0)] = prefix
         node.key, node.value, node.parent = node.key[n:], node.value[n:], prefix
         return prefix
+
+    def page_aligned(self, num_tokens: int) -> int:
+        """`num_tokens` rounded down to whole pages: the part of a sequence the tree can share."""
+        return num_tokens - num_tokens % self.page_size
+
+    def _child_key(self, key: Sequence[int], pos: int) -> int | tuple[int, ...]:
+        # The first page, because matches stop at page boundaries: two siblings may share a first
+        # token but never a first page. Page size 1 keeps plain ints (cheaper to hash).
+        return key[pos] if self.page_size == 1 else tuple(key[pos : pos + self.page_size])
 
     def _tick(self) -> int:
         # A counter rather than a clock: no ties between operations, and tests are deterministic.
@@ -253,7 +272,7 @@ class RadixCache:
             self._evictable_size -= len(node.key)
             parent = node.parent
             assert parent is not None
-            del parent.children[node.key[0]]
+            del parent.children[self._child_key(node.key, 0)]
             node.parent = None
             # The root is pinned (lock_ref 1), so it never qualifies here.
             if parent.is_leaf() and parent.lock_ref == 0:
@@ -292,9 +311,11 @@ class RadixCache:
         evictable = protected = 0
         for node in self._walk():
             parent = node.parent
-            assert parent is not None and parent.children.get(node.key[0]) is node, node
+            assert parent is not None and parent.children.get(self._child_key(node.key, 0)) is node, node
             assert len(node.key) > 0 and len(node.key) == len(node.value), node
+            assert len(node.key) % self.page_size == 0, node
             assert node.value.dtype == torch.int64, node
+            check_page_layout(node.value, self.page_size)
             assert node.lock_ref >= 0, node
             if node.lock_ref > 0:
                 protected += len(node.key)

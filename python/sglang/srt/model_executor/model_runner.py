@@ -1,7 +1,8 @@
 """ModelRunner: builds the model and the KV memory of one rank, and runs forwards on them.
 
 KV capacity: `max_total_tokens` when given; otherwise what the memory budget leaves once the
-weights are loaded: `available - total * (1 - mem_fraction_static)`, as SGLang sizes GPU pools.
+weights are loaded: `available - total * (1 - mem_fraction_static)`, as SGLang sizes GPU pools;
+either way rounded down to whole pages of `page_size` tokens.
 Under TKNP on one CPU host the ranks split that budget (`memory_share`) and the root pays for
 the weights out of its share. On CPU the buffers are allocated untouched (pages are committed as tokens are written), so a
 large pool costs nothing until it is used.
@@ -54,6 +55,7 @@ class ModelRunner:
         memory_share: float = 1.0,
         available_memory: Optional[int] = None,
         tp: TpGroup = TpGroup(),
+        page_size: int = 1,
     ):
         self.model_config = model_config
         self.device = device
@@ -67,11 +69,12 @@ class ModelRunner:
         self.model = self._load_model()
         self.memory_share = memory_share
         self.available_memory = available_memory
+        self.page_size = page_size
         self.plan = self._plan_memory(mem_fraction_static, max_total_tokens, max_running_requests)
         self.req_to_token_pool = ReqToTokenPool(
             self.plan.max_running_requests, model_config.context_len + 1, device=device
         )
-        self.allocator = TokenToKVPoolAllocator(self.plan.max_total_tokens)
+        self.allocator = TokenToKVPoolAllocator(self.plan.max_total_tokens, page_size)
         self.kv_pool = MHATokenToKVPool(
             self.plan.max_total_tokens,
             self.dtype,
@@ -79,6 +82,7 @@ class ModelRunner:
             model_config.head_dim,
             model_config.num_hidden_layers,
             device=device,
+            page_size=page_size,
         )
         self.attn_backend = create_attention_backend(attention_backend)
 
@@ -126,14 +130,17 @@ class ModelRunner:
                 # (the only rank with weights) gets the smallest KV pool.
                 before_weights = self.available_memory if self.available_memory is not None else available + weight_bytes
                 budget = (before_weights - total * (1 - mem_fraction)) * self.memory_share - weight_bytes
-            if budget < per_token * 16:
+            if budget < per_token * max(16, self.page_size):
                 raise ValueError(
                     f"not enough memory for the KV cache: {available / 2**30:.1f} GiB available, "
                     f"mem_fraction_static={mem_fraction} leaves {max(budget, 0) / 2**30:.2f} GiB; "
                     "raise --mem-fraction-static or set --max-total-tokens"
                 )
             max_total_tokens = int(budget // per_token)
-        max_running = max_running or min(2048, max_total_tokens)
+        max_total_tokens -= max_total_tokens % self.page_size
+        assert max_total_tokens > 0, f"the KV cache holds less than one page of {self.page_size} tokens"
+        # a running request holds at least one page
+        max_running = max_running or min(2048, max_total_tokens // self.page_size)
         if self.tp.size > 1:
             # TP ranks schedule in lockstep, so they must agree on their pool: the smallest wins
             agreed = self.tp.all_reduce_min(torch.tensor([max_total_tokens, max_running]))
