@@ -63,7 +63,7 @@ def _runner(model_path, hold_weights, tp=None):
                        hold_weights=hold_weights, tp=tp or TpGroup())
 
 
-def _rank_main(rank, tknp, tp, init_file, model_path, queue):
+def _rank_main(rank, tknp, tp, all_to_all, init_file, model_path, queue):
     try:
         from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
         from sglang.srt.layers.tensor_parallel import TpGroup
@@ -74,7 +74,7 @@ def _rank_main(rank, tknp, tp, init_file, model_path, queue):
         state = init_distributed(RankLayout(tknp_size=tknp, tp_size=tp), rank, f"file://{init_file}", "gloo")
         runner = _runner(model_path, hold_weights=state.coords.tknp == 0, tp=TpGroup.of(state))
         param_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters() if not p.is_meta)
-        forward = TknpModelRunner(runner, TknpComm.of(state)).forward if tknp > 1 else runner.forward
+        forward = TknpModelRunner(runner, TknpComm.of(state, use_all_to_all=all_to_all)).forward if tknp > 1 else runner.forward
         # shifted so the root is idle in some steps (tknp 2, 3) or all of them (tknp 6)
         mine = [i for i in range(len(PROMPTS)) if (i + 1) % tknp == state.coords.tknp]
         results = _run_requests(forward, runner, PROMPTS, mine)
@@ -86,10 +86,15 @@ def _rank_main(rank, tknp, tp, init_file, model_path, queue):
         raise
 
 
-@pytest.mark.parametrize("tknp,tp", [(2, 1), (3, 1), (6, 1), (1, 2), (2, 2)])
-def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, tp):
+@pytest.mark.parametrize(
+    "tknp,tp,all_to_all",
+    [(2, 1, False), (3, 1, True), (6, 1, False), (6, 1, True), (1, 2, False), (2, 2, True)],
+    ids=["tknp2", "tknp3-a2a", "tknp6", "tknp6-a2a", "tp2", "tknp2xtp2-a2a"],
+)
+def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, tp, all_to_all):
     """TKNP gives the single-rank logits bit for bit in effect (1e-4); TP to rounding (its
-    row-parallel sums run in another order), with the same greedy tokens."""
+    row-parallel sums run in another order), with the same greedy tokens. `a2a`: the
+    scatter/gather NCCL uses (all_to_all_single with split sizes), run here on gloo."""
     model_path = str(make_tiny_model("llama", seed=4))
     ref = _runner(model_path, True)
     reference = _run_requests(ref.forward, ref, PROMPTS, range(len(PROMPTS)))
@@ -98,7 +103,7 @@ def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, t
     world = tknp * tp
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, tknp, tp, str(tmp_path / "init"), model_path, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, tknp, tp, all_to_all, str(tmp_path / "init"), model_path, queue)) for r in range(world)]
     for p in procs:
         p.start()
     got = {}

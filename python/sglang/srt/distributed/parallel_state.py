@@ -144,6 +144,9 @@ class ParallelState:
     tp_cpu_group: Optional[ProcessGroup] = None
     pp_group: Optional[ProcessGroup] = None
     pp_cpu_group: Optional[ProcessGroup] = None
+    # Every rank, over gloo, for the schedulers' lockstep (counts, has-work flags); None when
+    # the default group is already gloo.
+    world_cpu_group: Optional[ProcessGroup] = None
     # True when init_distributed called init_process_group, so destroy_distributed tears it down.
     owns_default_group: bool = False
 
@@ -180,6 +183,8 @@ def init_distributed(
             backend=backend, init_method=init_method, world_size=layout.world_size, rank=global_rank, **kwargs
         )
         state.owns_default_group = True
+        if backend != "gloo":
+            state.world_cpu_group = dist.new_group(list(range(layout.world_size)), backend="gloo")
         for axis, all_groups in (
             ("tp", layout.tp_group_ranks()),
             ("pp", layout.pp_group_ranks()),

@@ -79,7 +79,7 @@ def build_scheduler(
         schedule_policy=args.schedule_policy,
         chunked_prefill_size=args.chunked_prefill_size,
         disable_radix_cache=args.disable_radix_cache,
-        tknp_runner=TknpModelRunner(runner, TknpComm.of(state)) if args.tknp_size > 1 else None,
+        tknp_runner=TknpModelRunner(runner, TknpComm.of(state, args.device)) if args.tknp_size > 1 else None,
     )
     return scheduler, model_config, tokenizer
 
@@ -120,9 +120,15 @@ def run_scheduler_process(
 
 
 def _init_distributed(args: ServerArgs, ipc: dict[str, str], global_rank: int) -> ParallelState:
+    """NCCL for the data (activations, q/k/v, logits) on GPUs, one GPU per rank; gloo on CPU and
+    for the control plane everywhere."""
     layout = RankLayout(tknp_size=args.tknp_size, tp_size=args.tp_size)
+    backend = "gloo"
+    if args.device == "cuda":
+        torch.cuda.set_device(global_rank)  # check_rank_layout made sure there are enough GPUs
+        backend = "nccl"
     # Idle ranks wait inside a collective for as long as the server is idle.
-    return init_distributed(layout, global_rank, ipc["dist_init"], "gloo", timeout=timedelta(days=365))
+    return init_distributed(layout, global_rank, ipc["dist_init"], backend, timeout=timedelta(days=365))
 
 
 class _SchedulerIO:
@@ -187,7 +193,7 @@ def _lockstep_loop(io: _SchedulerIO, state: ParallelState) -> None:
                 continue
             _read_ahead(io, target, early)
         counts = target.clone()
-        dist.broadcast(counts, src=0)
+        dist.broadcast(counts, src=0, group=state.world_cpu_group)
         # Exactly the counted messages, on every rank alike: a TP replica that handled one more
         # request than its peers would schedule a different batch.
         while consumed < int(counts[state.coords.tknp]):
@@ -198,7 +204,7 @@ def _lockstep_loop(io: _SchedulerIO, state: ParallelState) -> None:
             io.handle(msg)
             consumed += 1
         flags = [torch.zeros(1, dtype=torch.int64) for _ in range(state.layout.world_size)]
-        dist.all_gather(flags, torch.tensor([int(io.scheduler.has_work())]))
+        dist.all_gather(flags, torch.tensor([int(io.scheduler.has_work())]), group=state.world_cpu_group)
         busy = any(int(f) for f in flags)
         if busy:
             io.step(lockstep=True)

@@ -16,15 +16,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.tknp_attention import TknpAttentionBackend, TknpComm, serve_attention_layers
 from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang.srt.model_executor.model_runner import ModelRunner
-
-_HEADER = 5  # tokens, requests, sampling rows, logprob rows, top-k
 
 
 @dataclass
@@ -75,17 +72,18 @@ class TknpModelRunner:
         return self._rank_forward(local, headers[self.comm.tknp_rank])
 
     def _exchange_headers(self, mine: _Header) -> list[_Header]:
-        gathered = [torch.zeros(_HEADER, dtype=torch.int64) for _ in range(self.comm.size)]
-        fields = torch.tensor([mine.tokens, mine.reqs, mine.samples, mine.logprobs, mine.top_k])
-        dist.all_gather(gathered, fields, group=self.comm.group)
-        return [_Header(*t.tolist()) for t in gathered]
+        fields = [mine.tokens, mine.reqs, mine.samples, mine.logprobs, mine.top_k]
+        return [_Header(*f) for f in self.comm.all_gather_header(fields)]
 
     # ---- non-root ranks ------------------------------------------------------------------
 
     def _rank_forward(self, local: Optional[ForwardBatch], h: _Header) -> Optional[LogitsProcessorOutput]:
         if local is None:
+            if self.comm.use_all_to_all:  # every rank joins every layer's all_to_all
+                serve_attention_layers(self.runner.attn_backend, self.layers, None, self.comm, self.runner.compute_dtype)
             return None
-        parts = [local.input_ids, local.positions, torch.tensor(local.extend_lens), local.seq_lens, local.sample_indices]
+        device = local.input_ids.device
+        parts = [local.input_ids, local.positions, torch.tensor(local.extend_lens, device=device), local.seq_lens, local.sample_indices]
         if h.logprobs:
             parts += [local.logprob_indices, local.logprob_target_ids]
         self.comm.send(torch.cat(parts), 0)
