@@ -59,3 +59,15 @@ class ForwardBatch:
     @property
     def batch_size(self) -> int:
         return len(self.extend_lens)
+
+    _DEVICE_FIELDS = ("input_ids", "positions", "out_cache_loc", "req_pool_indices", "seq_lens",
+                      "sample_indices", "logprob_indices", "logprob_target_ids")
+
+    def to(self, device: torch.device | str) -> "ForwardBatch":
+        """Moves the tensors to the model's device (the scheduler builds them on the CPU) in
+        place; a no-op on CPU."""
+        for name in self._DEVICE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value.device != torch.device(device):
+                setattr(self, name, value.to(device, non_blocking=True))
+        return self

@@ -147,12 +147,17 @@ class ModelRunner:
             max_total_tokens, max_running = (int(x) for x in agreed)
         return MemoryPlan(max_total_tokens, max_running, weight_bytes)
 
-    def forward(self, batch: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
-        if batch is None:
-            return None
+    def attach(self, batch: ForwardBatch) -> ForwardBatch:
+        """Points a batch at this rank's pools and backend, its tensors on this rank's device."""
         batch.req_to_token_pool = self.req_to_token_pool
         batch.token_to_kv_pool = self.kv_pool
         batch.attn_backend = self.attn_backend
+        return batch.to(self.device)
+
+    def forward(self, batch: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
+        if batch is None:
+            return None
+        self.attach(batch)
         self.attn_backend.init_forward_metadata(batch)
         return self.model(batch.input_ids, batch.positions, batch)
 

@@ -61,9 +61,7 @@ class TknpModelRunner:
     def forward(self, local: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
         """This rank's logits; None when its partition is empty this step."""
         if local is not None:
-            local.req_to_token_pool = self.runner.req_to_token_pool
-            local.token_to_kv_pool = self.runner.kv_pool
-            local.attn_backend = self.runner.attn_backend
+            self.runner.attach(local)
         headers = self._exchange_headers(_Header.of(local))
         if all(h.tokens == 0 for h in headers):
             return None
