@@ -53,17 +53,17 @@ def _run_requests(runner_forward, runner, prompts, rank_reqs):
     return {i: (list(ids), logits) for i, (ids, logits) in results.items()}
 
 
-def _runner(model_path, hold_weights, tp=None):
+def _runner(model_path, hold_weights, tp=None, page_size=1):
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.layers.tensor_parallel import TpGroup
     from sglang.srt.model_executor.model_runner import ModelRunner
 
     cfg = ModelConfig.from_path(model_path, dtype="float32")
     return ModelRunner(cfg, "cpu", "torch_native", 0.5, max_total_tokens=1024, max_running_requests=8,
-                       hold_weights=hold_weights, tp=tp or TpGroup())
+                       hold_weights=hold_weights, tp=tp or TpGroup(), page_size=page_size)
 
 
-def _rank_main(rank, tknp, tp, all_to_all, init_file, model_path, queue):
+def _rank_main(rank, tknp, tp, all_to_all, page_size, init_file, model_path, queue):
     try:
         from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
         from sglang.srt.layers.tensor_parallel import TpGroup
@@ -72,7 +72,7 @@ def _rank_main(rank, tknp, tp, all_to_all, init_file, model_path, queue):
 
         torch.set_num_threads(1)
         state = init_distributed(RankLayout(tknp_size=tknp, tp_size=tp), rank, f"file://{init_file}", "gloo")
-        runner = _runner(model_path, hold_weights=state.coords.tknp == 0, tp=TpGroup.of(state))
+        runner = _runner(model_path, hold_weights=state.coords.tknp == 0, tp=TpGroup.of(state), page_size=page_size)
         param_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters() if not p.is_meta)
         forward = TknpModelRunner(runner, TknpComm.of(state, use_all_to_all=all_to_all)).forward if tknp > 1 else runner.forward
         # shifted so the root is idle in some steps (tknp 2, 3) or all of them (tknp 6)
@@ -87,14 +87,16 @@ def _rank_main(rank, tknp, tp, all_to_all, init_file, model_path, queue):
 
 
 @pytest.mark.parametrize(
-    "tknp,tp,all_to_all",
-    [(2, 1, False), (3, 1, True), (6, 1, False), (6, 1, True), (1, 2, False), (2, 2, True)],
-    ids=["tknp2", "tknp3-a2a", "tknp6", "tknp6-a2a", "tp2", "tknp2xtp2-a2a"],
+    "tknp,tp,all_to_all,page_size",
+    [(2, 1, False, 1), (3, 1, True, 1), (6, 1, False, 1), (6, 1, True, 1), (1, 2, False, 1), (2, 2, True, 1),
+     (3, 1, False, 16)],
+    ids=["tknp2", "tknp3-a2a", "tknp6", "tknp6-a2a", "tp2", "tknp2xtp2-a2a", "tknp3-page16"],
 )
-def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, tp, all_to_all):
+def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, tp, all_to_all, page_size):
     """TKNP gives the single-rank logits bit for bit in effect (1e-4); TP to rounding (its
     row-parallel sums run in another order), with the same greedy tokens. `a2a`: the
-    scatter/gather NCCL uses (all_to_all_single with split sizes), run here on gloo."""
+    scatter/gather NCCL uses (all_to_all_single with split sizes), run here on gloo. `page16`:
+    the ranks' pools hand out pages of 16 slots (the reference keeps pages of one)."""
     model_path = str(make_tiny_model("llama", seed=4))
     ref = _runner(model_path, True)
     reference = _run_requests(ref.forward, ref, PROMPTS, range(len(PROMPTS)))
@@ -103,7 +105,7 @@ def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, t
     world = tknp * tp
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, tknp, tp, all_to_all, str(tmp_path / "init"), model_path, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, tknp, tp, all_to_all, page_size, str(tmp_path / "init"), model_path, queue)) for r in range(world)]
     for p in procs:
         p.start()
     got = {}
