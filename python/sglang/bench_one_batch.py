@@ -75,6 +75,15 @@ def run_once(runner: ModelRunner, bench: BenchArgs) -> dict:
     }
 
 
+def build_runner(cfg: ModelConfig, server_args: ServerArgs) -> ModelRunner:
+    """A runner per the (resolved) flags, CUDA graphs included unless --disable-cuda-graph."""
+    return ModelRunner(
+        cfg, server_args.device, server_args.attention_backend, server_args.mem_fraction_static,
+        server_args.max_total_tokens, server_args.max_running_requests, page_size=server_args.page_size,
+        cuda_graph_max_bs=None if server_args.disable_cuda_graph else server_args.cuda_graph_max_bs,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ServerArgs.add_cli_args(parser)
@@ -85,10 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     server_args = ServerArgs.from_cli_args(args).resolve()
     bench = BenchArgs(args.batch_size, args.input_len, args.output_len, args.seed)
     cfg = ModelConfig.from_path(resolve_model_path(server_args.model_path), server_args.dtype, server_args.context_length, server_args.device)
-    runner = ModelRunner(
-        cfg, server_args.device, server_args.attention_backend, server_args.mem_fraction_static,
-        server_args.max_total_tokens, server_args.max_running_requests,
-    )
+    runner = build_runner(cfg, server_args)
     for _ in range(args.warmup):
         run_once(runner, dataclasses.replace(bench, output_len=min(bench.output_len, 4)))
     r = run_once(runner, bench)

@@ -86,8 +86,30 @@ class _Wrapper:
 
 
 class _Decode(_Wrapper):
+    """With use_cuda_graph, as FlashInfer documents it: the batch size is fixed by the buffers,
+    plan() copies the page tables into them, and run() reads them from there (as a captured
+    kernel would), so a buffer too small or a stale table shows up here."""
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 use_tensor_cores: bool = False, paged_kv_indptr_buffer: Optional[torch.Tensor] = None,
+                 paged_kv_indices_buffer: Optional[torch.Tensor] = None,
+                 paged_kv_last_page_len_buffer: Optional[torch.Tensor] = None):
+        super().__init__(float_workspace_buffer, kv_layout, use_tensor_cores)
+        self.graph_buffers = None
+        if use_cuda_graph:
+            self.graph_buffers = (paged_kv_indptr_buffer, paged_kv_indices_buffer, paged_kv_last_page_len_buffer)
+            assert paged_kv_indptr_buffer.numel() == paged_kv_last_page_len_buffer.numel() + 1
+
     def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, *,
              sm_scale: float, q_data_type: torch.dtype, kv_data_type: torch.dtype) -> None:
+        if self.graph_buffers is not None:
+            indptr_buf, indices_buf, last_buf = self.graph_buffers
+            assert last_page_len.numel() == last_buf.numel(), "the batch size of a CUDA-graph wrapper is fixed"
+            assert indices.numel() <= indices_buf.numel(), "page indices overflow the CUDA-graph buffer"
+            indptr_buf.copy_(indptr)
+            indices_buf[: indices.numel()].copy_(indices)
+            last_buf.copy_(last_page_len)
+            indptr, indices, last_page_len = indptr_buf, indices_buf, last_buf
         qo_indptr = torch.arange(last_page_len.numel() + 1, dtype=torch.int32)  # one query per request
         self._set_plan(qo_indptr, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim,
                        page_size, True, sm_scale, q_data_type, kv_data_type)

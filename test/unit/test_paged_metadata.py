@@ -6,6 +6,7 @@ module built on the same reference (the real kernels need a GPU)."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from sglang.srt.layers.attention.registry import create_attention_backend
 from sglang.srt.layers.attention.torch_native import TorchNativeAttnBackend
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.model_executor.cuda_graph_runner import pad_decode_batch
 from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
@@ -192,3 +194,38 @@ def test_flashinfer_backend_rejects_a_float32_kv_cache(flashinfer_backend_cls):
     batch = make_batch(CASES["decode"], 1, kv_dtype=torch.float32)
     with pytest.raises(ValueError, match="--attention-backend flashinfer needs a 16-bit KV cache"):
         flashinfer_backend_cls().init_forward_metadata(batch.forward_batch)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_flashinfer_backend_cuda_graph_path(flashinfer_backend_cls, page_size: int):
+    """CUDA-graph mode, as CudaGraphRunner drives it: a bucket's wrapper (fixed buffers) is
+    planned by the warmup over static buffers of padding requests, re-planned before the replay
+    for a padded decode batch copied into them, and the real rows match torch_native."""
+    native_batch = make_batch(CASES["decode"], page_size, kv_dtype=torch.bfloat16)
+    batch = make_batch(CASES["decode"], page_size, kv_dtype=torch.bfloat16)
+    fb, bucket = batch.forward_batch, 8
+    backend = flashinfer_backend_cls()
+    backend.init_cuda_graph_state(bucket, fb.req_to_token_pool.max_context_len, fb.token_to_kv_pool)
+    padded = pad_decode_batch(fb, bucket, fb.req_to_token_pool.padding_row)
+    zeros = lambda: torch.zeros(bucket, dtype=torch.int64)  # noqa: E731
+    static = dataclasses.replace(
+        padded, input_ids=zeros(), positions=zeros(), out_cache_loc=zeros(),
+        req_pool_indices=torch.full((bucket,), fb.req_to_token_pool.padding_row), seq_lens=torch.ones(bucket, dtype=torch.int64),
+        seq_lens_cpu=[1] * bucket, prefix_lens=[0] * bucket, extend_lens=[1] * bucket,
+    )
+    layer = make_layer()
+    backend.init_forward_metadata_capture(static)
+    q0 = torch.zeros(bucket, NUM_HEADS, HEAD_DIM)
+    kv0 = torch.zeros(bucket, NUM_KV_HEADS, HEAD_DIM)
+    backend.forward(q0, kv0, kv0, layer, static)  # the warmup before capture plans the wrapper
+
+    for name in ("input_ids", "positions", "out_cache_loc", "req_pool_indices", "seq_lens"):
+        getattr(static, name).copy_(getattr(padded, name))
+    backend.init_forward_metadata_replay(padded)
+    pad_rows = lambda x: torch.cat([x, x.new_zeros((bucket - x.shape[0], *x.shape[1:]))])  # noqa: E731
+    # what the captured kernels compute on replay: the capture's metadata, the buffers' tables
+    out = backend.forward(pad_rows(batch.q), pad_rows(batch.k), pad_rows(batch.v), layer, static)
+    torch.testing.assert_close(out[: fb.batch_size], run_torch_native(native_batch, layer), atol=1e-5, rtol=1e-5)
+    wrapper = backend._graph_wrappers[bucket]
+    assert wrapper.graph_buffers is not None and wrapper.num_plans == 2, "planned by the warmup, then per replay"
+    assert backend._decode_wrapper is None, "the eager decode wrapper is not involved"

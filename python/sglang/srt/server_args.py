@@ -28,6 +28,8 @@ LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "cache_aware")
 _CPU_MEM_FRACTION = 0.5
 _GPU_MEM_FRACTION = 0.85
 _DEFAULT_CHUNKED_PREFILL = 8192
+# SGLang's default on most GPUs: decode batches up to this size replay captured graphs.
+_DEFAULT_CUDA_GRAPH_MAX_BS = 160
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -55,6 +57,8 @@ class ServerArgs:
     schedule_policy: str = _opt("fcfs", "order in which waiting requests are admitted", choices=SCHEDULE_POLICIES)
     disable_radix_cache: bool = _opt(False, "disable prefix caching")
     attention_backend: Optional[str] = _opt(None, "attention kernels (default: flashinfer on CUDA when installed, else torch_native)", choices=ATTENTION_BACKENDS)
+    cuda_graph_max_bs: Optional[int] = _opt(None, f"largest decode batch replayed from a CUDA graph (default: {_DEFAULT_CUDA_GRAPH_MAX_BS}); larger batches run eagerly")
+    disable_cuda_graph: bool = _opt(False, "run every forward eagerly (CUDA graphs are never used on CPU)")
     random_seed: Optional[int] = _opt(None, "seed for requests that do not set sampling_seed")
     api_key: Optional[str] = _opt(None, "require 'Authorization: Bearer <key>' on every endpoint but /health")
     served_model_name: Optional[str] = _opt(None, "model name reported by the API (default: model path)")
@@ -81,6 +85,9 @@ class ServerArgs:
             value = getattr(self, name)
             _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1", value)
         _check(self.page_size >= 1, "--page-size must be >= 1", self.page_size)
+        if self.cuda_graph_max_bs is None:
+            self.cuda_graph_max_bs = _DEFAULT_CUDA_GRAPH_MAX_BS
+        _check(self.cuda_graph_max_bs >= 1, "--cuda-graph-max-bs must be >= 1", self.cuda_graph_max_bs)
         if self.max_total_tokens is not None:
             _check(self.max_total_tokens >= self.page_size,
                    f"--max-total-tokens must hold at least one page of --page-size {self.page_size}", self.max_total_tokens)

@@ -72,6 +72,7 @@ def build_scheduler(
         available_memory=host_available,
         tp=TpGroup.of(state) if state is not None else TpGroup(),
         page_size=args.page_size,
+        cuda_graph_max_bs=_cuda_graph_max_bs(args),
     )
     scheduler = Scheduler(
         runner,
@@ -82,6 +83,18 @@ def build_scheduler(
         tknp_runner=TknpModelRunner(runner, TknpComm.of(state, args.device)) if args.tknp_size > 1 else None,
     )
     return scheduler, model_config, tokenizer
+
+
+def _cuda_graph_max_bs(args: ServerArgs) -> Optional[int]:
+    """The largest decode batch to capture graphs for; None runs every forward eagerly."""
+    if args.disable_cuda_graph or args.device != "cuda":
+        return None
+    if args.tknp_size > 1:
+        # The root's forward would need every partition padded to one bucket and the ranks'
+        # attention loops captured too (docs/tknp.md, "CUDA graphs").
+        logger.info("CUDA graphs off: not implemented with --tknp-size > 1")
+        return None
+    return args.cuda_graph_max_bs
 
 
 def run_scheduler_process(

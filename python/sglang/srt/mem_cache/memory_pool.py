@@ -57,13 +57,19 @@ def check_page_layout(slots: torch.Tensor, page_size: int) -> None:
 
 
 class ReqToTokenPool:
-    """Rows of token -> KV-slot indices, one row per running request."""
+    """Rows of token -> KV-slot indices, one row per running request.
+
+    Row `padding_row` (one past the `size` rows handed out) is never allocated and stays all
+    zeros (the padding slot 0, in page 0): the rows that pad a decode batch to a CUDA graph's
+    batch size point at it, so they read and write nothing but the padding slot.
+    """
 
     def __init__(self, size: int, max_context_len: int, device: str = "cpu"):
         self.size = size
         self.max_context_len = max_context_len
+        self.padding_row = size
         # int64 so rows index the KV buffers directly, with no conversion on the hot path.
-        self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int64, device=device)
+        self.req_to_token = torch.zeros((size + 1, max_context_len), dtype=torch.int64, device=device)
         self._free_rows: list[int] = list(range(size))
 
     def available_size(self) -> int:

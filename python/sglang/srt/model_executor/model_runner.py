@@ -11,6 +11,10 @@ dtype vs compute dtype: a CPU without bfloat16/float16 arithmetic runs a 16-bit 
 on weights rounded to the 16-bit dtype (so the values are the model's), with the KV cache kept in
 the 16-bit dtype (so capacity is the model's). oneDNN's emulated 16-bit matmuls on such CPUs
 measured 3-5x slower than float32.
+
+CUDA graphs: with `cuda_graph_max_bs` set, on CUDA, with an attention backend that supports
+them, decode batches of up to that many requests replay captured graphs (cuda_graph_runner.py);
+everything else, and every forward on CPU, runs eagerly.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from sglang.srt.layers.attention.registry import create_attention_backend
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.tensor_parallel import TpGroup, shard_model
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
+from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 from sglang.srt.model_loader import iter_weights
 from sglang.srt.models.registry import get_model_class
@@ -56,6 +61,7 @@ class ModelRunner:
         available_memory: Optional[int] = None,
         tp: TpGroup = TpGroup(),
         page_size: int = 1,
+        cuda_graph_max_bs: Optional[int] = None,
     ):
         self.model_config = model_config
         self.device = device
@@ -85,6 +91,7 @@ class ModelRunner:
             page_size=page_size,
         )
         self.attn_backend = create_attention_backend(attention_backend)
+        self.cuda_graph_runner = self._init_cuda_graphs(cuda_graph_max_bs)
 
     def _load_model(self) -> torch.nn.Module:
         cfg = self.model_config
@@ -147,6 +154,22 @@ class ModelRunner:
             max_total_tokens, max_running = (int(x) for x in agreed)
         return MemoryPlan(max_total_tokens, max_running, weight_bytes)
 
+    def _init_cuda_graphs(self, max_bs: Optional[int]) -> Optional[CudaGraphRunner]:
+        """Graphs when asked for (`max_bs` set) and this rank can run them; else None (eager)."""
+        if max_bs is None or torch.device(self.device).type != "cuda" or not self.hold_weights:
+            return None
+        why_not = None
+        if not self.attn_backend.supports_cuda_graph:
+            why_not = f"the {type(self.attn_backend).__name__} attention backend does not support them"
+        elif self.tp.size > 1:
+            why_not = "not implemented with --tp-size > 1"
+        if why_not is not None:
+            logger.info("CUDA graphs off: %s", why_not)
+            return None
+        # a bucket beyond the most requests that can run at once would never replay
+        max_bs = min(max_bs, self.plan.max_running_requests)
+        return CudaGraphRunner(self.model, self.attn_backend, self.req_to_token_pool, self.kv_pool, max_bs)
+
     def attach(self, batch: ForwardBatch) -> ForwardBatch:
         """Points a batch at this rank's pools and backend, its tensors on this rank's device."""
         batch.req_to_token_pool = self.req_to_token_pool
@@ -158,6 +181,8 @@ class ModelRunner:
         if batch is None:
             return None
         self.attach(batch)
+        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
+            return self.cuda_graph_runner.replay(batch)
         self.attn_backend.init_forward_metadata(batch)
         return self.model(batch.input_ids, batch.positions, batch)
 

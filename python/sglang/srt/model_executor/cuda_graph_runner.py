@@ -1,0 +1,181 @@
+"""CUDA graphs for decode batches: one graph per batch-size bucket, replayed with padding.
+
+A decode step of a small batch is hundreds of short kernels whose launch cost exceeds their
+work; a CUDA graph launches them all at once. A graph fixes its tensors' shapes and addresses, so:
+
+- a batch is padded up to the next captured size (a bucket: 1, 2, 4, 8, then every 8 up to 256,
+  then every 16, up to `--cuda-graph-max-bs`) by `pad_decode_batch`. A padding request is one
+  token (id 0, position 0, seq_len 1) whose req_to_token row is the pool's padding row (every
+  entry slot 0), so it writes and reads only the padding slot; real rows' outputs do not change,
+  and the padding rows' logits are dropped;
+- replay copies the padded inputs into the static buffers the graph was captured on, lets the
+  attention backend re-plan its kernels for the real sequence lengths (into fixed buffers the
+  graph reads), replays, and slices the real rows out of the graph's static logits.
+
+Only decode batches (every request brings one token) of at most max_bs requests that ask for no
+input logprobs or all-token logits use graphs; the model runner runs everything else eagerly.
+The bucket helpers and `pad_decode_batch` are pure torch: CPU tests check that padding leaves
+the real rows' logits and KV untouched. `CudaGraphRunner` needs CUDA.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.attention.base import AttentionBackend
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+
+logger = logging.getLogger(__name__)
+
+# Eager runs before each capture: they plan the attention kernels, let lazily built state
+# (workspaces, wrappers, autotuned kernels) settle, and keep allocations out of the graph.
+_WARMUP_RUNS = 2
+_FINE_STEP_LIMIT = 256  # buckets every 8 up to here, every 16 above, as SGLang spaces them
+
+
+def capture_batch_sizes(max_bs: int) -> list[int]:
+    """The batch sizes graphs are captured for, ascending; the last is `max_bs`."""
+    assert max_bs >= 1, max_bs
+    sizes = [1, 2, 4, 8] + list(range(16, _FINE_STEP_LIMIT + 1, 8))
+    sizes += list(range(_FINE_STEP_LIMIT + 16, max_bs + 1, 16))
+    sizes = [s for s in sizes if s < max_bs]
+    return sizes + [max_bs]
+
+
+def bucket_for(batch_size: int, buckets: Sequence[int]) -> Optional[int]:
+    """The smallest bucket of `buckets` (ascending) that holds `batch_size` requests; None when
+    the batch is larger than every bucket."""
+    i = bisect.bisect_left(buckets, batch_size)
+    return buckets[i] if i < len(buckets) else None
+
+
+def pad_decode_batch(batch: ForwardBatch, size: int, padding_row: int) -> ForwardBatch:
+    """A copy of the decode `batch` with padding requests appended up to `size` requests.
+
+    Each padding request is one token (id 0, position 0) written to slot 0, with seq_len 1 and
+    req_to_token row `padding_row` (all slot 0): it touches only the padding slot. sample_indices
+    keep naming the real rows, so an eager forward computes no logits for padding rows."""
+    assert batch.forward_mode == ForwardMode.DECODE, batch.forward_mode
+    num_pad = size - batch.batch_size
+    assert num_pad >= 0, f"a batch of {batch.batch_size} does not fit in {size}"
+    if num_pad == 0:
+        return batch
+
+    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.cat([t, t.new_full((num_pad,), value)])
+
+    return dataclasses.replace(
+        batch,
+        input_ids=pad(batch.input_ids, 0),
+        positions=pad(batch.positions, 0),
+        out_cache_loc=pad(batch.out_cache_loc, 0),
+        req_pool_indices=pad(batch.req_pool_indices, padding_row),
+        seq_lens=pad(batch.seq_lens, 1),
+        seq_lens_cpu=batch.seq_lens_cpu + [1] * num_pad,
+        prefix_lens=batch.prefix_lens + [0] * num_pad,
+        extend_lens=batch.extend_lens + [1] * num_pad,
+        attn_metadata=None,
+    )
+
+
+class CudaGraphRunner:
+    """The model's decode forward captured per bucket on the KV pool's device, and replayed."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        attn_backend: "AttentionBackend",
+        req_to_token_pool: "ReqToTokenPool",
+        kv_pool: "MHATokenToKVPool",
+        max_bs: int,
+    ):
+        self.model = model
+        self.attn_backend = attn_backend
+        self.req_to_token_pool = req_to_token_pool
+        self.kv_pool = kv_pool
+        self.buckets = capture_batch_sizes(max_bs)
+        self.max_bs = max_bs
+        device = req_to_token_pool.req_to_token.device
+        # Static inputs: the graph of bucket bs reads their first bs rows. Their resting values
+        # are a padding request's, so warmup and capture touch only the padding slot.
+        zeros = lambda: torch.zeros(max_bs, dtype=torch.int64, device=device)  # noqa: E731
+        self._input_ids, self._positions, self._out_cache_loc = zeros(), zeros(), zeros()
+        self._req_pool_indices = torch.full((max_bs,), req_to_token_pool.padding_row, dtype=torch.int64, device=device)
+        self._seq_lens = torch.ones(max_bs, dtype=torch.int64, device=device)
+        self._sample_indices = torch.arange(max_bs, device=device)  # every row: replay picks the real ones
+        self._batches: dict[int, ForwardBatch] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, LogitsProcessorOutput] = {}
+        attn_backend.init_cuda_graph_state(max_bs, req_to_token_pool.max_context_len, kv_pool)
+        self._capture_all()
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return (
+            batch.forward_mode == ForwardMode.DECODE
+            and batch.batch_size <= self.max_bs
+            and batch.logprob_indices is None
+            and not batch.return_all_logits
+        )
+
+    def replay(self, batch: ForwardBatch) -> LogitsProcessorOutput:
+        """The logits an eager forward of `batch` (on this runner's pools) would give."""
+        size = bucket_for(batch.batch_size, self.buckets)
+        padded = pad_decode_batch(batch, size, self.req_to_token_pool.padding_row)
+        static = self._batches[size]
+        for name in ("input_ids", "positions", "out_cache_loc", "req_pool_indices", "seq_lens"):
+            getattr(static, name).copy_(getattr(padded, name), non_blocking=True)
+        # planned on the padded batch: its tensors now hold what the static buffers hold
+        self.attn_backend.init_forward_metadata_replay(padded)
+        self._graphs[size].replay()
+        # indexing copies, so the next replay cannot overwrite what the caller holds
+        return LogitsProcessorOutput(next_token_logits=self._outputs[size].next_token_logits[batch.sample_indices])
+
+    def _static_batch(self, size: int) -> ForwardBatch:
+        return ForwardBatch(
+            forward_mode=ForwardMode.DECODE,
+            input_ids=self._input_ids[:size],
+            positions=self._positions[:size],
+            out_cache_loc=self._out_cache_loc[:size],
+            req_pool_indices=self._req_pool_indices[:size],
+            seq_lens=self._seq_lens[:size],
+            seq_lens_cpu=[1] * size,
+            prefix_lens=[0] * size,
+            extend_lens=[1] * size,
+            sample_indices=self._sample_indices[:size],
+            req_to_token_pool=self.req_to_token_pool,
+            token_to_kv_pool=self.kv_pool,
+            attn_backend=self.attn_backend,
+        )
+
+    def _capture_all(self) -> None:
+        start = time.perf_counter()
+        memory_pool = torch.cuda.graph_pool_handle()  # shared: graphs replay one at a time
+        stream = torch.cuda.Stream()
+        # Largest first: the smaller graphs then reuse the shared pool's memory.
+        for size in reversed(self.buckets):
+            batch = self._static_batch(size)
+            self.attn_backend.init_forward_metadata_capture(batch)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(_WARMUP_RUNS):
+                    self.model(batch.input_ids, batch.positions, batch)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=memory_pool, stream=stream):
+                out = self.model(batch.input_ids, batch.positions, batch)
+            self._batches[size], self._graphs[size], self._outputs[size] = batch, graph, out
+        torch.cuda.synchronize()
+        logger.info(
+            "captured CUDA graphs for decode batch sizes %s in %.1f s",
+            ", ".join(map(str, self.buckets)), time.perf_counter() - start,
+        )
