@@ -157,6 +157,8 @@ def plot(results: list[dict], path: str) -> None:
     axes[1].set_title("decode tokens/s at long context")
     axes[2].bar(labels, [100 * r["comm_share"] for r in results])
     axes[2].set_title("scatter/gather share of root forward (%)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
