@@ -159,3 +159,37 @@ def tiny_server(make_tiny_model):
     server = ServerProcess(["--model-path", str(make_tiny_model("llama", seed=3)), "--dtype", "float32", "--max-total-tokens", "4096"])
     yield server
     server.stop()
+
+
+def _rank_entry(target, rank, args, queue) -> None:
+    try:
+        queue.put((rank, True, target(rank, *args)))
+    except BaseException as exc:
+        queue.put((rank, False, repr(exc)))
+        raise
+
+
+def run_ranks(target, world: int, *args, timeout: float = 120.0) -> dict:
+    """Runs `target(rank, *args)` in `world` forked processes (real torch.distributed ranks) and
+    returns {rank: what it returned}. Return plain data: a tensor would cross the queue as a
+    shared-memory handle that dies with its process."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_entry, args=(target, r, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        for _ in range(world):
+            rank, ok, payload = queue.get(timeout=timeout)
+            assert ok, f"rank {rank} failed: {payload}"
+            got[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return got

@@ -3,11 +3,11 @@ eagerly on CPU: the real requests' logits, greedy tokens and KV must be what the
 gives, on one rank and under TKNP with every partition padded to the largest one's bucket (the
 layout graphs need under TKNP). No graph is captured here: that needs CUDA."""
 
-import multiprocessing as mp
 
 import pytest
 import torch
 
+from conftest import run_ranks
 from test_tknp_forward import PROMPTS, _run_requests, _runner
 
 from sglang.srt.model_executor.cuda_graph_runner import bucket_for, capture_batch_sizes, pad_decode_batch
@@ -63,28 +63,24 @@ def test_padding_keeps_real_rows(make_tiny_model, bs):
             assert padded.kv_pool.k_buffer[0][0].any(), "the padding rows ran, writing only slot 0"
 
 
-def _tknp_rank_main(rank, tknp, init_file, model_path, queue):
-    try:
-        from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
-        from sglang.srt.layers.tknp_attention import TknpComm
-        from sglang.srt.model_executor.tknp_runner import TknpModelRunner
+def _tknp_rank_main(rank, tknp, init_file, model_path):
+    from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
+    from sglang.srt.layers.tknp_attention import TknpComm
+    from sglang.srt.model_executor.tknp_runner import TknpModelRunner
 
-        torch.set_num_threads(1)
-        state = init_distributed(RankLayout(tknp_size=tknp), rank, f"file://{init_file}", "gloo")
-        runner = _runner(model_path, hold_weights=rank == 0)
-        tknp_forward = TknpModelRunner(runner, TknpComm.of(state)).forward
-        mine = [i for i in range(len(PROMPTS)) if (i + 1) % tknp == rank]
-        # every rank pads its decode partition to the bucket of the largest partition, so the
-        # root's global batch is tknp * bucket rows in equal, fixed splits
-        largest = max(sum(1 for i in range(len(PROMPTS)) if (i + 1) % tknp == r) for r in range(tknp))
-        common = bucket_for(largest, capture_batch_sizes(MAX_BS))
-        assert common > len(mine), "every partition gets padding rows"
-        results = _run_requests(padding_forward(tknp_forward, runner, lambda n: common), runner, PROMPTS, mine)
-        queue.put((rank, {i: (ids, logits.tolist()) for i, (ids, logits) in results.items()}))
-        destroy_distributed()
-    except BaseException as exc:
-        queue.put((rank, repr(exc)))
-        raise
+    torch.set_num_threads(1)
+    state = init_distributed(RankLayout(tknp_size=tknp), rank, f"file://{init_file}", "gloo")
+    runner = _runner(model_path, hold_weights=rank == 0)
+    tknp_forward = TknpModelRunner(runner, TknpComm.of(state)).forward
+    mine = [i for i in range(len(PROMPTS)) if (i + 1) % tknp == rank]
+    # every rank pads its decode partition to the bucket of the largest partition, so the
+    # root's global batch is tknp * bucket rows in equal, fixed splits
+    largest = max(sum(1 for i in range(len(PROMPTS)) if (i + 1) % tknp == r) for r in range(tknp))
+    common = bucket_for(largest, capture_batch_sizes(MAX_BS))
+    assert common > len(mine), "every partition gets padding rows"
+    results = _run_requests(padding_forward(tknp_forward, runner, lambda n: common), runner, PROMPTS, mine)
+    destroy_distributed()
+    return {i: (ids, logits.tolist()) for i, (ids, logits) in results.items()}
 
 
 def test_tknp_partitions_padded_to_a_common_bucket(make_tiny_model, tmp_path):
@@ -92,21 +88,7 @@ def test_tknp_partitions_padded_to_a_common_bucket(make_tiny_model, tmp_path):
     ref = _runner(model_path, True)
     expected = _run_requests(ref.forward, ref, PROMPTS, range(len(PROMPTS)))
     tknp = 2
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_tknp_rank_main, args=(r, tknp, str(tmp_path / "init"), model_path, queue)) for r in range(tknp)]
-    for p in procs:
-        p.start()
     merged = {}
-    try:
-        for _ in range(tknp):
-            rank, results = queue.get(timeout=120)
-            assert isinstance(results, dict), results
-            merged.update(results)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
+    for results in run_ranks(_tknp_rank_main, tknp, tknp, str(tmp_path / "init"), model_path).values():
+        merged.update(results)
     assert_same_results(merged, expected)

@@ -2,10 +2,9 @@
 from a plain single-rank forward of its own requests; weights live on the root's TP ranks only,
 each holding its shard."""
 
-import multiprocessing as mp
-
 import pytest
 import torch
+from conftest import run_ranks
 
 PROMPTS = [[5 + 3 * i + j for j in range(n)] for i, n in enumerate([17, 9, 30, 1, 12])]
 DECODE_STEPS = 4
@@ -63,27 +62,22 @@ def _runner(model_path, hold_weights, tp=None, page_size=1):
                        hold_weights=hold_weights, tp=tp or TpGroup(), page_size=page_size)
 
 
-def _rank_main(rank, tknp, tp, all_to_all, page_size, init_file, model_path, queue):
-    try:
-        from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
-        from sglang.srt.layers.tensor_parallel import TpGroup
-        from sglang.srt.layers.tknp_attention import TknpComm
-        from sglang.srt.model_executor.tknp_runner import TknpModelRunner
+def _rank_main(rank, tknp, tp, all_to_all, page_size, init_file, model_path):
+    from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
+    from sglang.srt.layers.tensor_parallel import TpGroup
+    from sglang.srt.layers.tknp_attention import TknpComm
+    from sglang.srt.model_executor.tknp_runner import TknpModelRunner
 
-        torch.set_num_threads(1)
-        state = init_distributed(RankLayout(tknp_size=tknp, tp_size=tp), rank, f"file://{init_file}", "gloo")
-        runner = _runner(model_path, hold_weights=state.coords.tknp == 0, tp=TpGroup.of(state), page_size=page_size)
-        param_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters() if not p.is_meta)
-        forward = TknpModelRunner(runner, TknpComm.of(state, use_all_to_all=all_to_all)).forward if tknp > 1 else runner.forward
-        # shifted so the root is idle in some steps (tknp 2, 3) or all of them (tknp 6)
-        mine = [i for i in range(len(PROMPTS)) if (i + 1) % tknp == state.coords.tknp]
-        results = _run_requests(forward, runner, PROMPTS, mine)
-        # plain lists: a tensor would cross as a shared-memory fd that dies with this process
-        queue.put((rank, param_bytes, {i: (ids, logits.tolist()) for i, (ids, logits) in results.items()}))
-        destroy_distributed()
-    except BaseException as exc:
-        queue.put((rank, None, repr(exc)))
-        raise
+    torch.set_num_threads(1)
+    state = init_distributed(RankLayout(tknp_size=tknp, tp_size=tp), rank, f"file://{init_file}", "gloo")
+    runner = _runner(model_path, hold_weights=state.coords.tknp == 0, tp=TpGroup.of(state), page_size=page_size)
+    param_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters() if not p.is_meta)
+    forward = TknpModelRunner(runner, TknpComm.of(state, use_all_to_all=all_to_all)).forward if tknp > 1 else runner.forward
+    # shifted so the root is idle in some steps (tknp 2, 3) or all of them (tknp 6)
+    mine = [i for i in range(len(PROMPTS)) if (i + 1) % tknp == state.coords.tknp]
+    results = _run_requests(forward, runner, PROMPTS, mine)
+    destroy_distributed()
+    return param_bytes, {i: (ids, logits.tolist()) for i, (ids, logits) in results.items()}
 
 
 @pytest.mark.parametrize(
@@ -103,23 +97,7 @@ def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, t
     full_bytes = sum(p.numel() * p.element_size() for p in ref.model.parameters())
 
     world = tknp * tp
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, tknp, tp, all_to_all, page_size, str(tmp_path / "init"), model_path, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    got = {}
-    try:
-        for _ in range(world):
-            rank, param_bytes, results = queue.get(timeout=120)
-            assert param_bytes is not None, results
-            got[rank] = (param_bytes, results)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    assert all(p.exitcode == 0 for p in procs)
+    got = run_ranks(_rank_main, world, tknp, tp, all_to_all, page_size, str(tmp_path / "init"), model_path)
     # global rank = tknp_rank * tp + tp_rank: the first tp ranks are the root's shards
     root_bytes = [got[r][0] for r in range(tp)]
     assert all(0 < b < full_bytes * (0.6 if tp > 1 else 1.01) for b in root_bytes), f"root shards {root_bytes} of {full_bytes}"
