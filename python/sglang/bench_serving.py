@@ -26,7 +26,6 @@ import json
 import os
 import random
 import statistics
-import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -243,15 +242,14 @@ def _arrival_times(n: int, rate: float, seed: int) -> list[float]:
 
 
 def benchmark(client: Client, args: argparse.Namespace, model: str, reqs: list[BenchRequest]) -> tuple[list[RequestResult], float]:
-    limit = threading.Semaphore(args.max_concurrency or len(reqs) or 1)
     bar = tqdm(total=len(reqs), disable=args.disable_tqdm, desc="requests")
 
     def one(req: BenchRequest) -> RequestResult:
-        with limit:
-            result = run_request(client, args, model, req)
+        result = run_request(client, args, model, req)
         bar.update(1)
         return result
 
+    # the pool's threads are the requests in flight: --max-concurrency caps them
     workers = min(len(reqs), args.max_concurrency or len(reqs)) or 1
     with cf.ThreadPoolExecutor(workers) as pool:
         start = time.perf_counter()

@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from sglang.srt.distributed.parallel_state import RankLayout
 from sglang.srt.layers.attention.registry import attention_backend_names
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
@@ -114,10 +115,14 @@ class ServerArgs:
             self.random_seed = random.randrange(1 << 31)
         return self
 
+    def rank_layout(self) -> RankLayout:
+        """Where each scheduler process sits: one per (TKNP rank, TP rank), TP fastest."""
+        return RankLayout(tknp_size=self.tknp_size, tp_size=self.tp_size)
+
     @property
     def world_size(self) -> int:
         """Scheduler processes: one per (TKNP rank, TP rank)."""
-        return self.tknp_size * self.tp_size
+        return self.rank_layout().world_size
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -185,13 +190,11 @@ def _flashinfer_unusable(device: str, dtype: str) -> Optional[str]:
 
 def check_rank_layout(args: ServerArgs, model_config: Any) -> None:
     """Rank-layout rules that need the model (head counts) and the devices; one-line ValueErrors."""
-    from sglang.srt.distributed.parallel_state import RankLayout
-
     num_devices = None
     if args.device == "cuda":
         import torch
 
         num_devices = torch.cuda.device_count()
-    RankLayout(tknp_size=args.tknp_size, tp_size=args.tp_size).validate(
+    args.rank_layout().validate(
         model_config.num_attention_heads, model_config.num_key_value_heads, num_devices
     )

@@ -59,8 +59,8 @@ class Backend:
             for r in range(self.args.world_size)
         ]
         infos = self._spawn(schedulers + [("detokenizer", run_detokenizer_process, ())])
-        # TP replicas of a TKNP rank agree on their capacity; count each TKNP rank once
-        ranks = [infos[name] for name, _, _ in schedulers[:: self.args.tp_size]]
+        # TP replicas of a TKNP rank agree on their capacity; count each TKNP rank once (TP rank 0)
+        ranks = [infos[schedulers[group[0]][0]] for group in self.args.rank_layout().tp_group_ranks()]
         if multi:
             capacities = [info["max_total_num_tokens"] for info in ranks]
             self._spawn([("controller", run_tknp_controller_process, (capacities,))])

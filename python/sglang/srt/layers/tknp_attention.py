@@ -41,9 +41,9 @@ class TknpComm:
     group: Optional[dist.ProcessGroup]
     group_ranks: list[int]  # global ranks, index = tknp_rank; [0] is the root
     tknp_rank: int
-    cpu_group: Optional[dist.ProcessGroup] = None
-    device: torch.device = torch.device("cpu")
-    use_all_to_all: bool = False
+    cpu_group: Optional[dist.ProcessGroup]
+    device: torch.device
+    use_all_to_all: bool
 
     @classmethod
     def of(cls, state: "ParallelState", device: str = "cpu", use_all_to_all: Optional[bool] = None) -> "TknpComm":
@@ -81,7 +81,7 @@ class TknpComm:
 
     def all_gather_header(self, fields: list[int]) -> list[list[int]]:
         gathered = [torch.zeros(len(fields), dtype=torch.int64) for _ in range(self.size)]
-        dist.all_gather(gathered, torch.tensor(fields, dtype=torch.int64), group=self.cpu_group or self.group)
+        dist.all_gather(gathered, torch.tensor(fields, dtype=torch.int64), group=self.cpu_group)
         return [t.tolist() for t in gathered]
 
 

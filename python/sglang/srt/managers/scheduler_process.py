@@ -29,7 +29,7 @@ import torch.distributed as dist
 import zmq
 
 from sglang.srt.configs.model_config import ModelConfig
-from sglang.srt.distributed.parallel_state import ParallelState, RankLayout, init_distributed
+from sglang.srt.distributed.parallel_state import ParallelState, init_distributed
 from sglang.srt.layers.tensor_parallel import TpGroup
 from sglang.srt.layers.tknp_attention import TknpComm
 from sglang.srt.managers.io_struct import BatchTokenIDOut, LoadReport, Tick, decode, encode
@@ -135,7 +135,7 @@ def run_scheduler_process(
 def _init_distributed(args: ServerArgs, ipc: dict[str, str], global_rank: int) -> ParallelState:
     """NCCL for the data (activations, q/k/v, logits) on GPUs, one GPU per rank; gloo on CPU and
     for the control plane everywhere."""
-    layout = RankLayout(tknp_size=args.tknp_size, tp_size=args.tp_size)
+    layout = args.rank_layout()
     backend = "gloo"
     if args.device == "cuda":
         torch.cuda.set_device(global_rank)  # check_rank_layout made sure there are enough GPUs

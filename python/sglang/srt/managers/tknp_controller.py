@@ -170,12 +170,12 @@ def run_tknp_controller_process(args: Any, ipc: dict[str, str], ready_pipe: Any,
     from_ranks.bind(ipc["controller_in"])
     to_tokenizer = ctx.socket(zmq.PUSH)
     to_tokenizer.connect(ipc["tokenizer"])
-    to_ranks = []  # per TKNP rank, a socket per TP replica (global ranks r * tp .. r * tp + tp - 1)
-    for r in range(args.tknp_size):
+    to_ranks = []  # per TKNP rank (a TP group, in TKNP rank order), a socket per TP replica
+    for replica_ranks in args.rank_layout().tp_group_ranks():
         replicas = []
-        for t in range(args.tp_size):
+        for g in replica_ranks:
             sock = ctx.socket(zmq.PUSH)
-            sock.connect(ipc[f"rank{r * args.tp_size + t}"])
+            sock.connect(ipc[f"rank{g}"])
             replicas.append(sock)
         to_ranks.append(replicas)
     controller = _Controller(PlacementPolicy(args.load_balance_method, capacities), to_ranks, from_ranks, to_tokenizer)

@@ -66,8 +66,9 @@ class ForwardBatch:
     def to(self, device: torch.device | str) -> "ForwardBatch":
         """Moves the tensors to the model's device (the scheduler builds them on the CPU) in
         place; a no-op on CPU."""
+        device = torch.device(device)
         for name in self._DEVICE_FIELDS:
             value = getattr(self, name)
-            if value is not None and value.device != torch.device(device):
+            if value is not None and value.device != device:
                 setattr(self, name, value.to(device, non_blocking=True))
         return self
