@@ -161,6 +161,21 @@ def tiny_server(make_tiny_model):
     server.stop()
 
 
+@pytest.fixture
+def fake_flashinfer(monkeypatch):
+    """`import flashinfer` gives the CPU stand-in (paged_attention_ref) for one test, and the
+    FlashInfer backend is imported afresh against it (ranks forked by the test inherit both)."""
+    import sys
+
+    from paged_attention_ref import fake_flashinfer as standin
+
+    backend_module = "sglang.srt.layers.attention.flashinfer_backend"
+    monkeypatch.setitem(sys.modules, "flashinfer", standin())
+    sys.modules.pop(backend_module, None)
+    yield
+    sys.modules.pop(backend_module, None)  # no later import may see the stand-in
+
+
 def _rank_entry(target, rank, args, queue) -> None:
     try:
         queue.put((rank, True, target(rank, *args)))

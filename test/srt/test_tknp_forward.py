@@ -52,14 +52,14 @@ def _run_requests(runner_forward, runner, prompts, rank_reqs):
     return {i: (list(ids), logits) for i, (ids, logits) in results.items()}
 
 
-def _runner(model_path, hold_weights, tp=None, page_size=1):
+def _runner(model_path, hold_weights, tp=None, page_size=1, dtype="float32", attention_backend="torch_native", **graph_args):
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.layers.tensor_parallel import TpGroup
     from sglang.srt.model_executor.model_runner import ModelRunner
 
-    cfg = ModelConfig.from_path(model_path, dtype="float32")
-    return ModelRunner(cfg, "cpu", "torch_native", 0.5, max_total_tokens=1024, max_running_requests=8,
-                       hold_weights=hold_weights, tp=tp or TpGroup(), page_size=page_size)
+    cfg = ModelConfig.from_path(model_path, dtype=dtype)
+    return ModelRunner(cfg, "cpu", attention_backend, 0.5, max_total_tokens=1024, max_running_requests=8,
+                       hold_weights=hold_weights, tp=tp or TpGroup(), page_size=page_size, **graph_args)
 
 
 def _rank_main(rank, tknp, tp, all_to_all, page_size, init_file, model_path):

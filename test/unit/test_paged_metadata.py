@@ -7,13 +7,12 @@ module built on the same reference (the real kernels need a GPU)."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from paged_attention_ref import fake_flashinfer, paged_attention
+from paged_attention_ref import paged_attention
 from sglang.srt.layers.attention.paged_metadata import PagedKVMetadata, build_paged_kv_metadata
 from sglang.srt.layers.attention.registry import create_attention_backend
 from sglang.srt.layers.attention.torch_native import TorchNativeAttnBackend
@@ -24,7 +23,6 @@ from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
 NUM_LAYERS = 2
-FLASHINFER_MODULE = "sglang.srt.layers.attention.flashinfer_backend"
 
 # (prefix_len, extend_len) per request. Lengths straddle page boundaries at page size 16
 # (16, 32: full last page; 17, 33: one token on a fresh page).
@@ -152,12 +150,9 @@ def test_a_wrong_last_page_len_is_caught():
 
 
 @pytest.fixture
-def flashinfer_backend_cls(monkeypatch):
+def flashinfer_backend_cls(fake_flashinfer):
     """FlashInferAttnBackend imported through the registry against the stand-in flashinfer."""
-    monkeypatch.setitem(sys.modules, "flashinfer", fake_flashinfer())
-    sys.modules.pop(FLASHINFER_MODULE, None)
-    yield lambda: create_attention_backend("flashinfer")
-    sys.modules.pop(FLASHINFER_MODULE, None)  # no later import may see the stand-in
+    return lambda: create_attention_backend("flashinfer")
 
 
 @pytest.mark.parametrize("page_size", [1, 16])

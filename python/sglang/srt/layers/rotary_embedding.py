@@ -61,23 +61,27 @@ class RotaryEmbedding(nn.Module):
         # [max_position, head_dim]: cos and sin of the rotation, halves repeated (neox layout).
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos_cache, self.sin_cache = emb.cos(), emb.sin()
-        # One instance serves every layer of a model, and all layers of a forward see the same
-        # positions tensor: the cos/sin lookup is done once per forward, not once per layer.
+        # One instance serves every layer of a model: the model looks cos/sin up once per
+        # forward (`prepare`), and every layer's rotation reuses them. Once per forward, never
+        # cached across forwards: a CUDA graph replays its positions buffer with new contents.
         self._positions: torch.Tensor | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> None:
+        """Looks up cos/sin for this forward's positions, in the dtype q and k will have."""
+        if self.cos_cache.device != positions.device:
+            self.cos_cache, self.sin_cache = self.cos_cache.to(positions.device), self.sin_cache.to(positions.device)
+        self._positions = positions
+        self._cos_sin = (
+            self.cos_cache[positions].unsqueeze(1).to(dtype),
+            self.sin_cache[positions].unsqueeze(1).to(dtype),
+        )
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim]
-        if positions is not self._positions or self._cos_sin[0].dtype != q.dtype:
-            if self.cos_cache.device != positions.device:
-                self.cos_cache, self.sin_cache = self.cos_cache.to(positions.device), self.sin_cache.to(positions.device)
-            self._positions = positions
-            self._cos_sin = (
-                self.cos_cache[positions].unsqueeze(1).to(q.dtype),
-                self.sin_cache[positions].unsqueeze(1).to(q.dtype),
-            )
+        assert positions is self._positions, "prepare(positions) comes first in every forward"
         cos, sin = self._cos_sin
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -113,11 +113,10 @@ class TknpAttentionBackend(AttentionBackend):
         self.comm_seconds = 0.0  # time spent sending q/k/v and waiting for outputs (benchmarks)
 
     def begin(self, local_batch: Optional["ForwardBatch"], sizes: list[int]) -> None:
-        """Sets the step's partition token counts and the root's own batch (None if empty)."""
+        """Sets the step's partition token counts and the root's own batch (None if empty),
+        whose metadata for the inner backend the caller has built."""
         self.local_batch = local_batch
         self.sizes = sizes
-        if local_batch is not None:
-            self.inner.init_forward_metadata(local_batch)
 
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
         pass  # the global batch needs none: each partition's metadata lives with its owner
@@ -163,11 +162,10 @@ def serve_attention_layers(
     comm: TknpComm,
     dtype: torch.dtype,
 ) -> None:
-    """Non-root side of one forward: attention of every layer for this rank's partition. With
-    all_to_all a rank whose partition is empty (`local_batch` None) still joins every layer."""
+    """Non-root side of one forward: attention of every layer for this rank's partition, whose
+    metadata for `inner` the caller has built. With all_to_all a rank whose partition is empty
+    (`local_batch` None) still joins every layer."""
     num_tokens = local_batch.input_ids.numel() if local_batch is not None else 0
-    if num_tokens:
-        inner.init_forward_metadata(local_batch)
     from_root = [num_tokens] + [0] * (comm.size - 1)
     nothing = [0] * comm.size
     for layer in layers:

@@ -72,15 +72,19 @@ def build_scheduler(
         available_memory=host_available,
         tp=TpGroup.of(state) if state is not None else TpGroup(),
         page_size=args.page_size,
-        cuda_graph_max_bs=_cuda_graph_max_bs(args),
+        # under TKNP a step spans the group's ranks, so the TKNP runner captures the graphs
+        cuda_graph_max_bs=_cuda_graph_max_bs(args) if args.tknp_size == 1 else None,
     )
+    tknp_runner = None
+    if args.tknp_size > 1:
+        tknp_runner = TknpModelRunner(runner, TknpComm.of(state, args.device), cuda_graph_max_bs=_cuda_graph_max_bs(args))
     scheduler = Scheduler(
         runner,
         tokenizer,
         schedule_policy=args.schedule_policy,
         chunked_prefill_size=args.chunked_prefill_size,
         disable_radix_cache=args.disable_radix_cache,
-        tknp_runner=TknpModelRunner(runner, TknpComm.of(state, args.device)) if args.tknp_size > 1 else None,
+        tknp_runner=tknp_runner,
     )
     return scheduler, model_config, tokenizer
 
@@ -88,11 +92,6 @@ def build_scheduler(
 def _cuda_graph_max_bs(args: ServerArgs) -> Optional[int]:
     """The largest decode batch to capture graphs for; None runs every forward eagerly."""
     if args.disable_cuda_graph or args.device != "cuda":
-        return None
-    if args.tknp_size > 1:
-        # The root's forward would need every partition padded to one bucket and the ranks'
-        # attention loops captured too (docs/tknp.md, "CUDA graphs").
-        logger.info("CUDA graphs off: not implemented with --tknp-size > 1")
         return None
     return args.cuda_graph_max_bs
 

@@ -1,4 +1,4 @@
-"""CUDA graphs for decode batches: one graph per batch-size bucket, replayed with padding.
+"""CUDA graphs for decode steps: one graph per batch-size bucket, replayed with padding.
 
 A decode step of a small batch is hundreds of short kernels whose launch cost exceeds their
 work; a CUDA graph launches them all at once. A graph fixes its tensors' shapes and addresses, so:
@@ -10,12 +10,16 @@ work; a CUDA graph launches them all at once. A graph fixes its tensors' shapes 
   and the padding rows' logits are dropped;
 - replay copies the padded inputs into the static buffers the graph was captured on, lets the
   attention backend re-plan its kernels for the real sequence lengths (into fixed buffers the
-  graph reads), replays, and slices the real rows out of the graph's static logits.
+  graph reads), and replays; the caller reads the graph's static outputs.
 
-Only decode batches (every request brings one token) of at most max_bs requests that ask for no
-input logprobs or all-token logits use graphs; the model runner runs everything else eagerly.
-The bucket helpers and `pad_decode_batch` are pure torch: CPU tests check that padding leaves
-the real rows' logits and KV untouched. `CudaGraphRunner` needs CUDA.
+`CudaGraphRunner` captures whatever a rank runs for its decode batch, given as a `body`: the
+model forward on one rank (model_runner.py); under TKNP the root's forward of the global batch,
+with the scatter/gather inside, and a non-root rank's attention loop (tknp_runner.py). Every rank
+captures the same buckets in the same order, so collectives inside the graphs pair up.
+
+Capture itself goes through a `GraphCapturer`: `CudaGraphs` on CUDA. CPU tests pass one that
+re-runs the captured function on replay, which exercises everything here (static buffers,
+padding, re-planning, fixed splits) but the CUDA capture.
 """
 
 from __future__ import annotations
@@ -24,11 +28,10 @@ import bisect
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
 
 import torch
 
-from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
@@ -37,9 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Eager runs before each capture: they plan the attention kernels, let lazily built state
-# (workspaces, wrappers, autotuned kernels) settle, and keep allocations out of the graph.
-_WARMUP_RUNS = 2
+_WARMUP_RUNS = 2  # eager runs before each capture (CudaGraphs)
 _FINE_STEP_LIMIT = 256  # buckets every 8 up to here, every 16 above, as SGLang spaces them
 
 
@@ -88,57 +89,86 @@ def pad_decode_batch(batch: ForwardBatch, size: int, padding_row: int) -> Forwar
     )
 
 
+class GraphCapturer(Protocol):
+    def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        """Captures `fn`; returns a replay function and fn's output, which every replay
+        overwrites in place."""
+
+
+class CudaGraphs:
+    """CUDA graphs sharing one memory pool (they replay one at a time). Each capture first runs
+    `fn` eagerly: that plans the attention kernels, lets lazily built state (workspaces,
+    wrappers, autotuned kernels) settle, and keeps allocations out of the graph."""
+
+    def __init__(self) -> None:
+        self._pool = torch.cuda.graph_pool_handle()
+        self._stream = torch.cuda.Stream()
+
+    def capture(self, fn: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            for _ in range(_WARMUP_RUNS):
+                fn()
+        self._stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
+            out = fn()
+        return graph.replay, out
+
+
 class CudaGraphRunner:
-    """The model's decode forward captured per bucket on the KV pool's device, and replayed."""
+    """`body(batch)` captured per bucket over static decode batches of this rank, and replayed."""
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        body: Callable[[ForwardBatch], Any],
         attn_backend: "AttentionBackend",
         req_to_token_pool: "ReqToTokenPool",
         kv_pool: "MHATokenToKVPool",
         max_bs: int,
+        graphs: Optional[GraphCapturer] = None,
     ):
-        self.model = model
         self.attn_backend = attn_backend
         self.req_to_token_pool = req_to_token_pool
         self.kv_pool = kv_pool
         self.buckets = capture_batch_sizes(max_bs)
         self.max_bs = max_bs
+        self.num_replays = 0
         device = req_to_token_pool.req_to_token.device
         # Static inputs: the graph of bucket bs reads their first bs rows. Their resting values
         # are a padding request's, so warmup and capture touch only the padding slot.
-        zeros = lambda: torch.zeros(max_bs, dtype=torch.int64, device=device)  # noqa: E731
-        self._input_ids, self._positions, self._out_cache_loc = zeros(), zeros(), zeros()
+        zeros = lambda n: torch.zeros(n, dtype=torch.int64, device=device)  # noqa: E731
+        self._input_ids, self._positions, self._out_cache_loc = zeros(max_bs), zeros(max_bs), zeros(max_bs)
         self._req_pool_indices = torch.full((max_bs,), req_to_token_pool.padding_row, dtype=torch.int64, device=device)
         self._seq_lens = torch.ones(max_bs, dtype=torch.int64, device=device)
-        self._sample_indices = torch.arange(max_bs, device=device)  # every row: replay picks the real ones
-        self._batches: dict[int, ForwardBatch] = {}
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, LogitsProcessorOutput] = {}
-        attn_backend.init_cuda_graph_state(max_bs, req_to_token_pool.max_context_len, kv_pool)
-        self._capture_all()
-
-    def can_run(self, batch: ForwardBatch) -> bool:
-        return (
-            batch.forward_mode == ForwardMode.DECODE
-            and batch.batch_size <= self.max_bs
-            and batch.logprob_indices is None
-            and not batch.return_all_logits
+        self._sample_indices = torch.arange(max_bs, device=device)  # every row: callers pick the real ones
+        # what an empty partition (TKNP) pads from
+        self._empty = ForwardBatch(
+            ForwardMode.DECODE, zeros(0), zeros(0), zeros(0), zeros(0), zeros(0), [], [], [], zeros(0),
+            req_to_token_pool=req_to_token_pool, token_to_kv_pool=kv_pool, attn_backend=attn_backend,
         )
+        self._batches: dict[int, ForwardBatch] = {}
+        self._replays: dict[int, Callable[[], None]] = {}
+        self._outputs: dict[int, Any] = {}
+        attn_backend.init_cuda_graph_state(max_bs, req_to_token_pool.max_context_len, kv_pool)
+        self._capture_all(body, graphs if graphs is not None else CudaGraphs())
 
-    def replay(self, batch: ForwardBatch) -> LogitsProcessorOutput:
-        """The logits an eager forward of `batch` (on this runner's pools) would give."""
-        size = bucket_for(batch.batch_size, self.buckets)
-        padded = pad_decode_batch(batch, size, self.req_to_token_pool.padding_row)
+    def bucket(self, batch_size: int) -> Optional[int]:
+        """The captured size a decode batch of `batch_size` requests replays at; None if none."""
+        return bucket_for(batch_size, self.buckets)
+
+    def replay(self, batch: Optional[ForwardBatch], size: int) -> Any:
+        """The body's output for the decode `batch` (None: an empty one) padded to `size`. The
+        output is the graph's own: the next replay overwrites it."""
+        padded = pad_decode_batch(batch if batch is not None else self._empty, size, self.req_to_token_pool.padding_row)
         static = self._batches[size]
         for name in ("input_ids", "positions", "out_cache_loc", "req_pool_indices", "seq_lens"):
             getattr(static, name).copy_(getattr(padded, name), non_blocking=True)
         # planned on the padded batch: its tensors now hold what the static buffers hold
         self.attn_backend.init_forward_metadata_replay(padded)
-        self._graphs[size].replay()
-        # indexing copies, so the next replay cannot overwrite what the caller holds
-        return LogitsProcessorOutput(next_token_logits=self._outputs[size].next_token_logits[batch.sample_indices])
+        self._replays[size]()
+        self.num_replays += 1
+        return self._outputs[size]
 
     def _static_batch(self, size: int) -> ForwardBatch:
         return ForwardBatch(
@@ -157,25 +187,29 @@ class CudaGraphRunner:
             attn_backend=self.attn_backend,
         )
 
-    def _capture_all(self) -> None:
+    def _capture_all(self, body: Callable[[ForwardBatch], Any], graphs: GraphCapturer) -> None:
         start = time.perf_counter()
-        memory_pool = torch.cuda.graph_pool_handle()  # shared: graphs replay one at a time
-        stream = torch.cuda.Stream()
         # Largest first: the smaller graphs then reuse the shared pool's memory.
         for size in reversed(self.buckets):
             batch = self._static_batch(size)
             self.attn_backend.init_forward_metadata_capture(batch)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(_WARMUP_RUNS):
-                    self.model(batch.input_ids, batch.positions, batch)
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=memory_pool, stream=stream):
-                out = self.model(batch.input_ids, batch.positions, batch)
-            self._batches[size], self._graphs[size], self._outputs[size] = batch, graph, out
-        torch.cuda.synchronize()
+            self._replays[size], self._outputs[size] = graphs.capture(lambda batch=batch: body(batch))
+            self._batches[size] = batch
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         logger.info(
-            "captured CUDA graphs for decode batch sizes %s in %.1f s",
+            "captured graphs for decode batch sizes %s in %.1f s",
             ", ".join(map(str, self.buckets)), time.perf_counter() - start,
         )
+
+
+def graph_max_bs(max_bs: Optional[int], attn_backend: "AttentionBackend", max_running_requests: int) -> Optional[int]:
+    """The largest decode batch to capture for (`max_bs` asked for, None when not), or None
+    (with a log line saying why) when this rank runs every forward eagerly."""
+    if max_bs is None:
+        return None
+    if not attn_backend.supports_cuda_graph:
+        logger.info("CUDA graphs off: the %s attention backend does not support them", type(attn_backend).__name__)
+        return None
+    # a bucket beyond the most requests that can run at once would never replay
+    return min(max_bs, max_running_requests)

@@ -14,7 +14,8 @@ measured 3-5x slower than float32.
 
 CUDA graphs: with `cuda_graph_max_bs` set, on CUDA, with an attention backend that supports
 them, decode batches of up to that many requests replay captured graphs (cuda_graph_runner.py);
-everything else, and every forward on CPU, runs eagerly.
+everything else, and every forward on CPU, runs eagerly. `graphs` replaces CUDA's capture (CPU
+tests); under TKNP the TKNP runner captures instead, since a step spans the group's ranks.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from sglang.srt.layers.attention.registry import create_attention_backend
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.tensor_parallel import TpGroup, shard_model
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
-from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
-from sglang.srt.model_executor.forward_batch import ForwardBatch
+from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner, GraphCapturer, graph_max_bs
+from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang.srt.model_loader import iter_weights
 from sglang.srt.models.registry import get_model_class
 from sglang.srt.utils import cpu_flags, device_memory
@@ -62,6 +63,7 @@ class ModelRunner:
         tp: TpGroup = TpGroup(),
         page_size: int = 1,
         cuda_graph_max_bs: Optional[int] = None,
+        graphs: Optional[GraphCapturer] = None,
     ):
         self.model_config = model_config
         self.device = device
@@ -91,7 +93,7 @@ class ModelRunner:
             page_size=page_size,
         )
         self.attn_backend = create_attention_backend(attention_backend)
-        self.cuda_graph_runner = self._init_cuda_graphs(cuda_graph_max_bs)
+        self.cuda_graph_runner = self._init_cuda_graphs(cuda_graph_max_bs, graphs)
 
     def _load_model(self) -> torch.nn.Module:
         cfg = self.model_config
@@ -154,21 +156,15 @@ class ModelRunner:
             max_total_tokens, max_running = (int(x) for x in agreed)
         return MemoryPlan(max_total_tokens, max_running, weight_bytes)
 
-    def _init_cuda_graphs(self, max_bs: Optional[int]) -> Optional[CudaGraphRunner]:
+    def _init_cuda_graphs(self, max_bs: Optional[int], graphs: Optional[GraphCapturer]) -> Optional[CudaGraphRunner]:
         """Graphs when asked for (`max_bs` set) and this rank can run them; else None (eager)."""
-        if max_bs is None or torch.device(self.device).type != "cuda" or not self.hold_weights:
+        if not self.hold_weights or (graphs is None and torch.device(self.device).type != "cuda"):
+            return None  # no model forward to capture here, or nothing to capture it with
+        max_bs = graph_max_bs(max_bs, self.attn_backend, self.plan.max_running_requests)
+        if max_bs is None:
             return None
-        why_not = None
-        if not self.attn_backend.supports_cuda_graph:
-            why_not = f"the {type(self.attn_backend).__name__} attention backend does not support them"
-        elif self.tp.size > 1:
-            why_not = "not implemented with --tp-size > 1"
-        if why_not is not None:
-            logger.info("CUDA graphs off: %s", why_not)
-            return None
-        # a bucket beyond the most requests that can run at once would never replay
-        max_bs = min(max_bs, self.plan.max_running_requests)
-        return CudaGraphRunner(self.model, self.attn_backend, self.req_to_token_pool, self.kv_pool, max_bs)
+        body = lambda batch: self.model(batch.input_ids, batch.positions, batch)  # noqa: E731
+        return CudaGraphRunner(body, self.attn_backend, self.req_to_token_pool, self.kv_pool, max_bs, graphs)
 
     def attach(self, batch: ForwardBatch) -> ForwardBatch:
         """Points a batch at this rank's pools and backend, its tensors on this rank's device."""
@@ -177,12 +173,23 @@ class ModelRunner:
         batch.attn_backend = self.attn_backend
         return batch.to(self.device)
 
+    def _graph_bucket(self, batch: ForwardBatch) -> Optional[int]:
+        """The graph a batch replays: decode steps that need the sampled rows' logits only."""
+        if self.cuda_graph_runner is None or batch.forward_mode != ForwardMode.DECODE:
+            return None
+        if batch.logprob_indices is not None or batch.return_all_logits:
+            return None
+        return self.cuda_graph_runner.bucket(batch.batch_size)
+
     def forward(self, batch: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
         if batch is None:
             return None
         self.attach(batch)
-        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(batch):
-            return self.cuda_graph_runner.replay(batch)
+        size = self._graph_bucket(batch)
+        if size is not None:
+            out = self.cuda_graph_runner.replay(batch, size)
+            # indexing copies, so the next replay cannot overwrite what the caller holds
+            return LogitsProcessorOutput(next_token_logits=out.next_token_logits[batch.sample_indices])
         self.attn_backend.init_forward_metadata(batch)
         return self.model(batch.input_ids, batch.positions, batch)
 

@@ -8,6 +8,14 @@ root runs the model on the global batch (partitions concatenated in rank order) 
 root sends each rank the logits rows of its own requests. Each rank therefore gets back the
 same LogitsProcessorOutput a plain ModelRunner would give for its batch, and samples, appends
 and finishes its requests exactly as with --tknp-size 1.
+
+CUDA graphs: a step in which every partition is a plain decode (one token and one sampled row
+per request, no input logprobs) of at most `max_bs` requests replays captured graphs. Every rank
+pads its partition, empty ones included, to the bucket of the largest partition (all ranks know
+it from the headers), so the root's global batch is tknp_size equal partitions and the
+scatter/gather has fixed split sizes: the root's graph holds the whole forward with the
+collectives inside, each non-root rank's graph its attention loop, and the collectives of the
+two pair up on replay as they did on capture. Batches, headers and logits still move eagerly.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.tknp_attention import TknpAttentionBackend, TknpComm, serve_attention_layers
+from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner, GraphCapturer, graph_max_bs
 from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang.srt.model_executor.model_runner import ModelRunner
 
@@ -44,14 +53,24 @@ class _Header:
 
 
 class TknpModelRunner:
-    def __init__(self, runner: ModelRunner, comm: TknpComm):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        comm: TknpComm,
+        cuda_graph_max_bs: Optional[int] = None,
+        graphs: Optional[GraphCapturer] = None,
+    ):
+        """`runner` must run eagerly (its own graphs would capture a forward of one rank);
+        `cuda_graph_max_bs` and `graphs` are what ModelRunner takes, for the group's graphs."""
         assert runner.hold_weights == comm.is_root, "exactly the TKNP root holds the weights"
+        assert runner.cuda_graph_runner is None, "under TKNP the TKNP runner captures the graphs"
         self.runner = runner
         self.comm = comm
         self.layers = [m for m in runner.model.modules() if isinstance(m, RadixAttention)]
         self.vocab_size = runner.model_config.vocab_size
         if comm.is_root:
             self.tknp_backend = TknpAttentionBackend(runner.attn_backend, comm)
+        self.graph_runner = self._init_graphs(cuda_graph_max_bs, graphs)
 
     @property
     def comm_seconds(self) -> float:
@@ -65,28 +84,109 @@ class TknpModelRunner:
         headers = self._exchange_headers(_Header.of(local))
         if all(h.tokens == 0 for h in headers):
             return None
+        size = self._graph_bucket(headers)
         if self.comm.is_root:
-            return self._root_forward(local, headers)
-        return self._rank_forward(local, headers[self.comm.tknp_rank])
+            return self._root_forward(local, headers, size)
+        return self._rank_forward(local, headers[self.comm.tknp_rank], size)
 
     def _exchange_headers(self, mine: _Header) -> list[_Header]:
         fields = [mine.tokens, mine.reqs, mine.samples, mine.logprobs, mine.top_k]
         return [_Header(*f) for f in self.comm.all_gather_header(fields)]
 
+    # ---- CUDA graphs ---------------------------------------------------------------------
+
+    def _init_graphs(self, max_bs: Optional[int], graphs: Optional[GraphCapturer]) -> Optional[CudaGraphRunner]:
+        """The same decision on every rank: the flags and backend are the group's, and the
+        largest bucket is agreed on (a partition holds at most its own rank's running requests,
+        and the largest partition sets the step's bucket)."""
+        if max_bs is None or (graphs is None and self.comm.device.type != "cuda"):
+            return None
+        runner = self.runner
+        most_running = max(f[0] for f in self.comm.all_gather_header([runner.plan.max_running_requests]))
+        max_bs = graph_max_bs(max_bs, runner.attn_backend, most_running)
+        if max_bs is None:
+            return None
+        if self.comm.is_root:
+            rows = self.comm.size * max_bs
+            device = self.comm.device
+            # the global batch's static inputs: partition r fills rows [r * bs, (r + 1) * bs)
+            self._ids, self._positions = (torch.zeros(rows, dtype=torch.int64, device=device) for _ in range(2))
+            # the global batch's lengths: only its partitions' owners attend, over their own
+            # lengths, and the dense layers never read these
+            self._ones = torch.ones(rows, dtype=torch.int64, device=device)
+            self._rows = torch.arange(rows, device=device)
+            self._nothing = torch.empty(0, dtype=torch.int64, device=device)
+            body = self._root_graph_body
+        else:
+            body = lambda batch: serve_attention_layers(  # noqa: E731
+                runner.attn_backend, self.layers, batch, self.comm, runner.compute_dtype
+            )
+        graph_runner = CudaGraphRunner(body, runner.attn_backend, runner.req_to_token_pool, runner.kv_pool, max_bs, graphs)
+        if self.comm.is_root:
+            self.tknp_backend.comm_seconds = 0.0  # the captures' runs are not steps
+        return graph_runner
+
+    def _graph_bucket(self, headers: list[_Header]) -> Optional[int]:
+        """The bucket every partition pads to when this step replays graphs, else None."""
+        if self.graph_runner is None:
+            return None
+        if any(h.tokens != h.reqs or h.samples != h.reqs or h.logprobs for h in headers):
+            return None
+        return self.graph_runner.bucket(max(h.reqs for h in headers))
+
+    def _root_graph_body(self, local: ForwardBatch) -> LogitsProcessorOutput:
+        """The root's forward of tknp_size partitions of `local.batch_size` rows each."""
+        bs = local.batch_size
+        rows = self.comm.size * bs
+        global_batch = ForwardBatch(
+            forward_mode=ForwardMode.DECODE,
+            input_ids=self._ids[:rows],
+            positions=self._positions[:rows],
+            out_cache_loc=self._nothing,
+            req_pool_indices=self._nothing,
+            seq_lens=self._ones[:rows],
+            seq_lens_cpu=[1] * rows,
+            prefix_lens=[0] * rows,
+            extend_lens=[1] * rows,
+            sample_indices=self._rows[:rows],
+            attn_backend=self.tknp_backend,
+        )
+        self.tknp_backend.begin(local, [bs] * self.comm.size)
+        return self.runner.model(global_batch.input_ids, global_batch.positions, global_batch)
+
+    def _replay_root(self, batches: list[Optional[ForwardBatch]], size: int) -> LogitsProcessorOutput:
+        rows = self.comm.size * size
+        ids, positions = self._ids[:rows], self._positions[:rows]
+        ids.zero_()  # padding rows: token 0 at position 0, as every rank pads its own
+        positions.zero_()
+        samples = []
+        for r, batch in enumerate(batches):
+            if batch is not None:
+                start = r * size
+                ids[start : start + batch.batch_size].copy_(batch.input_ids)
+                positions[start : start + batch.batch_size].copy_(batch.positions)
+                samples.append(batch.sample_indices + start)
+        logits = self.graph_runner.replay(batches[0], size).next_token_logits
+        return LogitsProcessorOutput(next_token_logits=logits[torch.cat(samples)])  # a copy
+
     # ---- non-root ranks ------------------------------------------------------------------
 
-    def _rank_forward(self, local: Optional[ForwardBatch], h: _Header) -> Optional[LogitsProcessorOutput]:
-        if local is None:
-            if self.comm.use_all_to_all:  # every rank joins every layer's all_to_all
-                serve_attention_layers(self.runner.attn_backend, self.layers, None, self.comm, self.runner.compute_dtype)
-            return None
-        device = local.input_ids.device
-        parts = [local.input_ids, local.positions, torch.tensor(local.extend_lens, device=device), local.seq_lens, local.sample_indices]
-        if h.logprobs:
-            parts += [local.logprob_indices, local.logprob_target_ids]
-        self.comm.send(torch.cat(parts), 0)
-        serve_attention_layers(self.runner.attn_backend, self.layers, local, self.comm, self.runner.compute_dtype)
-        return self._recv_logits(h)
+    def _rank_forward(self, local: Optional[ForwardBatch], h: _Header, size: Optional[int]) -> Optional[LogitsProcessorOutput]:
+        if local is not None:
+            device = local.input_ids.device
+            parts = [local.input_ids, local.positions, torch.tensor(local.extend_lens, device=device), local.seq_lens, local.sample_indices]
+            if h.logprobs:
+                parts += [local.logprob_indices, local.logprob_target_ids]
+            self.comm.send(torch.cat(parts), 0)
+        backend = self.runner.attn_backend
+        if size is not None:  # an empty partition replays too: the graphs hold collectives
+            self.graph_runner.replay(local, size)
+        elif local is not None:
+            backend.init_forward_metadata(local)
+            serve_attention_layers(backend, self.layers, local, self.comm, self.runner.compute_dtype)
+        elif self.comm.use_all_to_all:  # every rank joins every layer's all_to_all
+            serve_attention_layers(backend, self.layers, None, self.comm, self.runner.compute_dtype)
+        return self._recv_logits(h) if local is not None else None
 
     def _recv_logits(self, h: _Header) -> LogitsProcessorOutput:
         if not (h.samples or h.logprobs):  # a prefill chunk that samples nothing: no message
@@ -104,10 +204,14 @@ class TknpModelRunner:
 
     # ---- the root ------------------------------------------------------------------------
 
-    def _root_forward(self, local: Optional[ForwardBatch], headers: list[_Header]) -> Optional[LogitsProcessorOutput]:
+    def _root_forward(self, local: Optional[ForwardBatch], headers: list[_Header], size: Optional[int]) -> Optional[LogitsProcessorOutput]:
         batches = [local] + [self._recv_batch(r, h) for r, h in enumerate(headers) if r > 0]
+        if size is not None:
+            return self._scatter_logits(self._replay_root(batches, size), headers)
         global_batch = _concat([b for b in batches if b is not None])
         global_batch.attn_backend = self.tknp_backend
+        if local is not None:
+            self.runner.attn_backend.init_forward_metadata(local)
         self.tknp_backend.begin(local, [h.tokens for h in headers])
         out = self.runner.model(global_batch.input_ids, global_batch.positions, global_batch)
         return self._scatter_logits(out, headers)
