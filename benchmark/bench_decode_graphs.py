@@ -1,7 +1,8 @@
 """Decode throughput with and without CUDA graphs, bench_one_batch style (GPU only).
 
-    python benchmark/bench_decode_graphs.py [--model-path PATH] [--batch-sizes 1,32,128]
-                                            [--input-len 128] [--output-len 64] [--out graphs.json]
+    python benchmark/bench_decode_graphs.py [--model-path PATH | --shape llama-3.2-1b]
+                                            [--batch-sizes 1,32,128] [--input-len 128]
+                                            [--output-len 64] [--out graphs.json]
 
 For each setting (graphs off, then on) one ModelRunner is built (--dtype bfloat16, the default
 attention backend: flashinfer when installed) and `bench_one_batch.run_once` runs each batch
@@ -17,13 +18,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
+import tempfile
 import traceback
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M")
+    parser.add_argument("--shape", default=None, help="random weights in a shape of bench_tknp.py instead (no download)")
     parser.add_argument("--batch-sizes", default="1,32,128")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
@@ -39,6 +43,11 @@ def main() -> int:
     from sglang.srt.model_loader import resolve_model_path
     from sglang.srt.server_args import ServerArgs
 
+    if args.shape is not None:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tknp"))
+        from bench_tknp import make_model
+
+        args.model_path = make_model(args.shape, tempfile.mkdtemp(prefix=f"bench_{args.shape}_"), initializer_range=0.1)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     tokens = max(batch_sizes) * (args.input_len + args.output_len) + 1024
     results, ok = [], True

@@ -1,23 +1,28 @@
-"""FlashInfer against torch_native on a GPU: the same greedy tokens, and how close the logprobs are.
+"""FlashInfer against torch_native on a GPU, eager and with CUDA graphs: the same greedy tokens,
+and how close the logprobs are.
 
     python benchmark/flashinfer_parity.py [--models default,llama-3.2-1b] [--page-sizes 1,16]
                                           [--steps 64] [--tol 0.05] [--out parity.json]
 
-For each model (`default`: the embedded SmolLM2-135M GGUF; `llama-3.2-1b`: random weights in
-Llama-3.2-1B's shape, written to a temp dir, no download) and page size, one sglang.Engine per
-backend (--dtype bfloat16) runs the same prompts twice. The first pass prefills from scratch; a
-long prompt goes in chunks of --chunk tokens while the short ones decode, so chunks with cached
-prefixes and mixed chunk + decode batches are exercised. The second pass finds the prompts in
-the prefix cache. Each pass decodes --steps greedy tokens per prompt with output logprobs; the
-cold pass also asks for prompt logprobs (which keep a request off the prefix cache, hence
-the cached pass has none). Per pass it reports whether the tokens are identical (else the first step where a
-prompt's tokens differ) and the largest |logprob difference| over the prompt tokens (the
-prefill) and over the output tokens up to the first difference.
+For each model (`default`: the embedded SmolLM2-135M GGUF; a shape of benchmark/tknp/bench_tknp.py
+such as `smollm2-135m` or `llama-3.2-1b`: random weights in that shape, written to a temp dir, no
+download) and page size, one sglang.Engine per configuration (--dtype bfloat16) runs the same
+prompts twice: torch_native (the reference), flashinfer with --disable-cuda-graph (the kernels),
+and flashinfer with decode batches replayed from CUDA graphs (the graphs). The first pass
+prefills from scratch; a long prompt goes in chunks of --chunk tokens while the short ones
+decode, so chunks with cached prefixes and mixed chunk + decode batches are exercised. The
+second pass finds the prompts in the prefix cache. Each pass decodes --steps greedy tokens per
+prompt with output logprobs; the cold pass also asks for prompt logprobs (which keep a request
+off the prefix cache, hence the cached pass has none). Per pass and comparison (flashinfer vs
+torch_native, graphs vs flashinfer eager) it reports whether the tokens are identical (else the
+first step where a prompt's tokens differ) and the largest |logprob difference| over the prompt
+tokens (the prefill) and over the output tokens up to the first difference.
 
 In bf16 the kernels' summation order moves logits slightly, so a greedy token can flip on a
-near-tie; the prefill difference is the number to judge. Exit status: 0 when every run worked
-and every prefill difference is within --tol, 1 otherwise, 2 when this machine cannot run the
-check (no CUDA device or no flashinfer package).
+near-tie; the prefill difference is the number to judge for the kernels, and the output
+difference for the graphs (which replay decode steps only). Exit status: 0 when every run
+worked and every prefill and graph output difference is within --tol, 1 otherwise, 2 when this
+machine cannot run the check (no CUDA device or no flashinfer package).
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from typing import Any, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tknp"))
 
-BACKENDS = ("torch_native", "flashinfer")
+# (attention backend, CUDA graphs): the reference, the kernels, the kernels replayed from graphs
+CONFIGS = {"torch_native": ("torch_native", False), "flashinfer": ("flashinfer", False), "graphs": ("flashinfer", True)}
+COMPARISONS = (("flashinfer", "torch_native"), ("graphs", "flashinfer"))
 TEXT_PROMPTS = [
     "The capital of France is",
     "Write a haiku about the sea.",
@@ -74,16 +81,17 @@ def model_path_for(model: str, tmp_dir: str) -> Optional[str]:
     return make_model(model, os.path.join(tmp_dir, model), initializer_range=0.1)
 
 
-def run_backend(model_path: Optional[str], backend: str, page_size: int, args: argparse.Namespace,
-                prompts: dict[str, Any]) -> list[list[dict]]:
+def run_config(model_path: Optional[str], config: str, page_size: int, args: argparse.Namespace,
+               prompts: dict[str, Any]) -> list[list[dict]]:
     """The results of both passes, one dict per prompt."""
     import torch
 
     import sglang
 
+    backend, graphs = CONFIGS[config]
     engine = sglang.Engine(
         model_path=model_path, device="cuda", dtype="bfloat16", attention_backend=backend,
-        page_size=page_size, max_total_tokens=args.max_total_tokens, chunked_prefill_size=args.chunk,
+        disable_cuda_graph=not graphs, cuda_graph_max_bs=args.cuda_graph_max_bs, page_size=page_size, max_total_tokens=args.max_total_tokens, chunked_prefill_size=args.chunk,
         context_length=args.context_length,
         random_seed=0, log_level="warning",
     )
@@ -131,7 +139,9 @@ def compare(ref: list[dict], new: list[dict]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="default,llama-3.2-1b", help="comma list of: default, llama-3.2-1b")
+    parser.add_argument("--models", default="default,llama-3.2-1b",
+                        help="comma list of: default, or a shape of bench_tknp.py (random weights)")
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=8, help="the graphs' largest batch (4 prompts decode together)")
     parser.add_argument("--page-sizes", default="1,16")
     parser.add_argument("--steps", type=int, default=64, help="greedy decode steps per prompt")
     parser.add_argument("--chunk", type=int, default=128, help="--chunked-prefill-size")
@@ -158,27 +168,33 @@ def main() -> int:
             for page_size in (int(p) for p in args.page_sizes.split(",")):
                 row: dict[str, Any] = {"model": model, "page_size": page_size}
                 try:
-                    ref, new = (run_backend(model_path, b, page_size, args, prompts) for b in BACKENDS)
-                    row["passes"] = [compare(r, n) for r, n in zip(ref, new)]
+                    runs = {c: run_config(model_path, c, page_size, args, prompts) for c in CONFIGS}
+                    row["passes"] = {f"{new} vs {ref}": [compare(r, n) for r, n in zip(runs[ref], runs[new])]
+                                     for new, ref in COMPARISONS}
                 except Exception as exc:  # report every configuration, even after one fails
                     traceback.print_exc()
                     row["error"] = f"{type(exc).__name__}: {exc}"
                 results.append(row)
                 print(json.dumps(row))
 
-    ok = all("error" not in r and all((p["max_prefill_logprob_diff"] or 0.0) <= args.tol for p in r["passes"])
-             for r in results)
+    def within_tol(name: str, p: dict) -> bool:
+        # the kernels are judged on the prefill, the graphs (decode only) on the outputs
+        diff = p["max_prefill_logprob_diff"] if name.startswith("flashinfer") else p["max_output_logprob_diff"]
+        return (diff or 0.0) <= args.tol
+
+    ok = all("error" not in r and all(within_tol(n, p) for n, ps in r["passes"].items() for p in ps) for r in results)
     fmt = lambda x, width: f"{'-' if x is None else f'{x:.4f}':>{width}}"
-    print(f"\n{'model':<14} {'page':>4} {'pass':>6} {'tokens':>12} {'prefill dlp':>12} {'output dlp':>11}")
+    print(f"\n{'model':<14} {'page':>4} {'comparison':<26} {'pass':>6} {'tokens':>12} {'prefill dlp':>12} {'output dlp':>11}")
     for r in results:
         if "error" in r:
             print(f"{r['model']:<14} {r['page_size']:>4}  error: {r['error'].splitlines()[0]}")
             continue
-        for i, p in enumerate(r["passes"]):
-            tokens = "identical" if p["tokens_identical"] else f"diff @ {p['first_divergence']}"
-            print(f"{r['model']:<14} {r['page_size']:>4} {('cold', 'cached')[i]:>6} {tokens:>12} "
-                  f"{fmt(p['max_prefill_logprob_diff'], 12)} {fmt(p['max_output_logprob_diff'], 11)}")
-    print("PASS" if ok else f"FAIL (an error, or a prefill logprob difference above --tol {args.tol})")
+        for name, passes in r["passes"].items():
+            for i, p in enumerate(passes):
+                tokens = "identical" if p["tokens_identical"] else f"diff @ {p['first_divergence']}"
+                print(f"{r['model']:<14} {r['page_size']:>4} {name:<26} {('cold', 'cached')[i]:>6} {tokens:>12} "
+                      f"{fmt(p['max_prefill_logprob_diff'], 12)} {fmt(p['max_output_logprob_diff'], 11)}")
+    print("PASS" if ok else f"FAIL (an error, or a logprob difference above --tol {args.tol})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"tol": args.tol, "steps": args.steps, "results": results}, f, indent=1)

