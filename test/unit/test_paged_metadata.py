@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from paged_attention_ref import paged_attention
+from sglang.srt.layers.attention.base import AttentionShape
 from sglang.srt.layers.attention.paged_metadata import PagedKVMetadata, build_paged_kv_metadata
 from sglang.srt.layers.attention.registry import create_attention_backend
 from sglang.srt.layers.attention.torch_native import TorchNativeAttnBackend
@@ -89,8 +90,13 @@ def make_layer(layer_id: int = 0) -> RadixAttention:
     return RadixAttention(NUM_HEADS, HEAD_DIM, HEAD_DIM**-0.5, NUM_KV_HEADS, layer_id)
 
 
+def shape_for(batch: Batch) -> AttentionShape:
+    kv_dtype = batch.forward_batch.token_to_kv_pool.get_kv_buffer(0)[0].dtype
+    return AttentionShape.of([make_layer()], batch.q.dtype, kv_dtype)
+
+
 def run_torch_native(batch: Batch, layer: RadixAttention) -> torch.Tensor:
-    backend = TorchNativeAttnBackend()
+    backend = TorchNativeAttnBackend(shape_for(batch), "cpu")
     batch.forward_batch.attn_backend = backend
     backend.init_forward_metadata(batch.forward_batch)
     return backend.forward(batch.q, batch.k, batch.v, layer, batch.forward_batch)
@@ -150,17 +156,18 @@ def test_a_wrong_last_page_len_is_caught():
 
 
 @pytest.fixture
-def flashinfer_backend_cls(fake_flashinfer):
-    """FlashInferAttnBackend imported through the registry against the stand-in flashinfer."""
-    return lambda: create_attention_backend("flashinfer")
+def flashinfer_backend_for(fake_flashinfer):
+    """FlashInferAttnBackend for a batch's shape, imported through the registry against the
+    stand-in flashinfer."""
+    return lambda batch: create_attention_backend("flashinfer", shape_for(batch), "cpu")
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("case", list(CASES))
-def test_flashinfer_backend_wiring_matches_torch_native(flashinfer_backend_cls, case: str, page_size: int):
+def test_flashinfer_backend_wiring_matches_torch_native(flashinfer_backend_for, case: str, page_size: int):
     native_batch = make_batch(CASES[case], page_size, kv_dtype=torch.bfloat16)
     batch = make_batch(CASES[case], page_size, kv_dtype=torch.bfloat16)  # same seed: same pool
-    backend = flashinfer_backend_cls()
+    backend = flashinfer_backend_for(batch)
     batch.forward_batch.attn_backend = backend
     backend.init_forward_metadata(batch.forward_batch)
     for layer in (make_layer(0), make_layer(1)):
@@ -170,36 +177,38 @@ def test_flashinfer_backend_wiring_matches_torch_native(flashinfer_backend_cls, 
         for mine, native in zip(batch.forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id),
                                 native_batch.forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)):
             assert torch.equal(mine, native)
-    used = backend._decode_wrapper if case == "decode" else backend._prefill_wrapper
-    assert (used.num_plans, used.num_runs) == (1, 2), "planned once per batch, run by every layer"
+    used, unused = backend._decode_wrapper, backend._prefill_wrapper
     if case != "decode":
-        assert backend._decode_wrapper is None
+        used, unused = unused, used
+    assert (used.num_plans, used.num_runs) == (1, 2), "planned once per batch, run by every layer"
+    assert (unused.num_plans, unused.num_runs) == (0, 0)
 
 
-def test_flashinfer_backend_replans_for_each_batch(flashinfer_backend_cls):
-    backend = flashinfer_backend_cls()
+def test_flashinfer_backend_replans_for_each_batch(flashinfer_backend_for):
+    backend = None
     for seed in (1, 2):
         batch = make_batch(CASES["decode"], 16, kv_dtype=torch.float16, seed=seed)
+        backend = backend or flashinfer_backend_for(batch)
         backend.init_forward_metadata(batch.forward_batch)
         backend.forward(batch.q, batch.k, batch.v, make_layer(), batch.forward_batch)
     assert backend._decode_wrapper.num_plans == 2
 
 
-def test_flashinfer_backend_rejects_a_float32_kv_cache(flashinfer_backend_cls):
+def test_flashinfer_backend_rejects_a_float32_kv_cache(flashinfer_backend_for):
     batch = make_batch(CASES["decode"], 1, kv_dtype=torch.float32)
     with pytest.raises(ValueError, match="--attention-backend flashinfer needs a 16-bit KV cache"):
-        flashinfer_backend_cls().init_forward_metadata(batch.forward_batch)
+        flashinfer_backend_for(batch)
 
 
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_flashinfer_backend_cuda_graph_path(flashinfer_backend_cls, page_size: int):
+def test_flashinfer_backend_cuda_graph_path(flashinfer_backend_for, page_size: int):
     """CUDA-graph mode, as CudaGraphRunner drives it: a bucket's wrapper (fixed buffers) is
-    planned by the warmup over static buffers of padding requests, re-planned before the replay
+    planned at capture over static buffers of padding requests, re-planned before the replay
     for a padded decode batch copied into them, and the real rows match torch_native."""
     native_batch = make_batch(CASES["decode"], page_size, kv_dtype=torch.bfloat16)
     batch = make_batch(CASES["decode"], page_size, kv_dtype=torch.bfloat16)
     fb, bucket = batch.forward_batch, 8
-    backend = flashinfer_backend_cls()
+    backend = flashinfer_backend_for(batch)
     backend.init_cuda_graph_state(bucket, fb.req_to_token_pool.max_context_len, fb.token_to_kv_pool)
     padded = pad_decode_batch(fb, bucket, fb.req_to_token_pool.padding_row)
     zeros = lambda: torch.zeros(bucket, dtype=torch.int64)  # noqa: E731
@@ -212,7 +221,7 @@ def test_flashinfer_backend_cuda_graph_path(flashinfer_backend_cls, page_size: i
     backend.init_forward_metadata_capture(static)
     q0 = torch.zeros(bucket, NUM_HEADS, HEAD_DIM)
     kv0 = torch.zeros(bucket, NUM_KV_HEADS, HEAD_DIM)
-    backend.forward(q0, kv0, kv0, layer, static)  # the warmup before capture plans the wrapper
+    backend.forward(q0, kv0, kv0, layer, static)  # the warmup before capture
 
     for name in ("input_ids", "positions", "out_cache_loc", "req_pool_indices", "seq_lens"):
         getattr(static, name).copy_(getattr(padded, name))
@@ -222,5 +231,5 @@ def test_flashinfer_backend_cuda_graph_path(flashinfer_backend_cls, page_size: i
     out = backend.forward(pad_rows(batch.q), pad_rows(batch.k), pad_rows(batch.v), layer, static)
     torch.testing.assert_close(out[: fb.batch_size], run_torch_native(native_batch, layer), atol=1e-5, rtol=1e-5)
     wrapper = backend._graph_wrappers[bucket]
-    assert wrapper.graph_buffers is not None and wrapper.num_plans == 2, "planned by the warmup, then per replay"
-    assert backend._decode_wrapper is None, "the eager decode wrapper is not involved"
+    assert wrapper.graph_buffers is not None and wrapper.num_plans == 2, "planned at capture, then per replay"
+    assert backend._decode_wrapper.num_plans == 0, "the eager decode wrapper is not involved"

@@ -106,6 +106,7 @@ class TknpAttentionBackend(AttentionBackend):
 
     def __init__(self, inner: AttentionBackend, comm: TknpComm):
         assert comm.is_root
+        super().__init__(inner.shape, inner.device)
         self.inner = inner
         self.comm = comm
         self.local_batch: Optional["ForwardBatch"] = None

@@ -28,8 +28,10 @@ from typing import Optional
 import torch
 
 from sglang.srt.configs.model_config import ModelConfig, cpu_supports_bf16
+from sglang.srt.layers.attention.base import AttentionShape
 from sglang.srt.layers.attention.registry import create_attention_backend
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.tensor_parallel import TpGroup, shard_model
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner, GraphCapturer, graph_max_bs
@@ -92,7 +94,9 @@ class ModelRunner:
             device=device,
             page_size=page_size,
         )
-        self.attn_backend = create_attention_backend(attention_backend)
+        layers = [m for m in self.model.modules() if isinstance(m, RadixAttention)]
+        shape = AttentionShape.of(layers, self.compute_dtype, self.dtype)
+        self.attn_backend = create_attention_backend(attention_backend, shape, device)
         self.cuda_graph_runner = self._init_cuda_graphs(cuda_graph_max_bs, graphs)
 
     def _load_model(self) -> torch.nn.Module:

@@ -1,7 +1,9 @@
 """The attention backend interface. Models call it through RadixAttention, never directly.
 
-A backend builds its metadata once per ForwardBatch (`init_forward_metadata`), then each layer
-calls `forward`, which writes the new tokens' k/v into the KV pool and attends over the cache.
+A backend is built for one model's attention shape (`AttentionShape`: heads as this rank holds
+them, head size, scale, dtypes), the same in every layer. It builds its metadata once per
+ForwardBatch (`init_forward_metadata`: indices, masks, kernel plans), then each layer calls
+`forward`, which writes the new tokens' k/v into the KV pool and attends over the cache.
 Token parallelism wraps a backend (it scatters q/k/v to the owning rank and gathers outputs),
 so a backend only ever sees the requests whose KV lives on its own rank.
 
@@ -15,7 +17,8 @@ eagerly.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -25,8 +28,30 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch import ForwardBatch
 
 
+@dataclass(frozen=True)
+class AttentionShape:
+    """What every attention layer of a model shares, as one rank runs it."""
+
+    num_heads: int  # query heads on this rank (its TP shard)
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+    q_dtype: torch.dtype  # the compute dtype
+    kv_dtype: torch.dtype  # the KV cache's dtype
+
+    @classmethod
+    def of(cls, layers: Sequence["RadixAttention"], q_dtype: torch.dtype, kv_dtype: torch.dtype) -> "AttentionShape":
+        shapes = {(l.num_heads, l.num_kv_heads, l.head_dim, l.scaling) for l in layers}
+        assert len(shapes) == 1, f"attention layers of one model differ in shape: {sorted(shapes)}"
+        return cls(*shapes.pop(), q_dtype, kv_dtype)
+
+
 class AttentionBackend(ABC):
     supports_cuda_graph = False
+
+    def __init__(self, shape: AttentionShape, device: "torch.device | str"):
+        self.shape = shape
+        self.device = torch.device(device)  # the KV pool's, where the backend keeps its buffers
 
     @abstractmethod
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:

@@ -9,7 +9,9 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sglang.srt.layers.attention.base import AttentionBackend
+    import torch
+
+    from sglang.srt.layers.attention.base import AttentionBackend, AttentionShape
 
 _BACKENDS = {
     "torch_native": "sglang.srt.layers.attention.torch_native:TorchNativeAttnBackend",
@@ -21,8 +23,9 @@ def attention_backend_names() -> list[str]:
     return list(_BACKENDS)
 
 
-def create_attention_backend(name: str) -> "AttentionBackend":
+def create_attention_backend(name: str, shape: "AttentionShape", device: "torch.device | str") -> "AttentionBackend":
+    """Backend `name` for a model's attention `shape`, its buffers on `device`."""
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend '{name}'; choices: {', '.join(_BACKENDS)}")
     module_name, cls_name = _BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module_name), cls_name)()
+    return getattr(importlib.import_module(module_name), cls_name)(shape, device)
