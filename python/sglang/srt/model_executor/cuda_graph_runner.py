@@ -97,8 +97,8 @@ class GraphCapturer(Protocol):
 
 class CudaGraphs:
     """CUDA graphs sharing one memory pool (they replay one at a time). Each capture first runs
-    `fn` eagerly: that plans the attention kernels, lets lazily built state (workspaces,
-    wrappers, autotuned kernels) settle, and keeps allocations out of the graph."""
+    `fn` eagerly: lazily built state (JIT-built and autotuned kernels, communicators, caches)
+    settles there, so the capture records only the step's own kernels."""
 
     def __init__(self) -> None:
         self._pool = torch.cuda.graph_pool_handle()
