@@ -64,6 +64,10 @@ def _socket_dirs() -> set[str]:
         (["--load-balance-method", "random"], "--load-balance-method"),
         (["--tp-size", "2"], "--tp-size 2 must divide the number of attention heads (9)"),  # SmolLM2-135M
         (["--tp-size", "0"], "--tp-size"),
+        (["--tknp-size", "2", "--nnodes", "2"], "--nnodes > 1 needs --dist-init-addr"),
+        (["--tknp-size", "3", "--nnodes", "2", "--dist-init-addr", "127.0.0.1:5000"], "must split evenly over --nnodes"),
+        (["--tknp-size", "2", "--nnodes", "2", "--dist-init-addr", "localhost"], "--dist-init-addr must be host:port"),
+        (["--nnodes", "2", "--node-rank", "2"], "--node-rank must be in 0..1"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, word):

@@ -50,6 +50,9 @@ class ServerArgs:
     tknp_size: int = _opt(1, "token parallel size: attention ranks, each owning the KV of its requests; weights on the first only")
     load_balance_method: str = _opt("cache_aware", "how the TKNP controller places requests on ranks", choices=LOAD_BALANCE_METHODS)
     dp_size: int = _opt(1, "data parallel size (only 1; use --tknp-size to scale KV capacity)")
+    nnodes: int = _opt(1, "hosts the ranks span; ranks are split evenly, node 0 holding the first ones and serving HTTP")
+    node_rank: int = _opt(0, "this host's index among --nnodes (0 serves HTTP; the others run their ranks only)")
+    dist_init_addr: Optional[str] = _opt(None, "host:port of node 0 for --nnodes > 1: the ranks meet there, and the internal sockets use the ports after it")
     mem_fraction_static: Optional[float] = _opt(None, "share of memory for weights and KV cache")
     max_total_tokens: Optional[int] = _opt(None, "KV cache capacity in tokens, rounded down to whole pages (overrides mem-fraction-static)")
     page_size: int = _opt(1, "tokens per KV cache page; the pool and the prefix cache work in whole pages (FlashInfer's paged KV cache)")
@@ -79,6 +82,7 @@ class ServerArgs:
             if self.tknp_size > 1:
                 raise ValueError(f"--tknp-size {self.tknp_size} and --dp-size {self.dp_size} are mutually exclusive; set one of them to 1")
             raise ValueError(f"--dp-size must be 1 (data parallelism is not supported; use --tknp-size), got {self.dp_size}")
+        self._check_nodes()
         _check(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}", self.dtype)
         _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}", self.device)
         _check(self.schedule_policy in SCHEDULE_POLICIES, f"--schedule-policy must be one of {', '.join(SCHEDULE_POLICIES)}", self.schedule_policy)
@@ -114,6 +118,27 @@ class ServerArgs:
         if self.random_seed is None:
             self.random_seed = random.randrange(1 << 31)
         return self
+
+    def _check_nodes(self) -> None:
+        _check(self.nnodes >= 1, "--nnodes must be >= 1", self.nnodes)
+        _check(0 <= self.node_rank < self.nnodes, f"--node-rank must be in 0..{self.nnodes - 1}", self.node_rank)
+        if self.nnodes == 1:
+            return
+        _check(self.world_size % self.nnodes == 0,
+               f"--tknp-size x --tp-size ({self.world_size} ranks) must split evenly over --nnodes", self.nnodes)
+        if self.dist_init_addr is None:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr host:port (node 0's address, the same on every node)")
+        host, _, port = self.dist_init_addr.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536 - 3 - self.world_size:
+            raise ValueError(f"--dist-init-addr must be host:port with a free port range after it, got {self.dist_init_addr!r}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.world_size // self.nnodes
+
+    def node_ranks(self) -> range:
+        """The global ranks this node runs."""
+        return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
 
     def rank_layout(self) -> RankLayout:
         """Where each scheduler process sits: one per (TKNP rank, TP rank), TP fastest."""
@@ -194,7 +219,7 @@ def check_rank_layout(args: ServerArgs, model_config: Any) -> None:
     if args.device == "cuda":
         import torch
 
-        num_devices = torch.cuda.device_count()
+        num_devices = torch.cuda.device_count() * args.nnodes  # each node has its own, alike
     args.rank_layout().validate(
         model_config.num_attention_heads, model_config.num_key_value_heads, num_devices
     )

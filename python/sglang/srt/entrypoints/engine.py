@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 class Engine:
     def __init__(self, **kwargs: Any):
         args = ServerArgs.from_kwargs(**kwargs).resolve()
+        if args.node_rank > 0:
+            raise ValueError("node_rank > 0 runs only that node's ranks: start it with `python -m sglang.launch_server "
+                             "--node-rank N ...`; the Engine runs on node 0")
         configure_logging(args.log_level)
         self.server_args = args
         self.remote: Optional[_RemoteBackend] = None

@@ -27,7 +27,7 @@ from sglang import __version__
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.entrypoints.openai.routes import mount_openai_routes
 from sglang.srt.entrypoints.openai.serving import validation_error_response
-from sglang.srt.entrypoints.subprocesses import Backend
+from sglang.srt.entrypoints.subprocesses import Backend, run_other_node
 from sglang.srt.managers.tokenizer_manager import GenerateReqInput, TokenizerManager
 from sglang.srt.managers.scheduler_process import load_model_config_and_tokenizer
 from sglang.srt.server_args import ServerArgs, check_rank_layout
@@ -277,6 +277,8 @@ def launch_server(args: ServerArgs) -> int:
     model_config, tokenizer = load_model_config_and_tokenizer(args)
     args.served_model_name = args.served_model_name or model_config.model_path
     check_rank_layout(args, model_config)
+    if args.node_rank > 0:
+        return run_other_node(args)  # node 0 serves HTTP for every node
     chat_template = _read_chat_template(args.chat_template)
     sock = _bind(args.host, args.port)  # before the slow start-up: a busy port fails fast
     backend = Backend(args).start()

@@ -12,10 +12,13 @@ with the parent (PR_SET_PDEATHSIG), so a killed server leaves no orphans.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -25,9 +28,26 @@ from sglang.srt.managers.tknp_controller import run_tknp_controller_process
 from sglang.srt.server_args import ServerArgs
 from sglang.srt.utils import device_memory
 
+logger = logging.getLogger(__name__)
+
 
 class BackendStartError(RuntimeError):
     pass
+
+
+def socket_addresses(args: ServerArgs, socket_dir: str) -> dict[str, str]:
+    """Where the processes meet. On one node, IPC files in `socket_dir` and a file rendezvous for
+    torch.distributed. With --nnodes > 1, what ranks on other nodes reach is on node 0, over
+    TCP: the rendezvous at --dist-init-addr, and the sockets node 0's processes bind (detokenizer,
+    controller_in, one per rank) on the ports after it."""
+    shared = ["detokenizer", "controller_in"] + [f"rank{r}" for r in range(args.world_size)]
+    ipc = {name: f"ipc://{socket_dir}/{name}" for name in ["scheduler", "tokenizer"] + shared}
+    ipc["dist_init"] = f"file://{socket_dir}/dist_init"
+    if args.nnodes > 1:
+        host, port = args.dist_init_addr.rsplit(":", 1)
+        ipc["dist_init"] = f"tcp://{args.dist_init_addr}"
+        ipc.update({name: f"tcp://{host}:{int(port) + 1 + i}" for i, name in enumerate(shared)})
+    return ipc
 
 
 @dataclass
@@ -40,9 +60,7 @@ class Backend:
 
     def start(self) -> "Backend":
         self.socket_dir = tempfile.mkdtemp(prefix="sglang-tknp-")
-        names = ["scheduler", "detokenizer", "tokenizer", "controller_in"] + [f"rank{r}" for r in range(self.args.world_size)]
-        self.ipc = {name: f"ipc://{self.socket_dir}/{name}" for name in names}
-        self.ipc["dist_init"] = f"file://{self.socket_dir}/dist_init"
+        self.ipc = socket_addresses(self.args, self.socket_dir)
         try:
             self._start_processes()
         except BaseException:
@@ -56,12 +74,20 @@ class Backend:
         available = device_memory(self.args.device)[0] if multi and self.args.device == "cpu" else None
         schedulers = [
             (f"scheduler{r}" if multi else "scheduler", run_scheduler_process, (r, available))
-            for r in range(self.args.world_size)
+            for r in self.args.node_ranks()
         ]
-        infos = self._spawn(schedulers + [("detokenizer", run_detokenizer_process, ())])
-        # TP replicas of a TKNP rank agree on their capacity; count each TKNP rank once (TP rank 0)
-        ranks = [infos[schedulers[group[0]][0]] for group in self.args.rank_layout().tp_group_ranks()]
-        if multi:
+        head = self.args.node_rank == 0  # node 0 serves: the detokenizer and controller live there
+        infos = self._spawn(schedulers + ([("detokenizer", run_detokenizer_process, ())] if head else []))
+        first = infos[schedulers[0][0]]
+        if not multi:
+            self.info = {**first, "ranks": [first]}
+            return
+        # every rank reported every rank's capacity; TP replicas of a TKNP rank agree on theirs,
+        # so count each TKNP rank once (its TP rank 0)
+        every = first["ranks"]
+        ranks = [dict(zip(("max_total_num_tokens", "max_running_requests"), every[group[0]]))
+                 for group in self.args.rank_layout().tp_group_ranks()]
+        if head:
             capacities = [info["max_total_num_tokens"] for info in ranks]
             self._spawn([("controller", run_tknp_controller_process, (capacities,))])
         self.info = {
@@ -80,12 +106,12 @@ class Backend:
             proc.start()
             writer.close()
             self.procs[name], pipes[name] = proc, reader
-        infos = {}
-        for name, reader in pipes.items():
-            msg = self._wait_ready(name, reader)
-            if "error" in msg:
-                raise BackendStartError(f"{name} failed to start: {msg['error']}")
-            infos[name] = msg
+        infos = {name: self._wait_ready(name, reader) for name, reader in pipes.items()}
+        # a rank that failed because a peer did names the peer: report the peer's own error
+        failed = sorted((bool(msg.get("peer_failed")), name) for name, msg in infos.items() if "error" in msg)
+        if failed:
+            name = failed[0][1]
+            raise BackendStartError(f"{name} failed to start: {infos[name]['error']}")
         return infos
 
     def _wait_ready(self, name: str, reader) -> dict:
@@ -112,3 +138,25 @@ class Backend:
                 proc.join()
         if self.socket_dir and os.path.isdir(self.socket_dir):
             shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+def run_other_node(args: ServerArgs) -> int:
+    """Node k > 0 of --nnodes: runs this node's ranks, which reach node 0 over TCP, until one of
+    them exits (node 0 shut down, or a rank failed) or this process gets SIGTERM or SIGINT."""
+    backend = Backend(args).start()
+    ranks = args.node_ranks()
+    logger.info("node %d: ranks %d..%d running; node 0 (%s) serves", args.node_rank, ranks[0], ranks[-1], args.dist_init_addr)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    code = 0
+    try:
+        while not stop.wait(0.5):
+            dead = backend.dead_process()
+            if dead is not None:
+                logger.error("%s; stopping node %d", dead, args.node_rank)
+                code = 1
+                break
+    finally:
+        backend.shutdown()
+    return code

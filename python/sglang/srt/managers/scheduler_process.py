@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections import deque
 import time
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 _IDLE_POLL_MS = 1000
 _LOAD_REPORT_INTERVAL_S = 0.02
+# What gloo's RuntimeError says when a peer's connection went away.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def load_model_config_and_tokenizer(args: ServerArgs) -> tuple[ModelConfig, Any]:
@@ -67,8 +70,8 @@ def build_scheduler(
         max_total_tokens=args.max_total_tokens,
         max_running_requests=args.max_running_requests,
         hold_weights=tknp_rank == 0,
-        # CPU ranks share one host's memory; GPU ranks each have their own device
-        memory_share=1.0 / args.world_size if args.device == "cpu" else 1.0,
+        # CPU ranks share their host's memory; GPU ranks each have their own device
+        memory_share=1.0 / args.ranks_per_node if args.device == "cpu" else 1.0,
         available_memory=host_available,
         tp=TpGroup.of(state) if state is not None else TpGroup(),
         page_size=args.page_size,
@@ -108,27 +111,62 @@ def run_scheduler_process(
     kill_with_parent()
     multi = args.world_size > 1
     configure_logging(args.log_level, prefix=f"scheduler{global_rank}" if multi else "scheduler")
+    state, scheduler, error = None, None, None
     try:
         state = _init_distributed(args, ipc, global_rank) if multi else None
         scheduler, _, _ = build_scheduler(args, state, host_available)
     except Exception as exc:  # reported to the parent, which prints one line and exits
-        ready_pipe.send({"error": f"{type(exc).__name__}: {exc}"})
+        error = f"{type(exc).__name__}: {exc}"
+        if state is None:  # no peers to tell
+            ready_pipe.send({"error": error})
+            return
+    load = scheduler.get_load() if scheduler is not None else None
+    ready = {"max_total_num_tokens": load.max_total_num_tokens, "max_running_requests": load.max_running_requests} if load else {}
+    if multi:
+        # Every rank learns every rank's capacity (node 0 places requests on ranks of other
+        # nodes too) and whether all started: a rank whose peer failed stops as well.
+        ready["ranks"] = _gather_capacities(state, load)
+        failed = [r for r, cap in enumerate(ready["ranks"]) if cap is None]
+        if failed and error is None:
+            ready_pipe.send({"error": f"scheduler{failed[0]} failed to start", "peer_failed": True})
+            return
+    if error is not None:
+        ready_pipe.send({"error": error})
         return
     speaks = state is None or state.coords.tp == 0
     ctx = zmq.Context()
     recv = ctx.socket(zmq.PULL)
-    recv.bind(ipc[f"rank{global_rank}"] if multi else ipc["scheduler"])
+    if multi:
+        recv.connect(ipc[f"rank{global_rank}"])  # the controller binds it, on node 0
+    else:
+        recv.bind(ipc["scheduler"])
     to_detokenizer = ctx.socket(zmq.PUSH)
     to_detokenizer.connect(ipc["detokenizer"])
     replies = ctx.socket(zmq.PUSH)
     replies.connect(ipc["controller_in"] if multi else ipc["tokenizer"])
-    load = scheduler.get_load()
-    ready_pipe.send({"max_total_num_tokens": load.max_total_num_tokens, "max_running_requests": load.max_running_requests})
+    ready_pipe.send(ready)
     io = _SchedulerIO(scheduler, recv, to_detokenizer, replies, _Watchdog(args.watchdog_timeout), speaks)
-    if multi:
-        _lockstep_loop(io, state)
-    else:
+    if not multi:
         _plain_loop(io)
+        return
+    try:
+        _lockstep_loop(io, state)
+    except RuntimeError as exc:
+        if not any(why in str(exc) for why in _PEER_GONE):
+            raise
+        # a peer process ended (the server shut down, or a rank on another node died): one line
+        logger.debug("lockstep ended", exc_info=True)
+        logger.error("scheduler%d: lost contact with the other ranks (%s); exiting", global_rank, str(exc).splitlines()[0])
+        sys.exit(1)
+
+
+def _gather_capacities(state: ParallelState, load: Optional[Any]) -> list[Optional[list[int]]]:
+    """[max_total_num_tokens, max_running_requests] of every global rank; None for a rank that
+    failed to build its scheduler."""
+    mine = torch.tensor([1, load.max_total_num_tokens, load.max_running_requests] if load else [0, 0, 0])
+    every = [torch.zeros(3, dtype=torch.int64) for _ in range(state.layout.world_size)]
+    dist.all_gather(every, mine, group=state.world_cpu_group)
+    return [t[1:].tolist() if int(t[0]) else None for t in every]
 
 
 def _init_distributed(args: ServerArgs, ipc: dict[str, str], global_rank: int) -> ParallelState:
@@ -137,7 +175,8 @@ def _init_distributed(args: ServerArgs, ipc: dict[str, str], global_rank: int) -
     layout = args.rank_layout()
     backend = "gloo"
     if args.device == "cuda":
-        torch.cuda.set_device(global_rank)  # check_rank_layout made sure there are enough GPUs
+        # every node numbers its GPUs from 0; check_rank_layout made sure there are enough
+        torch.cuda.set_device(global_rank % args.ranks_per_node)
         backend = "nccl"
     # Idle ranks wait inside a collective for as long as the server is idle.
     return init_distributed(layout, global_rank, ipc["dist_init"], backend, timeout=timedelta(days=365))

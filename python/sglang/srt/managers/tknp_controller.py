@@ -175,7 +175,7 @@ def run_tknp_controller_process(args: Any, ipc: dict[str, str], ready_pipe: Any,
         replicas = []
         for g in replica_ranks:
             sock = ctx.socket(zmq.PUSH)
-            sock.connect(ipc[f"rank{g}"])
+            sock.bind(ipc[f"rank{g}"])  # bound here, on node 0: ranks on any node connect
             replicas.append(sock)
         to_ranks.append(replicas)
     controller = _Controller(PlacementPolicy(args.load_balance_method, capacities), to_ranks, from_ranks, to_tokenizer)

@@ -1,0 +1,86 @@
+"""--nnodes: two nodes on this host (two launch_server processes; node 1 runs its ranks only and
+reaches node 0 over TCP) serve --tknp-size 2 with one rank on each, and give what one node with
+--tknp-size 1 gives; node 1 stops on its own when node 0 shuts down."""
+
+import concurrent.futures as cf
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import requests
+
+from conftest import ServerProcess
+
+GREEDY = {"temperature": 0, "ignore_eos": True}
+
+
+def _free_port_range(n: int) -> int:
+    """A port p such that p .. p + n - 1 are free now (--dist-init-addr's port and the internal
+    sockets after it)."""
+    for _ in range(100):
+        base = random.randrange(20000, 60000 - n)
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def _generate_all(server, prompts):
+    def one(ids):
+        body = {"input_ids": ids, "sampling_params": {**GREEDY, "max_new_tokens": 12}, "return_logprob": True, "logprob_start_len": 0}
+        return requests.post(server.url + "/generate", json=body, timeout=120).json()
+
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
+def test_two_nodes_serve_like_one(make_tiny_model):
+    model_path = str(make_tiny_model("llama", seed=5))
+    prompts = [[100 + 7 * i + j for j in range(5 + 9 * i)] for i in range(6)]
+    common = ["--model-path", model_path, "--dtype", "float32", "--max-total-tokens", "2048"]
+    one_node = ServerProcess(common)
+    try:
+        expected = _generate_all(one_node, prompts)
+    finally:
+        one_node.stop()
+
+    addr = f"127.0.0.1:{_free_port_range(3 + 2)}"  # the rendezvous, detokenizer, controller_in, 2 ranks
+    cluster = [*common, "--tknp-size", "2", "--nnodes", "2", "--dist-init-addr", addr, "--load-balance-method", "round_robin"]
+    node1 = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", *cluster, "--node-rank", "1", "--log-level", "info"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        node0 = ServerProcess([*cluster, "--node-rank", "0"])
+        try:
+            got = _generate_all(node0, prompts)
+            info = requests.get(node0.url + "/server_info").json()
+        finally:
+            node0.stop()
+        # node 0 gone: node 1's rank loses its peers, and node 1 stops by itself
+        code = node1.wait(timeout=60)
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    log = node1.stdout.read()
+    assert code == 1 and "stopping node 1" in log, log
+
+    assert info["placements"] == [3, 3], "round_robin put half the requests on node 1's rank"
+    node0_rank, node1_rank = info["internal_states"]
+    assert node1_rank["prompt_tokens"] > 0 and node1_rank["weight_bytes"] == 0
+    assert info["max_total_num_tokens"] == 2 * 2048, "both nodes' KV pools count"
+    for i, (a, b) in enumerate(zip(expected, got)):
+        assert a["output_ids"] == b["output_ids"], f"prompt {i}"
+        for key in ("input_token_logprobs", "output_token_logprobs"):
+            for x, y in zip(a["meta_info"][key], b["meta_info"][key]):
+                assert x[1] == y[1] and (x[0] is None) == (y[0] is None)
+                assert x[0] is None or abs(x[0] - y[0]) <= 1e-4
