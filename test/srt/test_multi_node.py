@@ -84,3 +84,30 @@ def test_two_nodes_serve_like_one(make_tiny_model):
             for x, y in zip(a["meta_info"][key], b["meta_info"][key]):
                 assert x[1] == y[1] and (x[0] is None) == (y[0] is None)
                 assert x[0] is None or abs(x[0] - y[0]) <= 1e-4
+
+
+def test_losing_another_node_fails_requests_on_node_0(make_tiny_model):
+    model_path = str(make_tiny_model("llama", seed=5))
+    addr = f"127.0.0.1:{_free_port_range(3 + 2)}"
+    cluster = ["--model-path", model_path, "--dtype", "float32", "--max-total-tokens", "2048", "--tknp-size", "2",
+               "--nnodes", "2", "--dist-init-addr", addr]
+    node1 = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", *cluster, "--node-rank", "1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node0 = None
+    try:
+        node0 = ServerProcess([*cluster, "--node-rank", "0"])
+        node1.kill()  # its rank dies with it (PR_SET_PDEATHSIG)
+        node1.wait(timeout=30)
+        body = {"input_ids": [[5, 6, 7], [8, 9, 10]], "sampling_params": {**GREEDY, "max_new_tokens": 4}}
+        r = requests.post(node0.url + "/generate", json=body, timeout=60)  # an error, never a hang
+        results = r.json() if r.status_code == 200 else None
+        assert results is None or all(x["meta_info"]["finish_reason"]["type"] == "abort" for x in results), results
+        deadline = time.time() + 30
+        while node0.proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert node0.proc.returncode not in (None, 0), "node 0 exits non-zero once a rank is lost"
+    finally:
+        if node0 is not None:
+            node0.stop()
+        if node1.poll() is None:
+            node1.kill()
