@@ -150,6 +150,9 @@ def test_idle_ranks_do_not_spin_and_a_dead_rank_fails_requests(model_path):
     try:
         requests.post(server.url + "/generate", json={"text": "warm up", "sampling_params": {"max_new_tokens": 2}})
         pids = _rank_pids(server.proc.pid)
+        for pid in pids[:2]:  # the ranks share this host's cores: their OpenMP threads wait passively
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                assert b"OMP_WAIT_POLICY=PASSIVE" in f.read().split(b"\0")
         before = {p: _cpu_seconds(p) for p in pids}
         time.sleep(2.0)
         spent = sum(_cpu_seconds(p) - before[p] for p in pids)
