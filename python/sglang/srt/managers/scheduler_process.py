@@ -111,27 +111,18 @@ def run_scheduler_process(
     kill_with_parent()
     multi = args.world_size > 1
     configure_logging(args.log_level, prefix=f"scheduler{global_rank}" if multi else "scheduler")
-    state, scheduler, error = None, None, None
     try:
         state = _init_distributed(args, ipc, global_rank) if multi else None
         scheduler, _, _ = build_scheduler(args, state, host_available)
+        load = scheduler.get_load()
+        ready = {"max_total_num_tokens": load.max_total_num_tokens, "max_running_requests": load.max_running_requests}
+        if multi:
+            # every rank learns every rank's capacity: node 0 places requests on other nodes' too
+            ready["ranks"] = _gather_capacities(state, load)
     except Exception as exc:  # reported to the parent, which prints one line and exits
-        error = f"{type(exc).__name__}: {exc}"
-        if state is None:  # no peers to tell
-            ready_pipe.send({"error": error})
-            return
-    load = scheduler.get_load() if scheduler is not None else None
-    ready = {"max_total_num_tokens": load.max_total_num_tokens, "max_running_requests": load.max_running_requests} if load else {}
-    if multi:
-        # Every rank learns every rank's capacity (node 0 places requests on ranks of other
-        # nodes too) and whether all started: a rank whose peer failed stops as well.
-        ready["ranks"] = _gather_capacities(state, load)
-        failed = [r for r, cap in enumerate(ready["ranks"]) if cap is None]
-        if failed and error is None:
-            ready_pipe.send({"error": f"scheduler{failed[0]} failed to start", "peer_failed": True})
-            return
-    if error is not None:
-        ready_pipe.send({"error": error})
+        # Exiting ends this rank's connections, so peers waiting on it in a collective fail too;
+        # theirs is marked, so the parent reports this rank's own error.
+        ready_pipe.send({"error": f"{type(exc).__name__}: {exc}", "peer_failed": _peer_gone(exc)})
         return
     speaks = state is None or state.coords.tp == 0
     ctx = zmq.Context()
@@ -152,7 +143,7 @@ def run_scheduler_process(
     try:
         _lockstep_loop(io, state)
     except RuntimeError as exc:
-        if not any(why in str(exc) for why in _PEER_GONE):
+        if not _peer_gone(exc):
             raise
         # a peer process ended (the server shut down, or a rank on another node died): one line
         logger.debug("lockstep ended", exc_info=True)
@@ -160,13 +151,17 @@ def run_scheduler_process(
         sys.exit(1)
 
 
-def _gather_capacities(state: ParallelState, load: Optional[Any]) -> list[Optional[list[int]]]:
-    """[max_total_num_tokens, max_running_requests] of every global rank; None for a rank that
-    failed to build its scheduler."""
-    mine = torch.tensor([1, load.max_total_num_tokens, load.max_running_requests] if load else [0, 0, 0])
-    every = [torch.zeros(3, dtype=torch.int64) for _ in range(state.layout.world_size)]
+def _gather_capacities(state: ParallelState, load: Any) -> list[list[int]]:
+    """[max_total_num_tokens, max_running_requests] of every global rank."""
+    mine = torch.tensor([load.max_total_num_tokens, load.max_running_requests])
+    every = [torch.zeros(2, dtype=torch.int64) for _ in range(state.layout.world_size)]
     dist.all_gather(every, mine, group=state.world_cpu_group)
-    return [t[1:].tolist() if int(t[0]) else None for t in every]
+    return [t.tolist() for t in every]
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    """Whether gloo raised `exc` because a peer's connection went away."""
+    return isinstance(exc, RuntimeError) and any(why in str(exc) for why in _PEER_GONE)
 
 
 def _init_distributed(args: ServerArgs, ipc: dict[str, str], global_rank: int) -> ParallelState:
