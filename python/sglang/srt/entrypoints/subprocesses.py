@@ -89,7 +89,7 @@ class Backend:
         if self.args.device == "cpu" and self.args.ranks_per_node > 1 and "OMP_WAIT_POLICY" not in os.environ:
             # Ranks sharing a host's cores take turns (the root's dense layers, then every rank's
             # attention): OpenMP threads that spin while their rank waits steal the cores the
-            # busy rank needs. Measured on 2 cores (docs/benchmarks.md): 2.4x the decode speed
+            # busy rank needs. Measured on 2 cores (docs/benchmarks.md): 2.2x the decode speed
             # of --tknp-size 2. OpenMP reads it once, when a child starts.
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         with _environment(env):
