@@ -176,6 +176,19 @@ def fake_flashinfer(monkeypatch):
     sys.modules.pop(backend_module, None)  # no later import may see the stand-in
 
 
+def assert_same_generations(expected: list[dict], got: list[dict], what: str = "request") -> None:
+    """/generate results (with return_logprob) of two servers: the same tokens, and the same
+    prompt and output logprobs to 1e-4."""
+    assert len(expected) == len(got)
+    for i, (a, b) in enumerate(zip(expected, got)):
+        assert a["output_ids"] == b["output_ids"], f"{what} {i}"
+        for key in ("input_token_logprobs", "output_token_logprobs"):
+            for j, (x, y) in enumerate(zip(a["meta_info"][key], b["meta_info"][key])):
+                where = f"{what} {i} {key}[{j}]: {x[:2]} vs {y[:2]}"
+                assert x[1] == y[1] and (x[0] is None) == (y[0] is None), where
+                assert x[0] is None or abs(x[0] - y[0]) <= 1e-4, where
+
+
 def _rank_entry(target, rank, args, queue) -> None:
     try:
         queue.put((rank, True, target(rank, *args)))

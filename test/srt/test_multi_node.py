@@ -11,7 +11,7 @@ import time
 
 import requests
 
-from conftest import ServerProcess
+from conftest import ServerProcess, assert_same_generations
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
@@ -78,12 +78,7 @@ def test_two_nodes_serve_like_one(make_tiny_model):
     node0_rank, node1_rank = info["internal_states"]
     assert node1_rank["prompt_tokens"] > 0 and node1_rank["weight_bytes"] == 0
     assert info["max_total_num_tokens"] == 2 * 2048, "both nodes' KV pools count"
-    for i, (a, b) in enumerate(zip(expected, got)):
-        assert a["output_ids"] == b["output_ids"], f"prompt {i}"
-        for key in ("input_token_logprobs", "output_token_logprobs"):
-            for x, y in zip(a["meta_info"][key], b["meta_info"][key]):
-                assert x[1] == y[1] and (x[0] is None) == (y[0] is None)
-                assert x[0] is None or abs(x[0] - y[0]) <= 1e-4
+    assert_same_generations(expected, got, "prompt")
 
 
 def test_losing_another_node_fails_requests_on_node_0(make_tiny_model):

@@ -128,9 +128,15 @@ class ServerArgs:
                f"--tknp-size x --tp-size ({self.world_size} ranks) must split evenly over --nnodes", self.nnodes)
         if self.dist_init_addr is None:
             raise ValueError("--nnodes > 1 needs --dist-init-addr host:port (node 0's address, the same on every node)")
-        host, _, port = self.dist_init_addr.rpartition(":")
+        self.dist_init_host_port()  # raises on a malformed address
+
+    def dist_init_host_port(self) -> tuple[str, int]:
+        """--dist-init-addr as (host, port); the internal sockets take the 2 + world_size ports
+        after it."""
+        host, _, port = (self.dist_init_addr or "").rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536 - 3 - self.world_size:
             raise ValueError(f"--dist-init-addr must be host:port with a free port range after it, got {self.dist_init_addr!r}")
+        return host, int(port)
 
     @property
     def ranks_per_node(self) -> int:

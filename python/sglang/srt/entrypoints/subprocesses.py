@@ -60,9 +60,9 @@ def socket_addresses(args: ServerArgs, socket_dir: str) -> dict[str, str]:
     ipc = {name: f"ipc://{socket_dir}/{name}" for name in ["scheduler", "tokenizer"] + shared}
     ipc["dist_init"] = f"file://{socket_dir}/dist_init"
     if args.nnodes > 1:
-        host, port = args.dist_init_addr.rsplit(":", 1)
-        ipc["dist_init"] = f"tcp://{args.dist_init_addr}"
-        ipc.update({name: f"tcp://{host}:{int(port) + 1 + i}" for i, name in enumerate(shared)})
+        host, port = args.dist_init_host_port()
+        ipc["dist_init"] = f"tcp://{host}:{port}"
+        ipc.update({name: f"tcp://{host}:{port + 1 + i}" for i, name in enumerate(shared)})
     return ipc
 
 

@@ -62,6 +62,7 @@ def build_scheduler(
     with `state`, one rank of a TKNP x TP layout (weights on the root's TP ranks only)."""
     model_config, tokenizer = load_model_config_and_tokenizer(args)
     tknp_rank = state.coords.tknp if state is not None else 0
+    graph_max_bs = _cuda_graph_max_bs(args)
     runner = ModelRunner(
         model_config,
         device=args.device,
@@ -76,11 +77,11 @@ def build_scheduler(
         tp=TpGroup.of(state) if state is not None else TpGroup(),
         page_size=args.page_size,
         # under TKNP a step spans the group's ranks, so the TKNP runner captures the graphs
-        cuda_graph_max_bs=_cuda_graph_max_bs(args) if args.tknp_size == 1 else None,
+        cuda_graph_max_bs=graph_max_bs if args.tknp_size == 1 else None,
     )
     tknp_runner = None
     if args.tknp_size > 1:
-        tknp_runner = TknpModelRunner(runner, TknpComm.of(state, args.device), cuda_graph_max_bs=_cuda_graph_max_bs(args))
+        tknp_runner = TknpModelRunner(runner, TknpComm.of(state, args.device), cuda_graph_max_bs=graph_max_bs)
     scheduler = Scheduler(
         runner,
         tokenizer,

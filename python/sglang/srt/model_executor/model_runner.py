@@ -94,8 +94,9 @@ class ModelRunner:
             device=device,
             page_size=page_size,
         )
-        layers = [m for m in self.model.modules() if isinstance(m, RadixAttention)]
-        shape = AttentionShape.of(layers, self.compute_dtype, self.dtype)
+        # in call order; on a rank without weights too (the model is on the meta device)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, RadixAttention)]
+        shape = AttentionShape.of(self.attention_layers, self.compute_dtype, self.dtype)
         self.attn_backend = create_attention_backend(attention_backend, shape, device)
         self.cuda_graph_runner = self._init_cuda_graphs(cuda_graph_max_bs, graphs)
 

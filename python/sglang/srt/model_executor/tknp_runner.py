@@ -26,7 +26,6 @@ from typing import Optional
 import torch
 
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
-from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.tknp_attention import TknpAttentionBackend, TknpComm, serve_attention_layers
 from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner, GraphCapturer, graph_max_bs
 from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
@@ -66,7 +65,7 @@ class TknpModelRunner:
         assert runner.cuda_graph_runner is None, "under TKNP the TKNP runner captures the graphs"
         self.runner = runner
         self.comm = comm
-        self.layers = [m for m in runner.model.modules() if isinstance(m, RadixAttention)]
+        self.layers = runner.attention_layers
         self.vocab_size = runner.model_config.vocab_size
         if comm.is_root:
             self.tknp_backend = TknpAttentionBackend(runner.attn_backend, comm)
