@@ -33,13 +33,13 @@ def _workload():
             ids = shared + [7 + i, 8 + i]
         else:
             ids = [200 + 11 * i + j for j in range(5 + 13 * (i % 5))]
-        params = {**GREEDY, "max_new_tokens": 20 + (i % 4) * 5}
+        params = {**GREEDY, "max_new_tokens": 60 + (i % 4) * 15}
         if i % 4 == 1:
             # Seeded sampling over a top-k set: a random tiny model's full distribution is nearly
             # uniform over 49k tokens, where last-bit logit differences between batch shapes
             # (matmul blocking, padded attention) can move an inverse-CDF draw to a neighbour.
             params = {"temperature": 0.8, "top_k": 20, "top_p": 0.95, "sampling_seed": 1000 + i,
-                      "max_new_tokens": 16, "ignore_eos": True}
+                      "max_new_tokens": 48, "ignore_eos": True}
         reqs.append({"input_ids": ids, "sampling_params": params, "return_logprob": True, "logprob_start_len": max(len(ids) - 4, 0)})
     return reqs
 
@@ -56,8 +56,11 @@ def test_parity_across_tknp_and_tp_sizes_with_retraction(model_path):
     TP 2 is held to the same tokens and logprobs within 1e-4 of TP 1."""
     results = {}
     for tknp, tp in ((1, 1), (2, 1), (3, 1), (1, 2), (2, 2)):
-        # a pool this small per rank forces retractions under 18 concurrent requests
-        server = _server(model_path, tknp, "--tp-size", str(tp), "--max-total-tokens", "150", "--chunked-prefill-size", "128")
+        # A pool this small per rank forces retractions under 18 concurrent requests: it just
+        # holds the largest one (98 prompt + 105 new tokens). Outputs this long keep each
+        # rank's requests overlapping even when ranks outpace the requests' arrival (measured
+        # at tknp 3: 7-12 retractions a run, against 0-7 with a third of the outputs).
+        server = _server(model_path, tknp, "--tp-size", str(tp), "--max-total-tokens", "205", "--chunked-prefill-size", "128")
         try:
             results[tknp, tp] = _run_concurrently(server, _workload())
             info = requests.get(server.url + "/server_info").json()
