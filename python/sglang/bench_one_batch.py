@@ -1,14 +1,16 @@
 """Latency of one static batch: prefill, then decode steps, straight through the model runner.
 
-    python -m sglang.bench_one_batch --batch-size 32 --input-len 128 --output-len 128 [--dtype bfloat16]
+    python -m sglang.bench_one_batch --batch-size 32 --input-len 128 --output-len 128 [--dtype bfloat16] [--profile]
 
 No scheduler and no server: this measures the forward path (model, attention backend, sampler)
-and the per-step batch preparation, as SGLang's bench_one_batch does.
+and the per-step batch preparation, as SGLang's bench_one_batch does. `--profile` runs the
+decode steps under torch.profiler and prints where their time goes, op by op.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -33,7 +35,7 @@ class BenchArgs:
     seed: int = 0
 
 
-def run_once(runner: ModelRunner, bench: BenchArgs) -> dict:
+def run_once(runner: ModelRunner, bench: BenchArgs, profile: bool = False) -> dict:
     kv = KVCacheManager(runner.req_to_token_pool, runner.allocator, runner.kv_pool, disable_radix_cache=True)
     cfg = runner.model_config
     out = OutputProcessor(None, set(), cfg.vocab_size)
@@ -60,7 +62,10 @@ def run_once(runner: ModelRunner, bench: BenchArgs) -> dict:
         return time.perf_counter() - start
 
     prefill = step([ScheduledReq(r, bench.input_len, True) for r in reqs])
-    decodes = [step([ScheduledReq(r, 1, True) for r in reqs]) for _ in range(bench.output_len - 1)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else contextlib.nullcontext() as prof:
+        decodes = [step([ScheduledReq(r, 1, True) for r in reqs]) for _ in range(bench.output_len - 1)]
+    if profile:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     for req in reqs:
         kv.release(req)
     total = prefill + sum(decodes)
@@ -90,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     for f in dataclasses.fields(BenchArgs):
         parser.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default)
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the measured one")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the decode steps")
     args = parser.parse_args(argv)
     server_args = ServerArgs.from_cli_args(args).resolve()
     bench = BenchArgs(args.batch_size, args.input_len, args.output_len, args.seed)
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     runner = build_runner(cfg, server_args)
     for _ in range(args.warmup):
         run_once(runner, dataclasses.replace(bench, output_len=min(bench.output_len, 4)))
-    r = run_once(runner, bench)
+    r = run_once(runner, bench, args.profile)
     print(
         f"model={cfg.model_path} dtype={str(cfg.dtype).replace('torch.', '')} threads={torch.get_num_threads()} "
         f"batch={bench.batch_size} input={bench.input_len} output={bench.output_len}"

@@ -30,9 +30,9 @@ ARCHS = [
 ]
 
 
-def _runner(path) -> ModelRunner:
+def _runner(path, attention_backend: str) -> ModelRunner:
     cfg = ModelConfig.from_path(str(path), dtype="float32")
-    return ModelRunner(cfg, "cpu", "torch_native", 0.5, max_total_tokens=2048, max_running_requests=8)
+    return ModelRunner(cfg, "cpu", attention_backend, 0.5, max_total_tokens=2048, max_running_requests=8)
 
 
 def _prefill_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
@@ -72,13 +72,16 @@ def test_prefill_logits_and_greedy_match_transformers(make_tiny_model, arch, ove
     path = make_tiny_model(arch, **overrides)
     hf = _hf(path)
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    runner = _runner(path)
-    for prompt in PROMPTS:
-        ids = tok.encode(prompt)
-        with torch.no_grad():
-            ref = hf(torch.tensor([ids])).logits[0]
-        ours = _prefill_logits(runner, ids)
-        assert (ours - ref).abs().max().item() <= 1e-3
+    # the plain-torch reference and the native kernels (sgl_kernel) alike
+    for backend in ("torch_native", "cpu"):
+        runner = _runner(path, backend)
+        assert runner.attn_backend.__class__.__name__ == {"torch_native": "TorchNativeAttnBackend", "cpu": "CpuAttnBackend"}[backend]
+        for prompt in PROMPTS:
+            ids = tok.encode(prompt)
+            with torch.no_grad():
+                ref = hf(torch.tensor([ids])).logits[0]
+            ours = _prefill_logits(runner, ids)
+            assert (ours - ref).abs().max().item() <= 1e-3, backend
 
     engine = Engine(model_path=str(path), dtype="float32", max_total_tokens=4096)
     params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}

@@ -1,5 +1,6 @@
 """--attention-backend: None resolves to flashinfer only where it can run (CUDA, package
-installed, a 16-bit dtype); asking for it elsewhere is a start-up error that says why."""
+installed, a 16-bit dtype), and on CPU to cpu (sgl_kernel) where sgl_kernel is built, else
+torch_native; asking for flashinfer elsewhere is a start-up error that says why."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ def flashinfer_installed(monkeypatch):
     """Sets whether the flashinfer package is found, whatever this machine has."""
     real_find_spec = importlib.util.find_spec
 
-    def set_installed(installed: bool) -> None:
+    def set_installed(installed: bool, sgl_kernel: bool = True) -> None:
         def find_spec(name, *args, **kwargs):
             if name == "flashinfer":
                 return real_find_spec("os") if installed else None  # any spec stands for "found"
+            if name == "sgl_kernel" and not sgl_kernel:
+                return None
             return real_find_spec(name, *args, **kwargs)
 
         monkeypatch.setattr(server_args_module.importlib.util, "find_spec", find_spec)
@@ -34,7 +37,8 @@ def flashinfer_installed(monkeypatch):
         ("cuda", "bfloat16", True, "flashinfer"),
         ("cuda", "float32", True, "torch_native"),
         ("cuda", "auto", False, "torch_native"),
-        ("cpu", "auto", True, "torch_native"),
+        ("cpu", "auto", True, "cpu"),
+        ("cpu", "float32", False, "cpu"),
     ],
 )
 def test_default(flashinfer_installed, device: str, dtype: str, installed: bool, expected: str):
@@ -55,6 +59,11 @@ def test_explicit_flashinfer_where_it_cannot_run(flashinfer_installed, device: s
     with pytest.raises(ValueError, match=f"--attention-backend flashinfer cannot run here: {reason}") as err:
         ServerArgs(device=device, dtype=dtype, attention_backend="flashinfer").resolve()
     assert "\n" not in str(err.value)
+
+
+def test_cpu_without_sgl_kernel_defaults_to_torch_native(flashinfer_installed):
+    flashinfer_installed(False, sgl_kernel=False)
+    assert ServerArgs(device="cpu").resolve().attention_backend == "torch_native"
 
 
 def test_explicit_torch_native_is_kept_on_cuda(flashinfer_installed):

@@ -60,7 +60,7 @@ class ServerArgs:
     chunked_prefill_size: Optional[int] = _opt(None, "prefill tokens per step; -1 disables chunking")
     schedule_policy: str = _opt("fcfs", "order in which waiting requests are admitted", choices=SCHEDULE_POLICIES)
     disable_radix_cache: bool = _opt(False, "disable prefix caching")
-    attention_backend: Optional[str] = _opt(None, "attention kernels (default: flashinfer on CUDA when installed, else torch_native)", choices=ATTENTION_BACKENDS)
+    attention_backend: Optional[str] = _opt(None, "attention kernels (default: flashinfer on CUDA when installed; on CPU, cpu (sgl_kernel's native kernels) when built, else torch_native, the plain-torch reference)", choices=ATTENTION_BACKENDS)
     cuda_graph_max_bs: Optional[int] = _opt(None, f"largest decode batch replayed from a CUDA graph (default: {_DEFAULT_CUDA_GRAPH_MAX_BS}); larger batches run eagerly")
     disable_cuda_graph: bool = _opt(False, "run every forward eagerly (CUDA graphs are never used on CPU)")
     random_seed: Optional[int] = _opt(None, "seed for requests that do not set sampling_seed")
@@ -104,7 +104,7 @@ class ServerArgs:
         if self.device == "auto":
             self.device = "cuda" if _cuda_available() else "cpu"
         if self.attention_backend is None:
-            self.attention_backend = "torch_native" if _flashinfer_unusable(self.device, self.dtype) else "flashinfer"
+            self.attention_backend = _default_attention_backend(self.device, self.dtype)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
         if self.attention_backend == "flashinfer" and (reason := _flashinfer_unusable(self.device, self.dtype)):
@@ -206,6 +206,20 @@ def _cuda_available() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+def _default_attention_backend(device: str, dtype: str) -> str:
+    if device == "cpu":
+        return "cpu" if sgl_kernel_built() else "torch_native"
+    return "torch_native" if _flashinfer_unusable(device, dtype) else "flashinfer"
+
+
+def sgl_kernel_built() -> bool:
+    """Whether the sgl_kernel package and its library are installed (without loading it)."""
+    spec = importlib.util.find_spec("sgl_kernel")
+    return spec is not None and spec.origin is not None and os.path.exists(
+        os.path.join(os.path.dirname(spec.origin), "libsgl_kernel_ops.so")
+    )
 
 
 def _flashinfer_unusable(device: str, dtype: str) -> Optional[str]:

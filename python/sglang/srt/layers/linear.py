@@ -6,7 +6,7 @@ offset. Tensor parallelism replaces them with their sharded forms in one place
 (`tensor_parallel.shard_model`), not in the models.
 """
 
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,9 @@ from torch import nn
 
 
 class Linear(nn.Module):
+    # False where the bias is added after a reduction over ranks (row-parallel TP), not per rank
+    bias_in_matmul = True
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.in_features = in_features
@@ -21,9 +24,46 @@ class Linear(nn.Module):
         # torch.empty: the loader overwrites every element, so random init would be wasted time.
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self._kernel: Optional[BF16LinearKernel] = None
+
+    def use_cpu_kernels(self, ops: Any) -> bool:
+        """bf16 weights on a CPU with bf16 dot products: prepack them for sgl_kernel.linear."""
+        if not ops.has_bf16_linear() or self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu":
+            return False
+        self._kernel = BF16LinearKernel(ops, self.weight, self.bias if self.bias_in_matmul else None)
+        # a buffer, so the memory plan counts it (module.buffers()) beside the weights
+        self.register_buffer("packed_weight", self._kernel.packed, persistent=False)
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T, plus the bias where `bias_in_matmul`."""
+        if self._kernel is not None and x.dtype == torch.bfloat16 and x.shape[0] <= LINEAR_KERNEL_MAX_ROWS:
+            return self._kernel(x)
+        return F.linear(x, self.weight, self.bias if self.bias_in_matmul else None)
+
+
+# Rows up to which sgl_kernel.linear beats torch's oneDNN bf16 matmul; past it (prefill) oneDNN's
+# blocking wins. Measured with benchmark/bench_kernels.py (docs/benchmarks.md).
+LINEAR_KERNEL_MAX_ROWS = 32
+
+
+class BF16LinearKernel:
+    """y = x W^T + b through sgl_kernel.linear, on W packed once (bias kept in float32)."""
+
+    def __init__(self, ops: Any, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        self.ops = ops
+        self.out_features = weight.shape[0]
+        self.packed = ops.pack_linear_weight(weight)
+        self.bias = None
+        if bias is not None:
+            self.bias = torch.zeros(self.packed.shape[0] * self.packed.shape[2], dtype=torch.float32)
+            self.bias[: self.out_features] = bias.float()
+
+    def __call__(self, x: torch.Tensor, out_float: bool = False) -> torch.Tensor:
+        return self.ops.linear(x, self.packed, self.bias, self.out_features, out_float)
 
 
 class MergedLinear(Linear):

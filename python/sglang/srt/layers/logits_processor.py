@@ -6,10 +6,12 @@ in blocks so a long prompt never materializes a [prompt_len, vocab] matrix at on
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+from torch import nn
 
+from sglang.srt.layers.linear import LINEAR_KERNEL_MAX_ROWS, BF16LinearKernel
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
@@ -26,16 +28,37 @@ class LogitsProcessorOutput:
     all_logits: Optional[torch.Tensor] = None  # [T, V] float32, only when return_all_logits
 
 
-class LogitsProcessor:
+class LogitsProcessor(nn.Module):
     def __init__(self, vocab_size: int):
+        super().__init__()
         self.vocab_size = vocab_size
         # Under tensor parallelism (set by shard_model) the LM head holds a slice of the vocab
         # rows: a rank's logits are columns of the whole, gathered here.
         self.tp: Optional["TpGroup"] = None
+        self._ops: Optional[Any] = None  # sgl_kernel's ops, once use_cpu_kernels switched them on
+        self._head: Optional[tuple[torch.Tensor, BF16LinearKernel]] = None  # (weight, its packed form)
 
-    def __call__(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: ForwardBatch) -> LogitsProcessorOutput:
+    def use_cpu_kernels(self, ops: Any) -> bool:
+        self._ops = ops
+        return True
+
+    def _head_kernel(self, weight: torch.Tensor) -> Optional[BF16LinearKernel]:
+        """The LM head prepacked for sgl_kernel.linear (the first call packs it: the head may be
+        the tied embedding, which the processor does not own), or None where it cannot run."""
+        if self._ops is None or weight.dtype != torch.bfloat16 or not self._ops.has_bf16_linear():
+            return None
+        if self._head is None or self._head[0] is not weight:
+            self._head = (weight, BF16LinearKernel(self._ops, weight, None))
+        return self._head[1]
+
+    def forward(self, hidden: torch.Tensor, lm_head_weight: torch.Tensor, batch: ForwardBatch) -> LogitsProcessorOutput:
+        head = self._head_kernel(lm_head_weight)
+
         def logits_of(rows: torch.Tensor) -> torch.Tensor:
-            logits = torch.matmul(rows, lm_head_weight.t()).float()
+            if head is not None and rows.dtype == torch.bfloat16 and rows.shape[0] <= LINEAR_KERNEL_MAX_ROWS:
+                logits = head(rows, out_float=True)
+            else:
+                logits = torch.matmul(rows, lm_head_weight.t()).float()
             if self.tp is not None:
                 logits = self.tp.all_gather_cols(logits)[:, : self.vocab_size]
             return logits

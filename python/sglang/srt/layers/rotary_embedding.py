@@ -5,7 +5,7 @@ position up to the context length and looked up by position, so a step costs one
 """
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -66,9 +66,24 @@ class RotaryEmbedding(nn.Module):
         # cached across forwards: a CUDA graph replays its positions buffer with new contents.
         self._positions: torch.Tensor | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        # sgl_kernel's ops, once use_cpu_kernels switched them on: the kernel rotates q and k in
+        # place, reading cos/sin ([max_position, head_dim / 2], float32) by position itself.
+        self._ops: Optional[Any] = None
+        self._cos_sin_half: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def use_cpu_kernels(self, ops: Any) -> bool:
+        if self.head_dim % 2:
+            return False
+        half = self.head_dim // 2
+        self._ops = ops
+        self._cos_sin_half = (self.cos_cache[:, :half].contiguous(), self.sin_cache[:, :half].contiguous())
+        return True
 
     def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> None:
         """Looks up cos/sin for this forward's positions, in the dtype q and k will have."""
+        if self._use_kernel(positions, dtype):
+            self._positions, self._cos_sin = positions, None
+            return
         if self.cos_cache.device != positions.device:
             self.cos_cache, self.sin_cache = self.cos_cache.to(positions.device), self.sin_cache.to(positions.device)
         self._positions = positions
@@ -82,8 +97,14 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim]
         assert positions is self._positions, "prepare(positions) comes first in every forward"
+        if self._cos_sin is None:  # prepare chose the kernel
+            self._ops.rotary_embedding(positions, q, k, *self._cos_sin_half)
+            return q, k
         cos, sin = self._cos_sin
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _use_kernel(self, positions: torch.Tensor, dtype: torch.dtype) -> bool:
+        return self._ops is not None and positions.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

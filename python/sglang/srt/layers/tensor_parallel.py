@@ -96,6 +96,8 @@ class ColumnParallelLinear(MergedLinear):
 class RowParallelLinear(Linear):
     """The r-th slice of the input features; outputs summed over the group, then the bias."""
 
+    bias_in_matmul = False
+
     def __init__(self, full: Linear, tp: TpGroup):
         super().__init__(tp.slice_of(full.in_features)[1], full.out_features, bias=full.bias is not None)
         self.tp = tp
@@ -107,7 +109,7 @@ class RowParallelLinear(Linear):
         _copy(param, loaded, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(self.matmul(x))
         return out + self.bias if self.bias is not None else out
 
 

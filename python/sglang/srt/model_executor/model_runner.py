@@ -30,6 +30,7 @@ import torch
 from sglang.srt.configs.model_config import ModelConfig, cpu_supports_bf16
 from sglang.srt.layers.attention.base import AttentionShape
 from sglang.srt.layers.attention.registry import create_attention_backend
+from sglang.srt.layers.cpu_kernels import cpu_kernels_isa, use_cpu_kernels
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.tensor_parallel import TpGroup, shard_model
@@ -77,6 +78,15 @@ class ModelRunner:
         self.dtype = model_config.dtype
         self.compute_dtype = compute_dtype_for(self.dtype, device)
         self.model = self._load_model()
+        # in call order; on a rank without weights too (the model is on the meta device)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, RadixAttention)]
+        shape = AttentionShape.of(self.attention_layers, self.compute_dtype, self.dtype)
+        attention_backend = _usable_backend(attention_backend, shape, device)
+        if attention_backend == "cpu" and hold_weights:
+            # the layers' native kernels come with the backend; the bf16 linear prepacks its
+            # weights here, before the memory plan counts them
+            num_layers = use_cpu_kernels(self.model)
+            logger.info("sgl_kernel: %s kernels in attention and %d layers", cpu_kernels_isa(), num_layers)
         self.memory_share = memory_share
         self.available_memory = available_memory
         self.page_size = page_size
@@ -94,9 +104,6 @@ class ModelRunner:
             device=device,
             page_size=page_size,
         )
-        # in call order; on a rank without weights too (the model is on the meta device)
-        self.attention_layers = [m for m in self.model.modules() if isinstance(m, RadixAttention)]
-        shape = AttentionShape.of(self.attention_layers, self.compute_dtype, self.dtype)
         self.attn_backend = create_attention_backend(attention_backend, shape, device)
         self.cuda_graph_runner = self._init_cuda_graphs(cuda_graph_max_bs, graphs)
 
@@ -133,7 +140,8 @@ class ModelRunner:
 
     def _plan_memory(self, mem_fraction: float, max_total_tokens: int | None, max_running: int | None) -> MemoryPlan:
         cfg = self.model_config
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.is_meta)
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        weight_bytes = sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
         per_token = MHATokenToKVPool.bytes_per_token(self.dtype, self.num_kv_heads, cfg.head_dim, cfg.num_hidden_layers)
         if max_total_tokens is None:
             available, total = device_memory(self.device)
@@ -197,6 +205,18 @@ class ModelRunner:
             return LogitsProcessorOutput(next_token_logits=out.next_token_logits[batch.sample_indices])
         self.attn_backend.init_forward_metadata(batch)
         return self.model(batch.input_ids, batch.positions, batch)
+
+
+def _usable_backend(name: str, shape: AttentionShape, device: str) -> str:
+    """`name`, or torch_native (with one log line) where the cpu backend cannot run the model."""
+    if name == "cpu":
+        from sglang.srt.layers.attention.cpu_backend import cpu_backend_unsupported
+
+        reason = cpu_backend_unsupported(shape, device)
+        if reason is not None:
+            logger.warning("attention backend cpu cannot run this model (%s): using torch_native", reason)
+            return "torch_native"
+    return name
 
 
 def compute_dtype_for(dtype: torch.dtype, device: str) -> torch.dtype:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from sglang.srt.layers.attention.base import AttentionBackend, AttentionShape
 
 _BACKENDS = {
+    "cpu": "sglang.srt.layers.attention.cpu_backend:CpuAttnBackend",  # sgl_kernel's native CPU kernels
     "torch_native": "sglang.srt.layers.attention.torch_native:TorchNativeAttnBackend",
     "flashinfer": "sglang.srt.layers.attention.flashinfer_backend:FlashInferAttnBackend",  # CUDA only
 }

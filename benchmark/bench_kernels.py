@@ -1,0 +1,109 @@
+"""sgl_kernel's operators against what torch runs for the same work, side by side in one process.
+
+    python benchmark/bench_kernels.py [--shape smollm2-135m] [--batch-sizes 1,8,32,128]
+
+Linear: every projection of the shape (qkv, o, gate_up, down, the LM head) at each batch size,
+sgl_kernel.linear on prepacked weights against F.linear (oneDNN), in bf16; the ratio is what
+`linear_kernel_max_rows` in sglang/srt/layers/linear.py is chosen from. Attention: decode over
+a paged pool (batch x context) against the torch_native backend's gathered SDPA. Times are the
+median of --repeats calls after a warm-up; the machine is noisy, so read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sgl_kernel
+
+ops = sgl_kernel.ops
+
+# hidden, intermediate, heads, kv heads, head_dim, vocab
+SHAPES = {
+    "smollm2-135m": (576, 1536, 9, 3, 64, 49152),
+    "llama-3.2-1b": (2048, 8192, 32, 8, 64, 128256),
+    "qwen2.5-0.5b": (896, 4864, 14, 2, 64, 151936),
+}
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def bench_linear(shape: tuple, batch_sizes: list[int], repeats: int) -> None:
+    hidden, inter, heads, kv_heads, head_dim, vocab = shape
+    layers = {
+        "qkv": ((heads + 2 * kv_heads) * head_dim, hidden),
+        "o": (hidden, heads * head_dim),
+        "gate_up": (2 * inter, hidden),
+        "down": (hidden, inter),
+        "lm_head": (vocab, hidden),
+    }
+    print(f"linear, bf16, ms per call (isa {sgl_kernel.isa()}, {torch.get_num_threads()} threads)")
+    print(f"{'layer':>8} {'N x K':>13} {'batch':>5} {'torch':>8} {'kernel':>8} {'speed-up':>8} {'kernel GB/s':>11}")
+    for name, (n, k) in layers.items():
+        w = (torch.randn(n, k) / k**0.5).bfloat16()
+        packed = ops.pack_linear_weight(w)
+        for m in batch_sizes:
+            x = torch.randn(m, k).bfloat16()
+            t_torch = timed(lambda: F.linear(x, w), repeats)
+            t_kernel = timed(lambda: ops.linear(x, packed, None, n, False), repeats)
+            gbps = w.numel() * 2 / t_kernel / 1e6
+            print(f"{name:>8} {f'{n}x{k}':>13} {m:>5} {t_torch:8.3f} {t_kernel:8.3f} {t_torch / t_kernel:7.2f}x {gbps:11.1f}")
+
+
+def bench_decode_attention(shape: tuple, batch_sizes: list[int], context: int, repeats: int) -> None:
+    from sglang.srt.layers.attention.torch_native import TorchNativeAttnBackend  # noqa: F401 (the same SDPA call)
+
+    _, _, heads, kv_heads, head_dim, _ = shape
+    print(f"decode attention, bf16, context {context}, ms per layer")
+    print(f"{'batch':>5} {'torch SDPA':>10} {'kernel':>8} {'speed-up':>8}")
+    for b in batch_sizes:
+        slots = torch.randperm(b * context) + 1
+        k_cache = torch.randn(b * context + 1, kv_heads, head_dim).bfloat16()
+        v_cache = torch.randn_like(k_cache)
+        r2t = slots.view(b, context)
+        rows = torch.arange(b)
+        seq_lens = torch.full((b,), context)
+        q = torch.randn(b, heads, head_dim).bfloat16()
+        out = torch.empty_like(q)
+        mask = torch.ones(b, 1, 1, context, dtype=torch.bool)
+
+        def sdpa():
+            k = k_cache[r2t].transpose(1, 2)
+            v = v_cache[r2t].transpose(1, 2)
+            return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True)
+
+        t_torch = timed(sdpa, repeats)
+        t_kernel = timed(lambda: ops.decode_attention(out, q, k_cache, v_cache, r2t, rows, seq_lens, head_dim**-0.5), repeats)
+        print(f"{b:>5} {t_torch:10.3f} {t_kernel:8.3f} {t_torch / t_kernel:7.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="smollm2-135m", choices=list(SHAPES))
+    parser.add_argument("--batch-sizes", default="1,8,32,128")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    shape = SHAPES[args.shape]
+    if sgl_kernel.has_bf16_linear():
+        bench_linear(shape, batch_sizes, args.repeats)
+    else:
+        print(f"linear: skipped, the {sgl_kernel.isa()} kernels have no bf16 linear")
+    bench_decode_attention(shape, batch_sizes, args.context, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,495 @@
+// The CPU kernels, written once against VecF and compiled once per ISA (CMakeLists.txt builds
+// this file with SGL_ISA = avx512_bf16, avx512, avx2 and generic, each with its own -m flags).
+// Each kernel processes work items [begin, end); ops.cpp checks tensors and spreads the items
+// over torch's threads.
+#include <limits>
+
+#include "vec.h"
+
+#ifndef SGL_ISA
+#error "SGL_ISA names the instruction set this translation unit is compiled for"
+#endif
+
+namespace sgl_kernel {
+namespace SGL_ISA {
+namespace {
+
+using V = VecF;
+constexpr int W = V::W;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// dst[i] = src[i] converted, for n elements
+template <typename S, typename T>
+inline void convert_row(T* dst, const S* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) V::load(src + i).store(dst + i);
+  for (; i < n; ++i) dst[i] = from_float<T>(to_float(src[i]));
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+template <typename T>
+void rmsnorm_rows(const RMSNormArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = a.hidden;
+  const T* w = static_cast<const T*>(a.weight);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* src = static_cast<const T*>(a.x) + r * a.x_stride;
+    T* out = static_cast<T*>(a.out) + r * a.out_stride;
+    if (a.residual) {
+      // the sum is rounded to T once, stored as the new residual, and normalized as stored
+      T* res = static_cast<T*>(a.residual) + r * a.residual_stride;
+      int64_t i = 0;
+      for (; i + W <= n; i += W) (V::load(src + i) + V::load(res + i)).store(res + i);
+      for (; i < n; ++i) res[i] = from_float<T>(to_float(src[i]) + to_float(res[i]));
+      src = res;
+    }
+    V acc = V::zero();
+    float tail = 0.f;
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+      V x = V::load(src + i);
+      acc = fmadd(x, x, acc);
+    }
+    for (; i < n; ++i) tail += to_float(src[i]) * to_float(src[i]);
+    const float inv = 1.f / std::sqrt((acc.reduce_add() + tail) / float(n) + a.eps);
+    // as Hugging Face's 16-bit models do: normalize in float32, round to T, then scale by weight
+    const V vinv = V::set1(inv);
+    for (i = 0; i + W <= n; i += W) (round_to_vec<T>(V::load(src + i) * vinv) * V::load(w + i)).store(out + i);
+    for (; i < n; ++i) out[i] = from_float<T>(round_to<T>(to_float(src[i]) * inv) * to_float(w[i]));
+  }
+}
+
+// ---------------------------------------------------------------- RoPE (neox halves)
+
+template <typename T>
+inline void rotate_head(T* x, const float* c, const float* s, int64_t half) {
+  int64_t i = 0;
+  for (; i + W <= half; i += W) {
+    V x1 = V::load(x + i), x2 = V::load(x + half + i), cc = V::load(c + i), ss = V::load(s + i);
+    (x1 * cc - x2 * ss).store(x + i);
+    fmadd(x1, ss, x2 * cc).store(x + half + i);
+  }
+  for (; i < half; ++i) {
+    float x1 = to_float(x[i]), x2 = to_float(x[half + i]);
+    x[i] = from_float<T>(x1 * c[i] - x2 * s[i]);
+    x[half + i] = from_float<T>(x2 * c[i] + x1 * s[i]);
+  }
+}
+
+template <typename T>
+void rope_tokens(const RopeArgs& a, int64_t begin, int64_t end) {
+  const int64_t half = a.head_dim / 2;
+  for (int64_t t = begin; t < end; ++t) {
+    const float* c = a.cos + a.positions[t] * half;
+    const float* s = a.sin + a.positions[t] * half;
+    T* q = static_cast<T*>(a.q) + t * a.q_stride_t;
+    for (int64_t h = 0; h < a.num_q_heads; ++h) rotate_head(q + h * a.q_stride_h, c, s, half);
+    T* k = static_cast<T*>(a.k) + t * a.k_stride_t;
+    for (int64_t h = 0; h < a.num_k_heads; ++h) rotate_head(k + h * a.k_stride_h, c, s, half);
+  }
+}
+
+// ---------------------------------------------------------------- SiLU and mul
+
+template <typename T>
+void silu_and_mul_rows(const SiluAndMulArgs& a, int64_t begin, int64_t end) {
+  const int64_t n = a.width;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* gate = static_cast<const T*>(a.x) + r * a.x_stride;
+    const T* up = gate + n;
+    T* out = static_cast<T*>(a.out) + r * a.out_stride;
+    int64_t i = 0;
+    // silu rounded to T before the product, as torch's 16-bit silu(gate) * up computes it
+    for (; i + W <= n; i += W) {
+      V g = V::load(gate + i);
+      V silu = round_to_vec<T>(g / (V::set1(1.f) + vexp(V::zero() - g)));
+      (silu * V::load(up + i)).store(out + i);
+    }
+    for (; i < n; ++i) {
+      float g = to_float(gate[i]);
+      out[i] = from_float<T>(round_to<T>(g / (1.f + std::exp(-g))) * to_float(up[i]));
+    }
+  }
+}
+
+// ---------------------------------------------------------------- KV store
+
+template <typename S, typename C>
+void store_kv_tokens(const StoreKVArgs& a, int64_t begin, int64_t end) {
+  const int64_t d = a.head_dim, row = a.num_kv_heads * d;
+  for (int64_t t = begin; t < end; ++t) {
+    C* kd = static_cast<C*>(a.k_cache) + a.loc[t] * row;
+    C* vd = static_cast<C*>(a.v_cache) + a.loc[t] * row;
+    const S* ks = static_cast<const S*>(a.k) + t * a.k_stride_t;
+    const S* vs = static_cast<const S*>(a.v) + t * a.v_stride_t;
+    for (int64_t h = 0; h < a.num_kv_heads; ++h) {
+      convert_row(kd + h * d, ks + h * a.k_stride_h, d);
+      convert_row(vd + h * d, vs + h * a.v_stride_h, d);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- decode attention
+//
+// Work item (b, kv head, split): the query heads of that KV head, over the split's run of the
+// request's tokens, with a float32 online softmax. K and V rows are read in place from the pool.
+
+constexpr int kDecodeBlock = 32;  // tokens scored before a softmax update
+constexpr int kPrefetchAhead = 4;  // tokens: a request's slots need not be adjacent, so the
+                                   // hardware prefetcher cannot follow them; req_to_token can
+
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  for (int64_t off = 0; off < n * int64_t(sizeof(T)); off += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + off);
+}
+constexpr int kMaxGroup = 8;  // query heads per pass (a larger GQA group takes several passes)
+
+template <int D, typename TQ, typename TKV>
+void decode_attention_items(const AttnArgs& a, int64_t begin, int64_t end) {
+  static_assert(D % W == 0, "head_dim must be a multiple of the vector width");
+  constexpr int DV = D / W;
+  const int64_t hkv = a.num_kv_heads, group = a.num_heads / hkv, splits = a.num_splits;
+  const int64_t kv_row = hkv * D;
+  const TKV* kc = static_cast<const TKV*>(a.k_cache);
+  const TKV* vc = static_cast<const TKV*>(a.v_cache);
+  alignas(64) float q[kMaxGroup][D];
+  alignas(64) float acc[kMaxGroup][D];
+  alignas(64) float score[kMaxGroup][kDecodeBlock];
+  float mx[kMaxGroup], sum[kMaxGroup];
+
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t b = item / (hkv * splits), h = (item / splits) % hkv, s = item % splits;
+    const int64_t len = a.seq_lens[b];
+    const int64_t t0 = lmin(len, s * a.split_len), t1 = lmin(len, t0 + a.split_len);
+    const int64_t* slots = a.req_to_token + a.req_pool_indices[b] * a.req_to_token_stride;
+    for (int64_t g0 = 0; g0 < group; g0 += kMaxGroup) {
+      const int64_t gn = lmin(kMaxGroup, group - g0);
+      const int64_t head0 = h * group + g0;
+      for (int64_t g = 0; g < gn; ++g) {
+        const TQ* qr = static_cast<const TQ*>(a.q) + b * a.q_stride_t + (head0 + g) * a.q_stride_h;
+        for (int c = 0; c < DV; ++c) (V::load(qr + c * W) * V::set1(a.scale)).store(q[g] + c * W);
+        for (int c = 0; c < DV; ++c) V::zero().store(acc[g] + c * W);
+        mx[g] = kNegInf;
+        sum[g] = 0.f;
+      }
+      for (int64_t j0 = t0; j0 < t1; j0 += kDecodeBlock) {
+        const int64_t jn = lmin(kDecodeBlock, t1 - j0);
+        for (int64_t j = 0; j < jn; ++j) {
+          if (j0 + j + kPrefetchAhead < t1) prefetch_row(kc + slots[j0 + j + kPrefetchAhead] * kv_row + h * D, D);
+          const TKV* kr = kc + slots[j0 + j] * kv_row + h * D;
+          V k[DV];
+          for (int c = 0; c < DV; ++c) k[c] = V::load(kr + c * W);
+          for (int64_t g = 0; g < gn; ++g) {
+            V dot = V::zero();
+            for (int c = 0; c < DV; ++c) dot = fmadd(V::load(q[g] + c * W), k[c], dot);
+            score[g][j] = dot.reduce_add();
+          }
+        }
+        for (int64_t g = 0; g < gn; ++g) {
+          float block_max = kNegInf;
+          for (int64_t j = 0; j < jn; ++j) block_max = fmax_(block_max, score[g][j]);
+          const float new_max = fmax_(mx[g], block_max);
+          const float alpha = std::exp(mx[g] - new_max);
+          int64_t j = 0;
+          for (; j + W <= jn; j += W) vexp(V::load(score[g] + j) - V::set1(new_max)).store(score[g] + j);
+          for (; j < jn; ++j) score[g][j] = std::exp(score[g][j] - new_max);
+          float block_sum = 0.f;
+          for (j = 0; j < jn; ++j) block_sum += score[g][j];
+          sum[g] = sum[g] * alpha + block_sum;
+          mx[g] = new_max;
+          for (int c = 0; c < DV; ++c) (V::load(acc[g] + c * W) * V::set1(alpha)).store(acc[g] + c * W);
+        }
+        for (int64_t j = 0; j < jn; ++j) {
+          if (j + kPrefetchAhead < jn) prefetch_row(vc + slots[j0 + j + kPrefetchAhead] * kv_row + h * D, D);
+          const TKV* vr = vc + slots[j0 + j] * kv_row + h * D;
+          V v[DV];
+          for (int c = 0; c < DV; ++c) v[c] = V::load(vr + c * W);
+          for (int64_t g = 0; g < gn; ++g) {
+            const V p = V::set1(score[g][j]);
+            for (int c = 0; c < DV; ++c) fmadd(p, v[c], V::load(acc[g] + c * W)).store(acc[g] + c * W);
+          }
+        }
+      }
+      for (int64_t g = 0; g < gn; ++g) {
+        if (splits == 1) {
+          TQ* o = static_cast<TQ*>(a.out) + b * a.out_stride_t + (head0 + g) * a.out_stride_h;
+          const V inv = V::set1(1.f / sum[g]);
+          for (int c = 0; c < DV; ++c) (V::load(acc[g] + c * W) * inv).store(o + c * W);
+        } else {
+          float* part = a.partials + (((b * hkv + h) * splits + s) * group + g0 + g) * (D + 2);
+          for (int c = 0; c < DV; ++c) V::load(acc[g] + c * W).store(part + c * W);
+          part[D] = mx[g];
+          part[D + 1] = sum[g];
+        }
+      }
+    }
+  }
+}
+
+// Work item (b, head): merges the head's splits by their log-sum-exp.
+template <int D, typename TQ>
+void decode_merge_items(const AttnArgs& a, int64_t begin, int64_t end) {
+  constexpr int DV = D / W;
+  const int64_t hkv = a.num_kv_heads, group = a.num_heads / hkv, splits = a.num_splits;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t b = item / a.num_heads, head = item % a.num_heads;
+    const int64_t h = head / group, g = head % group;
+    auto part = [&](int64_t s) { return a.partials + (((b * hkv + h) * splits + s) * group + g) * (D + 2); };
+    float m = kNegInf;
+    for (int64_t s = 0; s < splits; ++s) m = fmax_(m, part(s)[D]);
+    V o[DV];
+    for (int c = 0; c < DV; ++c) o[c] = V::zero();
+    float total = 0.f;
+    for (int64_t s = 0; s < splits; ++s) {
+      const float* p = part(s);
+      if (p[D + 1] == 0.f) continue;  // an empty split (past the request's end)
+      const float w = std::exp(p[D] - m);
+      total += p[D + 1] * w;
+      for (int c = 0; c < DV; ++c) o[c] = fmadd(V::load(p + c * W), V::set1(w), o[c]);
+    }
+    TQ* out = static_cast<TQ*>(a.out) + b * a.out_stride_t + head * a.out_stride_h;
+    const V inv = V::set1(1.f / total);
+    for (int c = 0; c < DV; ++c) (o[c] * inv).store(out + c * W);
+  }
+}
+
+// ---------------------------------------------------------------- extend (prefill) attention
+//
+// Work item: up to kExtendBlockM query rows of one request, for every query head of one KV
+// head. Keys come in blocks of BN, converted to float32 once per item (K transposed, so a
+// query row's scores are BN/W vector FMAs per head dim element); causal, after the prefix.
+
+template <int D, typename TQ, typename TKV>
+void extend_attention_items(const AttnArgs& a, const ExtendItem* items, int64_t begin, int64_t end) {
+  static_assert(D % W == 0, "head_dim must be a multiple of the vector width");
+  constexpr int DV = D / W;
+  constexpr int BN = 4 * W;
+  constexpr int BNV = BN / W;
+  constexpr int64_t BM = kExtendBlockM;
+  const int64_t hkv = a.num_kv_heads, group = a.num_heads / hkv;
+  const int64_t kv_row = hkv * D;
+  const TKV* kc = static_cast<const TKV*>(a.k_cache);
+  const TKV* vc = static_cast<const TKV*>(a.v_cache);
+  // rows of the item: query head g, row i at g * BM + i
+  float* qf = new float[group * BM * D];
+  float* of = new float[group * BM * D];
+  float* mx = new float[group * BM];
+  float* sum = new float[group * BM];
+  alignas(64) float kt[D * BN];  // [D][BN]
+  alignas(64) float vf[BN * D];  // [BN][D]
+  alignas(64) float sc[BN];
+
+  for (int64_t it = begin; it < end; ++it) {
+    const ExtendItem& item = items[it];
+    const int64_t b = item.req, h = item.kv_head, r0 = item.row_begin, nrows = item.row_end - item.row_begin;
+    const int64_t prefix = a.seq_lens[b] - a.extend_lens[b];
+    const int64_t q_row0 = a.q_start[b] + r0;
+    const int64_t* slots = a.req_to_token + a.req_pool_indices[b] * a.req_to_token_stride;
+    for (int64_t g = 0; g < group; ++g) {
+      for (int64_t i = 0; i < nrows; ++i) {
+        const TQ* qr = static_cast<const TQ*>(a.q) + (q_row0 + i) * a.q_stride_t + (h * group + g) * a.q_stride_h;
+        float* dst = qf + (g * BM + i) * D;
+        for (int c = 0; c < DV; ++c) (V::load(qr + c * W) * V::set1(a.scale)).store(dst + c * W);
+        for (int c = 0; c < DV; ++c) V::zero().store(of + (g * BM + i) * D + c * W);
+        mx[g * BM + i] = kNegInf;
+        sum[g * BM + i] = 0.f;
+      }
+    }
+    const int64_t key_end = prefix + r0 + nrows;  // the last row sees keys [0, key_end)
+    for (int64_t n0 = 0; n0 < key_end; n0 += BN) {
+      const int64_t nn = lmin(BN, key_end - n0);
+      for (int64_t j = 0; j < BN; ++j) {
+        if (j < nn) {
+          const TKV* kr = kc + slots[n0 + j] * kv_row + h * D;
+          const TKV* vr = vc + slots[n0 + j] * kv_row + h * D;
+          for (int64_t d = 0; d < D; ++d) kt[d * BN + j] = to_float(kr[d]);
+          for (int c = 0; c < DV; ++c) V::load(vr + c * W).store(vf + j * D + c * W);
+        } else {
+          for (int64_t d = 0; d < D; ++d) kt[d * BN + j] = 0.f;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t i = 0; i < nrows; ++i) {
+          const int64_t visible = lmin(nn, prefix + r0 + i + 1 - n0);  // keys of the block this row sees
+          if (visible <= 0) continue;
+          const int64_t row = g * BM + i;
+          const float* qr = qf + row * D;
+          V s[BNV];
+          for (int c = 0; c < BNV; ++c) s[c] = V::zero();
+          for (int64_t d = 0; d < D; ++d) {
+            const V qd = V::set1(qr[d]);
+            for (int c = 0; c < BNV; ++c) s[c] = fmadd(qd, V::load(kt + d * BN + c * W), s[c]);
+          }
+          for (int c = 0; c < BNV; ++c) s[c].store(sc + c * W);
+          float block_max = kNegInf;
+          for (int64_t j = 0; j < visible; ++j) block_max = fmax_(block_max, sc[j]);
+          const float new_max = fmax_(mx[row], block_max);
+          const float alpha = std::exp(mx[row] - new_max);
+          for (int c = 0; c < BNV; ++c) vexp(V::load(sc + c * W) - V::set1(new_max)).store(sc + c * W);
+          float block_sum = 0.f;
+          for (int64_t j = 0; j < visible; ++j) block_sum += sc[j];
+          sum[row] = sum[row] * alpha + block_sum;
+          mx[row] = new_max;
+          float* orow = of + row * D;
+          V o[DV];
+          for (int c = 0; c < DV; ++c) o[c] = V::load(orow + c * W) * V::set1(alpha);
+          for (int64_t j = 0; j < visible; ++j) {
+            const V p = V::set1(sc[j]);
+            for (int c = 0; c < DV; ++c) o[c] = fmadd(p, V::load(vf + j * D + c * W), o[c]);
+          }
+          for (int c = 0; c < DV; ++c) o[c].store(orow + c * W);
+        }
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      for (int64_t i = 0; i < nrows; ++i) {
+        TQ* o = static_cast<TQ*>(a.out) + (q_row0 + i) * a.out_stride_t + (h * group + g) * a.out_stride_h;
+        const V inv = V::set1(1.f / sum[g * BM + i]);
+        for (int c = 0; c < DV; ++c) (V::load(of + (g * BM + i) * D + c * W) * inv).store(o + c * W);
+      }
+    }
+  }
+  delete[] qf;
+  delete[] of;
+  delete[] mx;
+  delete[] sum;
+}
+
+// ---------------------------------------------------------------- bf16 linear (AVX512-BF16)
+
+#if defined(__AVX512BF16__)
+
+// Outputs [nb0 * 16, (nb0 + NB) * 16) for rows [m0, m0 + MR): MR x NB accumulators of 16.
+template <int MR, int NB>
+inline void linear_tile(const LinearArgs& a, int64_t m0, int64_t nb0) {
+  const int64_t k2n = a.k / 2;
+  __m512 acc[MR][NB];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  const int32_t* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = reinterpret_cast<const int32_t*>(a.x + (m0 + m) * a.x_stride);
+  const bf16* wb = a.packed_w + nb0 * kLinearBlockN * a.k;
+  for (int64_t k2 = 0; k2 < k2n; ++k2) {
+    __m512bh w[NB];
+    for (int j = 0; j < NB; ++j)
+      w[j] = (__m512bh)_mm512_loadu_si512(wb + j * kLinearBlockN * a.k + k2 * 2 * kLinearBlockN);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xr[m][k2]);
+      for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, w[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const int64_t n = (nb0 + j) * kLinearBlockN;
+    const __m512 bias = a.bias ? _mm512_loadu_ps(a.bias + n) : _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m) {
+      V y{_mm512_add_ps(acc[m][j], bias)};
+      if (a.out_dtype == DType::kBFloat16)
+        y.store(static_cast<bf16*>(a.out) + (m0 + m) * a.out_stride + n);
+      else
+        y.store(static_cast<float*>(a.out) + (m0 + m) * a.out_stride + n);
+    }
+  }
+}
+
+template <int MR, int NB>
+inline void linear_cols(const LinearArgs& a, int64_t nb0) {
+  int64_t m0 = 0;
+  for (; m0 + MR <= a.m; m0 += MR) linear_tile<MR, NB>(a, m0, nb0);
+  switch (a.m - m0) {
+    case 7: linear_tile<7, NB>(a, m0, nb0); break;
+    case 6: linear_tile<6, NB>(a, m0, nb0); break;
+    case 5: linear_tile<5, NB>(a, m0, nb0); break;
+    case 4: linear_tile<4, NB>(a, m0, nb0); break;
+    case 3: linear_tile<3, NB>(a, m0, nb0); break;
+    case 2: linear_tile<2, NB>(a, m0, nb0); break;
+    case 1: linear_tile<1, NB>(a, m0, nb0); break;
+    default: break;
+  }
+}
+
+// Work item i: output blocks [i * B, (i + 1) * B) of 16 outputs, B = linear_blocks_per_item(m):
+// two blocks (16 accumulators over 8 rows) for few rows, where the weights' bandwidth is the limit
+// and small items balance the threads; four (24 accumulators over 6 rows) for many, where each
+// broadcast row value feeds more dot products.
+void linear(const LinearArgs& a, int64_t begin, int64_t end) {
+  const int64_t nblocks = a.n / kLinearBlockN, per_item = linear_blocks_per_item(a.m);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t nb0 = i * per_item, left = nblocks - nb0;
+    if (per_item == 4 && left >= 4) linear_cols<6, 4>(a, nb0);
+    else if (per_item == 4 && left == 3) linear_cols<6, 3>(a, nb0);
+    else if (left >= 2) linear_cols<8, 2>(a, nb0);
+    else linear_cols<8, 1>(a, nb0);
+  }
+}
+
+#endif
+
+// ---------------------------------------------------------------- dtype and head_dim dispatch
+
+void rmsnorm(const RMSNormArgs& a, int64_t b, int64_t e) {
+  a.dtype == DType::kBFloat16 ? rmsnorm_rows<bf16>(a, b, e) : rmsnorm_rows<float>(a, b, e);
+}
+void rope(const RopeArgs& a, int64_t b, int64_t e) {
+  a.dtype == DType::kBFloat16 ? rope_tokens<bf16>(a, b, e) : rope_tokens<float>(a, b, e);
+}
+void silu_and_mul(const SiluAndMulArgs& a, int64_t b, int64_t e) {
+  a.dtype == DType::kBFloat16 ? silu_and_mul_rows<bf16>(a, b, e) : silu_and_mul_rows<float>(a, b, e);
+}
+void store_kv(const StoreKVArgs& a, int64_t b, int64_t e) {
+  const bool src16 = a.src_dtype == DType::kBFloat16, cache16 = a.cache_dtype == DType::kBFloat16;
+  if (src16 && cache16) store_kv_tokens<bf16, bf16>(a, b, e);
+  else if (src16) store_kv_tokens<bf16, float>(a, b, e);
+  else if (cache16) store_kv_tokens<float, bf16>(a, b, e);
+  else store_kv_tokens<float, float>(a, b, e);
+}
+
+// Calls f.template operator()<D, TQ, TKV>() for the (head_dim, q dtype, KV dtype) of `a`; the
+// bindings accept only these combinations: D in kAttnHeadDims; q and KV both float32, both bf16,
+// or float32 queries over a bf16 cache (16-bit models computed in float32).
+template <int D, typename F>
+void dispatch_attn_dtypes(const AttnArgs& a, F&& f) {
+  if (a.q_dtype == DType::kBFloat16) f.template operator()<D, bf16, bf16>();
+  else if (a.kv_dtype == DType::kBFloat16) f.template operator()<D, float, bf16>();
+  else f.template operator()<D, float, float>();
+}
+
+template <typename F>
+void dispatch_attn(const AttnArgs& a, F&& f) {
+  switch (a.head_dim) {
+    case 16: return dispatch_attn_dtypes<16>(a, f);
+    case 32: return dispatch_attn_dtypes<32>(a, f);
+    case 64: return dispatch_attn_dtypes<64>(a, f);
+    case 80: return dispatch_attn_dtypes<80>(a, f);
+    case 96: return dispatch_attn_dtypes<96>(a, f);
+    case 128: return dispatch_attn_dtypes<128>(a, f);
+    case 256: return dispatch_attn_dtypes<256>(a, f);
+    default: break;  // the bindings refuse other head dims
+  }
+}
+
+void decode_attention(const AttnArgs& a, int64_t b, int64_t e) {
+  dispatch_attn(a, [&]<int D, typename TQ, typename TKV>() { decode_attention_items<D, TQ, TKV>(a, b, e); });
+}
+void decode_merge(const AttnArgs& a, int64_t b, int64_t e) {
+  dispatch_attn(a, [&]<int D, typename TQ, typename TKV>() { decode_merge_items<D, TQ>(a, b, e); });
+}
+void extend_attention(const AttnArgs& a, const ExtendItem* items, int64_t b, int64_t e) {
+  dispatch_attn(a, [&]<int D, typename TQ, typename TKV>() { extend_attention_items<D, TQ, TKV>(a, items, b, e); });
+}
+
+}  // namespace
+
+const KernelTable* table() {
+  static const KernelTable t = {
+      SGL_ISA_NAME, rmsnorm, rope, silu_and_mul, store_kv, decode_attention, decode_merge, extend_attention,
+#if defined(__AVX512BF16__)
+      linear,
+#else
+      nullptr,
+#endif
+  };
+  return &t;
+}
+
+}  // namespace SGL_ISA
+}  // namespace sgl_kernel

@@ -1,0 +1,375 @@
+// torch.ops.sgl_kernel.*: tensor checks, then the active ISA's kernels over torch's threads.
+//
+// The ISA is picked once, at load, as the best this CPU runs (avx512_bf16 > avx512 > avx2 >
+// generic); set_isa() switches to any other the CPU supports (tests run every path this way).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace sgl_kernel {
+namespace avx512_bf16 { const KernelTable* table(); }
+namespace avx512 { const KernelTable* table(); }
+namespace avx2 { const KernelTable* table(); }
+namespace generic { const KernelTable* table(); }
+
+namespace {
+
+struct Isa {
+  const char* name;
+  const KernelTable* (*table)();
+  bool supported;
+};
+
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+const std::vector<Isa>& isas() {  // best first
+  static const std::vector<Isa> all = [] {
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    return std::vector<Isa>{
+        {"avx512_bf16", avx512_bf16::table, cpu_has_avx512() && __builtin_cpu_supports("avx512bf16")},
+        {"avx512", avx512::table, cpu_has_avx512()},
+        {"avx2", avx2::table, avx2},
+        {"generic", generic::table, true},
+    };
+  }();
+  return all;
+}
+
+const KernelTable* g_active = nullptr;
+
+const KernelTable& active() {
+  if (!g_active) {
+    for (const Isa& isa : isas())
+      if (isa.supported) {
+        g_active = isa.table();
+        break;
+      }
+  }
+  return *g_active;
+}
+
+std::string isa() { return active().name; }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (const Isa& isa : isas())
+    if (isa.supported) names.emplace_back(isa.name);
+  return names;
+}
+
+void set_isa(const std::string& name) {
+  for (const Isa& isa : isas()) {
+    if (name == isa.name) {
+      TORCH_CHECK(isa.supported, "sgl_kernel: this CPU cannot run the ", name, " kernels");
+      g_active = isa.table();
+      return;
+    }
+  }
+  TORCH_CHECK(false, "sgl_kernel: unknown ISA '", name, "'");
+}
+
+bool has_bf16_linear() { return active().linear != nullptr; }
+
+DType dtype_of(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "sgl_kernel: ", what, " must be on the CPU");
+  if (t.scalar_type() == at::kBFloat16) return DType::kBFloat16;
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "sgl_kernel: ", what, " must be float32 or bfloat16, got ", t.scalar_type());
+  return DType::kFloat32;
+}
+
+void check_index(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.is_contiguous(),
+              "sgl_kernel: ", what, " must be a contiguous int64 CPU tensor");
+}
+
+// `body(begin, end)` over n items on torch's threads; inline when the work is one grain
+template <typename F>
+void parallel(int64_t n, int64_t grain, const F& body) {
+  if (n <= 0) return;
+  at::parallel_for(0, n, grain, body);
+}
+
+void rmsnorm_impl(at::Tensor& out, const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                  const at::Tensor& weight, double eps) {
+  const int64_t hidden = x.size(-1);
+  TORCH_CHECK(x.dim() == 2 && out.sizes() == x.sizes() && x.stride(1) == 1 && out.stride(1) == 1,
+              "sgl_kernel.rmsnorm: x and out are [T, hidden] with contiguous rows");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == hidden, "sgl_kernel.rmsnorm: weight is [hidden]");
+  RMSNormArgs a{};
+  a.dtype = dtype_of(x, "x");
+  TORCH_CHECK(dtype_of(out, "out") == a.dtype && dtype_of(weight, "weight") == a.dtype, "sgl_kernel.rmsnorm: one dtype for all");
+  a.out = out.data_ptr();
+  a.out_stride = out.stride(0);
+  a.x = x.data_ptr();
+  a.x_stride = x.stride(0);
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->stride(1) == 1 && dtype_of(*residual, "residual") == a.dtype,
+                "sgl_kernel.fused_add_rmsnorm: residual is like x");
+    a.residual = residual->data_ptr();
+    a.residual_stride = residual->stride(0);
+  }
+  a.weight = weight.data_ptr();
+  a.hidden = hidden;
+  a.eps = float(eps);
+  const auto& k = active();
+  parallel(x.size(0), std::max<int64_t>(1, 32768 / hidden), [&](int64_t b, int64_t e) { k.rmsnorm(a, b, e); });
+}
+
+void rmsnorm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  rmsnorm_impl(out, x, c10::nullopt, weight, eps);
+}
+
+// x <- rmsnorm(x + residual) * weight; residual <- x + residual
+void fused_add_rmsnorm(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  rmsnorm_impl(x, x, residual, weight, eps);
+}
+
+void rotary_embedding(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, const at::Tensor& cos,
+                      const at::Tensor& sin) {
+  check_index(positions, "positions");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1, "sgl_kernel.rotary_embedding: q, k are [T, heads, D]");
+  const int64_t d = q.size(2);
+  TORCH_CHECK(k.size(2) == d && d % 2 == 0 && q.size(0) == positions.numel() && k.size(0) == positions.numel(),
+              "sgl_kernel.rotary_embedding: q, k and positions disagree");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.size(-1) == d / 2 && sin.sizes() == cos.sizes(),
+              "sgl_kernel.rotary_embedding: cos and sin are float32 [max_position, D / 2]");
+  RopeArgs a{};
+  a.dtype = dtype_of(q, "q");
+  TORCH_CHECK(dtype_of(k, "k") == a.dtype, "sgl_kernel.rotary_embedding: q and k share a dtype");
+  a.q = q.data_ptr();
+  a.q_stride_t = q.stride(0);
+  a.q_stride_h = q.stride(1);
+  a.num_q_heads = q.size(1);
+  a.k = k.data_ptr();
+  a.k_stride_t = k.stride(0);
+  a.k_stride_h = k.stride(1);
+  a.num_k_heads = k.size(1);
+  a.positions = positions.data_ptr<int64_t>();
+  a.cos = cos.data_ptr<float>();
+  a.sin = sin.data_ptr<float>();
+  a.head_dim = d;
+  const auto& kt = active();
+  const int64_t per_token = (q.size(1) + k.size(1)) * d;
+  parallel(positions.numel(), std::max<int64_t>(1, 32768 / per_token), [&](int64_t b, int64_t e) { kt.rope(a, b, e); });
+}
+
+void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(1) == 2 * out.size(1) && x.size(0) == out.size(0) &&
+                  x.stride(1) == 1 && out.stride(1) == 1,
+              "sgl_kernel.silu_and_mul: x is [T, 2 I], out [T, I], rows contiguous");
+  SiluAndMulArgs a{};
+  a.dtype = dtype_of(x, "x");
+  TORCH_CHECK(dtype_of(out, "out") == a.dtype, "sgl_kernel.silu_and_mul: out has x's dtype");
+  a.out = out.data_ptr();
+  a.out_stride = out.stride(0);
+  a.x = x.data_ptr();
+  a.x_stride = x.stride(0);
+  a.width = out.size(1);
+  const auto& k = active();
+  parallel(x.size(0), std::max<int64_t>(1, 16384 / a.width), [&](int64_t b, int64_t e) { k.silu_and_mul(a, b, e); });
+}
+
+void store_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& loc, const at::Tensor& k, const at::Tensor& v) {
+  check_index(loc, "loc");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes(),
+              "sgl_kernel.store_kv: caches are contiguous [slots, Hkv, D]");
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(0) == loc.numel() && v.size(0) == loc.numel() &&
+                  k.size(1) == k_cache.size(1) && k.size(2) == k_cache.size(2) && v.sizes() == k.sizes() &&
+                  k.stride(2) == 1 && v.stride(2) == 1,
+              "sgl_kernel.store_kv: k, v are [T, Hkv, D] matching the cache and loc");
+  StoreKVArgs a{};
+  a.src_dtype = dtype_of(k, "k");
+  a.cache_dtype = dtype_of(k_cache, "k_cache");
+  TORCH_CHECK(dtype_of(v, "v") == a.src_dtype && dtype_of(v_cache, "v_cache") == a.cache_dtype, "sgl_kernel.store_kv: k/v dtypes");
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.k_stride_t = k.stride(0);
+  a.k_stride_h = k.stride(1);
+  a.v_stride_t = v.stride(0);
+  a.v_stride_h = v.stride(1);
+  a.loc = loc.data_ptr<int64_t>();
+  a.num_kv_heads = k.size(1);
+  a.head_dim = k.size(2);
+  const auto& kt = active();
+  parallel(loc.numel(), std::max<int64_t>(1, 16384 / (k.size(1) * k.size(2))), [&](int64_t b, int64_t e) { kt.store_kv(a, b, e); });
+}
+
+AttnArgs attn_args(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& req_to_token, const at::Tensor& req_pool_indices, const at::Tensor& seq_lens,
+                   double scale) {
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes() && q.stride(2) == 1 && out.stride(2) == 1,
+              "sgl_kernel attention: q and out are [T, H, D], head dim contiguous");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes(),
+              "sgl_kernel attention: caches are contiguous [slots, Hkv, D]");
+  const int64_t d = q.size(2), h = q.size(1), hkv = k_cache.size(1);
+  bool known_dim = false;
+  for (int64_t dim : kAttnHeadDims) known_dim |= dim == d;
+  TORCH_CHECK(k_cache.size(2) == d && known_dim, "sgl_kernel attention: head_dim must be one of 16, 32, 64, 80, 96, 128, 256, got ", d);
+  TORCH_CHECK(hkv > 0 && h % hkv == 0, "sgl_kernel attention: ", h, " query heads do not group over ", hkv, " KV heads");
+  TORCH_CHECK(req_to_token.dim() == 2 && req_to_token.stride(1) == 1 && req_to_token.scalar_type() == at::kLong,
+              "sgl_kernel attention: req_to_token is int64 [rows, context]");
+  check_index(req_pool_indices, "req_pool_indices");
+  check_index(seq_lens, "seq_lens");
+  TORCH_CHECK(req_pool_indices.numel() == seq_lens.numel(), "sgl_kernel attention: one pool row and length per request");
+  AttnArgs a{};
+  a.q_dtype = dtype_of(q, "q");
+  a.kv_dtype = dtype_of(k_cache, "k_cache");
+  TORCH_CHECK(dtype_of(out, "out") == a.q_dtype && dtype_of(v_cache, "v_cache") == a.kv_dtype,
+              "sgl_kernel attention: out has q's dtype, v_cache k_cache's");
+  TORCH_CHECK(!(a.q_dtype == DType::kBFloat16 && a.kv_dtype == DType::kFloat32),
+              "sgl_kernel attention: bfloat16 queries need a bfloat16 cache");
+  a.q = q.data_ptr();
+  a.q_stride_t = q.stride(0);
+  a.q_stride_h = q.stride(1);
+  a.out = out.data_ptr();
+  a.out_stride_t = out.stride(0);
+  a.out_stride_h = out.stride(1);
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  a.req_to_token = req_to_token.data_ptr<int64_t>();
+  a.req_to_token_stride = req_to_token.stride(0);
+  a.req_pool_indices = req_pool_indices.data_ptr<int64_t>();
+  a.seq_lens = seq_lens.data_ptr<int64_t>();
+  a.batch_size = seq_lens.numel();
+  a.num_heads = h;
+  a.num_kv_heads = hkv;
+  a.head_dim = d;
+  a.scale = float(scale);
+  return a;
+}
+
+// One query token per request: out[b] attends over request b's seq_lens[b] cached tokens.
+void decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& req_to_token, const at::Tensor& req_pool_indices, const at::Tensor& seq_lens,
+                      double scale) {
+  AttnArgs a = attn_args(out, q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale);
+  TORCH_CHECK(q.size(0) == a.batch_size, "sgl_kernel.decode_attention: one query row per request");
+  if (a.batch_size == 0) return;
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < a.batch_size; ++b) max_len = std::max(max_len, a.seq_lens[b]);
+  TORCH_CHECK(max_len >= 1, "sgl_kernel.decode_attention: every request has a token in the cache");
+  // Few (request, KV head) pairs and long contexts: split each context so every thread has work,
+  // no split shorter than 64 tokens.
+  const int64_t pairs = a.batch_size * a.num_kv_heads, threads = at::get_num_threads();
+  const int64_t want = (4 * threads + pairs - 1) / pairs, most = (max_len + 63) / 64;
+  a.num_splits = std::max<int64_t>(1, std::min(want, most));
+  a.split_len = (max_len + a.num_splits - 1) / a.num_splits;
+  at::Tensor partials;
+  if (a.num_splits > 1) {
+    partials = at::empty({pairs * a.num_splits * (a.num_heads / a.num_kv_heads) * (a.head_dim + 2)}, q.options().dtype(at::kFloat));
+    a.partials = partials.data_ptr<float>();
+  }
+  const auto& k = active();
+  parallel(pairs * a.num_splits, 1, [&](int64_t b, int64_t e) { k.decode_attention(a, b, e); });
+  if (a.num_splits > 1) parallel(a.batch_size * a.num_heads, 4, [&](int64_t b, int64_t e) { k.decode_merge(a, b, e); });
+}
+
+// Several query tokens per request (prefill chunks, mixed with decodes): request b's rows
+// q_start[b] .. q_start[b] + extend_lens[b] are the last tokens of its seq_lens[b], causal.
+void extend_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& req_to_token, const at::Tensor& req_pool_indices, const at::Tensor& seq_lens,
+                      const at::Tensor& extend_lens, const at::Tensor& q_start, double scale) {
+  AttnArgs a = attn_args(out, q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale);
+  check_index(extend_lens, "extend_lens");
+  check_index(q_start, "q_start");
+  TORCH_CHECK(extend_lens.numel() == a.batch_size && q_start.numel() == a.batch_size,
+              "sgl_kernel.extend_attention: one extend length and query start per request");
+  a.extend_lens = extend_lens.data_ptr<int64_t>();
+  a.q_start = q_start.data_ptr<int64_t>();
+  std::vector<ExtendItem> items;
+  for (int64_t b = 0; b < a.batch_size; ++b) {
+    const int64_t n = a.extend_lens[b];
+    TORCH_CHECK(n >= 0 && n <= a.seq_lens[b] && a.q_start[b] + n <= q.size(0), "sgl_kernel.extend_attention: bad lengths of request ", b);
+    for (int64_t r = 0; r < n; r += kExtendBlockM)
+      for (int64_t h = 0; h < a.num_kv_heads; ++h) items.push_back({b, h, r, std::min(n, r + kExtendBlockM)});
+  }
+  const auto& k = active();
+  parallel(int64_t(items.size()), 1, [&](int64_t b, int64_t e) { k.extend_attention(a, items.data(), b, e); });
+}
+
+// [N, K] -> [ceil(N / 16), K / 2, 16, 2]: each block of 16 outputs streams its K pairs in order.
+at::Tensor pack_linear_weight(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "sgl_kernel.pack_linear_weight: weight is bfloat16 [N, K]");
+  const int64_t n = w.size(0), k = w.size(1);
+  TORCH_CHECK(k % 2 == 0, "sgl_kernel.pack_linear_weight: K must be even, got ", k);
+  const int64_t np = (n + kLinearBlockN - 1) / kLinearBlockN * kLinearBlockN;
+  at::Tensor padded = np == n ? w : at::constant_pad_nd(w, {0, 0, 0, np - n});
+  return padded.reshape({np / kLinearBlockN, kLinearBlockN, k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+// y = x @ W^T + bias for bf16 x and a packed bf16 W (n outputs); y is bf16, or float32 when
+// out_float. bias, when given, is float32 with one entry per padded output.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed_w, const c10::optional<at::Tensor>& bias, int64_t n,
+                  bool out_float) {
+  const auto& kt = active();
+  TORCH_CHECK(kt.linear, "sgl_kernel.linear needs AVX512-BF16; active ISA: ", kt.name);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), "sgl_kernel.linear: x is bfloat16 on the CPU");
+  TORCH_CHECK(packed_w.dim() == 4 && packed_w.is_contiguous() && packed_w.size(2) == kLinearBlockN,
+              "sgl_kernel.linear: weight comes from pack_linear_weight");
+  const int64_t k = packed_w.size(1) * 2, np = packed_w.size(0) * kLinearBlockN;
+  TORCH_CHECK(x.size(-1) == k && n <= np && n > np - kLinearBlockN, "sgl_kernel.linear: x has ", x.size(-1), " features, weight ", k);
+  at::Tensor x2 = x.reshape({-1, k});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  LinearArgs a{};
+  if (bias) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == np,
+                "sgl_kernel.linear: bias is float32 [padded N]");
+    a.bias = bias->data_ptr<float>();
+  }
+  at::Tensor out = at::empty({x2.size(0), np}, x.options().dtype(out_float ? at::kFloat : at::kBFloat16));
+  a.x = reinterpret_cast<const bf16*>(x2.data_ptr());
+  a.x_stride = x2.stride(0);
+  a.packed_w = reinterpret_cast<const bf16*>(packed_w.data_ptr());
+  a.out = out.data_ptr();
+  a.out_stride = out.stride(0);
+  a.m = x2.size(0);
+  a.n = np;
+  a.k = k;
+  a.out_dtype = out_float ? DType::kFloat32 : DType::kBFloat16;
+  if (a.m > 0) {
+    const int64_t per_item = linear_blocks_per_item(a.m);
+    const int64_t items = (np / kLinearBlockN + per_item - 1) / per_item;
+    parallel(items, 1, [&](int64_t b, int64_t e) { kt.linear(a, b, e); });
+  }
+  if (np != n) out = out.narrow(1, 0, n);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return out.view(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sgl_kernel, m) {
+  m.def("isa() -> str", isa);
+  m.def("supported_isas() -> str[]", supported_isas);
+  m.def("set_isa(str name) -> ()", set_isa);
+  m.def("has_bf16_linear() -> bool", has_bf16_linear);
+  m.def("attention_head_dims() -> int[]", [] { return std::vector<int64_t>(std::begin(kAttnHeadDims), std::end(kAttnHeadDims)); });
+  m.def("rmsnorm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()", rmsnorm);
+  m.def("fused_add_rmsnorm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()", fused_add_rmsnorm);
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()", rotary_embedding);
+  m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()", silu_and_mul);
+  m.def("store_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor loc, Tensor k, Tensor v) -> ()", store_kv);
+  m.def("decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor req_to_token, "
+        "Tensor req_pool_indices, Tensor seq_lens, float scale) -> ()",
+        decode_attention);
+  m.def("extend_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor req_to_token, "
+        "Tensor req_pool_indices, Tensor seq_lens, Tensor extend_lens, Tensor q_start, float scale) -> ()",
+        extend_attention);
+  m.def("pack_linear_weight(Tensor weight) -> Tensor", pack_linear_weight);
+  m.def("linear(Tensor x, Tensor packed_weight, Tensor? bias, int n, bool out_float) -> Tensor", linear);
+}
+
+}  // namespace sgl_kernel
