@@ -69,7 +69,8 @@ def bench_decode_attention(shape: tuple, batch_sizes: list[int], context: int, r
     print(f"decode attention, bf16, context {context}, ms per layer")
     print(f"{'batch':>5} {'torch SDPA':>10} {'kernel':>8} {'speed-up':>8}")
     for b in batch_sizes:
-        slots = torch.randperm(b * context) + 1
+        # each request's tokens in a run of slots, as a prefill allocates them; requests shuffled
+        slots = (torch.randperm(b).unsqueeze(1) * context + torch.arange(context)).flatten() + 1
         k_cache = torch.randn(b * context + 1, kv_heads, head_dim).bfloat16()
         v_cache = torch.randn_like(k_cache)
         r2t = slots.view(b, context)
