@@ -135,7 +135,7 @@ void store_kv_tokens(const StoreKVArgs& a, int64_t begin, int64_t end) {
 // request's tokens, with a float32 online softmax. K and V rows are read in place from the pool.
 
 constexpr int kDecodeBlock = 32;  // tokens scored before a softmax update
-constexpr int kPrefetchAhead = 4;  // tokens: a request's slots need not be adjacent, so the
+constexpr int kPrefetchAhead = 16;  // tokens: a request's slots need not be adjacent, so the
                                    // hardware prefetcher cannot follow them; req_to_token can
 
 template <typename T>
@@ -175,7 +175,11 @@ void decode_attention_items(const AttnArgs& a, int64_t begin, int64_t end) {
       for (int64_t j0 = t0; j0 < t1; j0 += kDecodeBlock) {
         const int64_t jn = lmin(kDecodeBlock, t1 - j0);
         for (int64_t j = 0; j < jn; ++j) {
-          if (j0 + j + kPrefetchAhead < t1) prefetch_row(kc + slots[j0 + j + kPrefetchAhead] * kv_row + h * D, D);
+          if (j0 + j + kPrefetchAhead < t1) {
+            const int64_t ahead = slots[j0 + j + kPrefetchAhead] * kv_row + h * D;
+            prefetch_row(kc + ahead, D);
+            prefetch_row(vc + ahead, D);
+          }
           const TKV* kr = kc + slots[j0 + j] * kv_row + h * D;
           V k[DV];
           for (int c = 0; c < DV; ++c) k[c] = V::load(kr + c * W);
@@ -199,15 +203,17 @@ void decode_attention_items(const AttnArgs& a, int64_t begin, int64_t end) {
           mx[g] = new_max;
           for (int c = 0; c < DV; ++c) (V::load(acc[g] + c * W) * V::set1(alpha)).store(acc[g] + c * W);
         }
-        for (int64_t j = 0; j < jn; ++j) {
-          if (j + kPrefetchAhead < jn) prefetch_row(vc + slots[j0 + j + kPrefetchAhead] * kv_row + h * D, D);
-          const TKV* vr = vc + slots[j0 + j] * kv_row + h * D;
-          V v[DV];
-          for (int c = 0; c < DV; ++c) v[c] = V::load(vr + c * W);
-          for (int64_t g = 0; g < gn; ++g) {
+        // head by head, the accumulator in registers; the block's V rows (prefetched with the K
+        // rows) stay in L1 after the first head reads them
+        for (int64_t g = 0; g < gn; ++g) {
+          V o[DV];
+          for (int c = 0; c < DV; ++c) o[c] = V::load(acc[g] + c * W);
+          for (int64_t j = 0; j < jn; ++j) {
+            const TKV* vr = vc + slots[j0 + j] * kv_row + h * D;
             const V p = V::set1(score[g][j]);
-            for (int c = 0; c < DV; ++c) fmadd(p, v[c], V::load(acc[g] + c * W)).store(acc[g] + c * W);
+            for (int c = 0; c < DV; ++c) o[c] = fmadd(p, V::load(vr + c * W), o[c]);
           }
+          for (int c = 0; c < DV; ++c) o[c].store(acc[g] + c * W);
         }
       }
       for (int64_t g = 0; g < gn; ++g) {
@@ -266,6 +272,9 @@ void extend_attention_items(const AttnArgs& a, const ExtendItem* items, int64_t 
   constexpr int BN = 4 * W;
   constexpr int BNV = BN / W;
   constexpr int64_t BM = kExtendBlockM;
+  constexpr int RB = 4;  // query rows scored together
+  constexpr int RP = DV > 8 ? 1 : DV > 4 ? 2 : 4;  // rows accumulated together (<= 16 accumulators)
+  static_assert(RB % RP == 0, "row blocks split evenly");
   const int64_t hkv = a.num_kv_heads, group = a.num_heads / hkv;
   const int64_t kv_row = hkv * D;
   const TKV* kc = static_cast<const TKV*>(a.k_cache);
@@ -277,7 +286,7 @@ void extend_attention_items(const AttnArgs& a, const ExtendItem* items, int64_t 
   float* sum = new float[group * BM];
   alignas(64) float kt[D * BN];  // [D][BN]
   alignas(64) float vf[BN * D];  // [BN][D]
-  alignas(64) float sc[BN];
+  alignas(64) float sc[RB * BN];  // [RB][BN]
 
   for (int64_t it = begin; it < end; ++it) {
     const ExtendItem& item = items[it];
@@ -309,35 +318,84 @@ void extend_attention_items(const AttnArgs& a, const ExtendItem* items, int64_t 
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        for (int64_t i = 0; i < nrows; ++i) {
-          const int64_t visible = lmin(nn, prefix + r0 + i + 1 - n0);  // keys of the block this row sees
-          if (visible <= 0) continue;
-          const int64_t row = g * BM + i;
-          const float* qr = qf + row * D;
-          V s[BNV];
-          for (int c = 0; c < BNV; ++c) s[c] = V::zero();
+        // RB query rows at a time: each K element loaded feeds RB rows' scores, each V element
+        // RP rows' outputs (as many as 16 accumulators allow)
+        for (int64_t i0 = 0; i0 < nrows; i0 += RB) {
+          const int64_t rb = lmin(RB, nrows - i0);
+          int64_t visible[RB];  // keys of this block each row sees; 0 for rows past the item
+          int64_t most = 0;
+          for (int r = 0; r < RB; ++r) {
+            visible[r] = r < rb ? lmax(0, lmin(nn, prefix + r0 + i0 + r + 1 - n0)) : 0;
+            most = lmax(most, visible[r]);
+          }
+          if (most == 0) continue;
+          const int64_t row0 = g * BM + i0;
+          V s[RB][BNV];
+          for (int r = 0; r < RB; ++r)
+            for (int c = 0; c < BNV; ++c) s[r][c] = V::zero();
           for (int64_t d = 0; d < D; ++d) {
-            const V qd = V::set1(qr[d]);
-            for (int c = 0; c < BNV; ++c) s[c] = fmadd(qd, V::load(kt + d * BN + c * W), s[c]);
+            V k[BNV];
+            for (int c = 0; c < BNV; ++c) k[c] = V::load(kt + d * BN + c * W);
+            for (int r = 0; r < RB; ++r) {
+              const V qd = V::set1(qf[(row0 + lmin(r, rb - 1)) * D + d]);
+              for (int c = 0; c < BNV; ++c) s[r][c] = fmadd(qd, k[c], s[r][c]);
+            }
           }
-          for (int c = 0; c < BNV; ++c) s[c].store(sc + c * W);
-          float block_max = kNegInf;
-          for (int64_t j = 0; j < visible; ++j) block_max = fmax_(block_max, sc[j]);
-          const float new_max = fmax_(mx[row], block_max);
-          const float alpha = std::exp(mx[row] - new_max);
-          for (int c = 0; c < BNV; ++c) vexp(V::load(sc + c * W) - V::set1(new_max)).store(sc + c * W);
-          float block_sum = 0.f;
-          for (int64_t j = 0; j < visible; ++j) block_sum += sc[j];
-          sum[row] = sum[row] * alpha + block_sum;
-          mx[row] = new_max;
-          float* orow = of + row * D;
-          V o[DV];
-          for (int c = 0; c < DV; ++c) o[c] = V::load(orow + c * W) * V::set1(alpha);
-          for (int64_t j = 0; j < visible; ++j) {
-            const V p = V::set1(sc[j]);
-            for (int c = 0; c < DV; ++c) o[c] = fmadd(p, V::load(vf + j * D + c * W), o[c]);
+          float alpha[RB];
+          for (int r = 0; r < RB; ++r) {
+            float* p = sc + r * BN;
+            alpha[r] = 1.f;
+            if (visible[r] == 0) {  // sees nothing here: contributes nothing, keeps its state
+              for (int c = 0; c < BNV; ++c) V::zero().store(p + c * W);
+              continue;
+            }
+            const int64_t row = row0 + r;
+            float block_max;
+            if (visible[r] == BN) {  // a whole block (all but the diagonal ones): vector reductions
+              V m = s[r][0];
+              for (int c = 1; c < BNV; ++c) m = vmax(m, s[r][c]);
+              block_max = m.reduce_max();
+            } else {
+              for (int c = 0; c < BNV; ++c) s[r][c].store(p + c * W);
+              block_max = kNegInf;
+              for (int64_t j = 0; j < visible[r]; ++j) block_max = fmax_(block_max, p[j]);
+            }
+            const float new_max = fmax_(mx[row], block_max);
+            alpha[r] = std::exp(mx[row] - new_max);
+            V total = V::zero();
+            for (int c = 0; c < BNV; ++c) {
+              const V e = vexp(s[r][c] - V::set1(new_max));
+              e.store(p + c * W);
+              total = total + e;
+            }
+            float block_sum;
+            if (visible[r] == BN) {
+              block_sum = total.reduce_add();
+            } else {
+              for (int64_t j = visible[r]; j < BN; ++j) p[j] = 0.f;  // masked keys weigh nothing
+              block_sum = 0.f;
+              for (int64_t j = 0; j < visible[r]; ++j) block_sum += p[j];
+            }
+            sum[row] = sum[row] * alpha[r] + block_sum;
+            mx[row] = new_max;
           }
-          for (int c = 0; c < DV; ++c) o[c].store(orow + c * W);
+          for (int rp0 = 0; rp0 < RB; rp0 += RP) {
+            V o[RP][DV];
+            for (int r = 0; r < RP; ++r) {
+              const float* orow = of + (row0 + lmin(rp0 + r, rb - 1)) * D;
+              for (int c = 0; c < DV; ++c) o[r][c] = V::load(orow + c * W) * V::set1(alpha[rp0 + r]);
+            }
+            for (int64_t j = 0; j < most; ++j) {
+              V v[DV];
+              for (int c = 0; c < DV; ++c) v[c] = V::load(vf + j * D + c * W);
+              for (int r = 0; r < RP; ++r) {
+                const V p = V::set1(sc[(rp0 + r) * BN + j]);
+                for (int c = 0; c < DV; ++c) o[r][c] = fmadd(p, v[c], o[r][c]);
+              }
+            }
+            for (int r = 0; r < RP && rp0 + r < rb; ++r)
+              for (int c = 0; c < DV; ++c) o[r][c].store(of + (row0 + rp0 + r) * D + c * W);
+          }
         }
       }
     }

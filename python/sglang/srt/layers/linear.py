@@ -47,7 +47,7 @@ class Linear(nn.Module):
 
 # Rows up to which sgl_kernel.linear beats torch's oneDNN bf16 matmul; past it (prefill) oneDNN's
 # blocking wins. Measured with benchmark/bench_kernels.py (docs/benchmarks.md).
-LINEAR_KERNEL_MAX_ROWS = 16
+LINEAR_KERNEL_MAX_ROWS = 32
 
 
 class BF16LinearKernel:

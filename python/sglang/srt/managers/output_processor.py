@@ -70,7 +70,7 @@ class OutputProcessor:
                     req.output_top_logprobs.append(tops)
                 sample_row += 1
                 yield req, self._check_finished(req)
-            elif req.kv_len == len(req.fill_ids):
+            elif req.kv_len == req.fill_len:
                 # prefill-only request (max_new_tokens == 0) whose prompt is now cached
                 yield req, FinishReason("length", length=0)
 

@@ -75,13 +75,24 @@ class Req:
         return self.origin_input_ids + self.output_ids
 
     @property
+    def fill_len(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    def fill_slice(self, start: int, end: int) -> list[int]:
+        """fill_ids[start:end], without building fill_ids (a decode step reads one token)."""
+        prompt_len = len(self.origin_input_ids)
+        if start >= prompt_len:
+            return self.output_ids[start - prompt_len : end - prompt_len]
+        return self.origin_input_ids[start:end] + self.output_ids[: max(end - prompt_len, 0)]
+
+    @property
     def wants_input_logprobs(self) -> bool:
         return self.return_logprob and self.logprob_start_len >= 0 and self.num_retractions == 0
 
     def max_prefix_len(self) -> int:
         """Longest prefix that may come from the cache: the last token must always be computed
         (its logits pick the next token), and input logprobs need their window computed."""
-        limit = len(self.fill_ids) - 1
+        limit = self.fill_len - 1
         if self.wants_input_logprobs and not self.input_token_logprobs:
             limit = min(limit, self.logprob_start_len)
         return limit
@@ -126,9 +137,8 @@ class ScheduleBatch:
         top_k = 0
         for item in self.items:
             req, start, n = item.req, item.req.kv_len, item.extend_len
-            fill = req.fill_ids
             row0 = len(input_ids)
-            input_ids += fill[start : start + n]
+            input_ids += req.fill_slice(start, start + n)
             positions += range(start, start + n)
             prefix_lens.append(start)
             extend_lens.append(n)
@@ -141,7 +151,7 @@ class ScheduleBatch:
                 first = max(req.logprob_start_len, start)
                 last = min(start + n, prompt_len - 1)
                 logprob_rows += range(row0 + first - start, row0 + last - start)
-                logprob_targets += fill[first + 1 : last + 1]
+                logprob_targets += req.fill_slice(first + 1, last + 1)
                 top_k = max(top_k, req.top_logprobs_num)
         as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)
         return ForwardBatch(

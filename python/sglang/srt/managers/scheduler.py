@@ -102,7 +102,7 @@ class Scheduler:
             kv_tokens_free=kv.allocator.available_size(),
             kv_tokens_cached=kv.tree.total_size(),
             kv_tokens_used=kv.used_tokens(),
-            kv_tokens_pending=sum(len(r.fill_ids) for r in self.waiting)
+            kv_tokens_pending=sum(r.fill_len for r in self.waiting)
             + sum(r.remaining_new_tokens() for r in self.waiting + self.running),
             num_received_reqs=self.num_received_reqs,
             max_running_requests=self.max_running_requests,
@@ -170,7 +170,7 @@ class Scheduler:
         )
         # requests in the middle of a chunked prefill continue first
         for req in self.running:
-            missing = len(req.fill_ids) - req.kv_len
+            missing = req.fill_len - req.kv_len
             if missing > 1 or (missing == 1 and req.kv_len < len(req.origin_input_ids)):
                 self._add_prefill(items, req, budget)
         for req in self.policy.order(self.waiting):
@@ -179,11 +179,11 @@ class Scheduler:
             # Starting a request locks its cached prefix, which then no longer counts as evictable;
             # admit it only if its whole remaining prefill fits beside what is already promised.
             matched = self.kv.prefix_match_len(req)
-            needed = self.kv.slots_needed(matched, len(req.fill_ids))
+            needed = self.kv.slots_needed(matched, req.fill_len)
             if self.kv.available_size() - matched - budget.reserved < needed:
                 if not self.running and not items:
                     self._finish(req, FinishReason("abort", message=(
-                        f"the request needs {len(req.fill_ids)} KV slots; this rank's KV cache holds {self.kv.total_tokens}"
+                        f"the request needs {req.fill_len} KV slots; this rank's KV cache holds {self.kv.total_tokens}"
                     )))
                     continue
                 break
@@ -208,7 +208,7 @@ class Scheduler:
         return [ScheduledReq(r, 1, samples=True) for r in decoding]
 
     def _is_decoding(self, req: Req) -> bool:
-        return req.kv_len >= len(req.origin_input_ids) and req.kv_len == len(req.fill_ids) - 1
+        return req.kv_len >= len(req.origin_input_ids) and req.kv_len == req.fill_len - 1
 
     def _decode_slots(self, decoding: list[Req]) -> int:
         """Slots one decode step of these requests takes: a new page for each whose last is full."""
@@ -218,7 +218,7 @@ class Scheduler:
         return int(self.new_token_ratio * sum(r.remaining_new_tokens() for r in self.running))
 
     def _add_prefill(self, items: list[ScheduledReq], req: Req, budget: PrefillBudget) -> None:
-        missing = len(req.fill_ids) - req.kv_len
+        missing = req.fill_len - req.kv_len
         # available_size is read after kv.start locked this request's prefix, which made it unevictable
         n = budget.take(req.kv_len, missing, self.kv.available_size())
         samples = n == missing and req.sampling_params.max_new_tokens > 0
