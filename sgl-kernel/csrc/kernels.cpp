@@ -3,6 +3,7 @@
 // Each kernel processes work items [begin, end); ops.cpp checks tensors and spreads the items
 // over torch's threads.
 #include <limits>
+#include <type_traits>
 
 #include "vec.h"
 
@@ -413,6 +414,157 @@ void extend_attention_items(const AttnArgs& a, const ExtendItem* items, int64_t 
   delete[] sum;
 }
 
+// The same work with bf16 dot products (AVX512-BF16, bf16 queries over a bf16 cache): scores
+// from q and K pairs along the head dim, outputs from probabilities (rounded to bf16, as the
+// sums that normalize them are) and V pairs along the keys; softmax state in float32.
+#if defined(__AVX512BF16__)
+template <int D>
+void extend_attention_items_bf16(const AttnArgs& a, const ExtendItem* items, int64_t begin, int64_t end) {
+  static_assert(D % 32 == 0, "head_dim must be a multiple of 32");
+  constexpr int BN = 64;  // keys per block: four vectors of 16 scores
+  constexpr int BNV = BN / 16;
+  constexpr int DV = D / 16;
+  constexpr int DP = D / 2;  // pairs along the head dim
+  constexpr int64_t BM = kExtendBlockM;
+  constexpr int RB = 4;
+  constexpr int RP = DV > 8 ? 1 : DV > 4 ? 2 : 4;
+  const int64_t hkv = a.num_kv_heads, group = a.num_heads / hkv, kv_row = hkv * D;
+  const bf16* kc = static_cast<const bf16*>(a.k_cache);
+  const bf16* vc = static_cast<const bf16*>(a.v_cache);
+  alignas(64) uint32_t kp[DP * BN];  // [D / 2][BN]: key j's pair p at [p][j]
+  alignas(64) uint32_t vp[(BN / 2) * D];  // [BN / 2][D]: keys 2i, 2i + 1 of dim d at [i][d]
+  alignas(64) float sc[BN];
+  alignas(64) bf16 pb[RB * BN];  // probabilities, [RB][BN]
+  float* of = new float[group * BM * D];
+  float* mx = new float[group * BM];
+  float* sum = new float[group * BM];
+  const __m512 vscale = _mm512_set1_ps(a.scale);
+
+  for (int64_t it = begin; it < end; ++it) {
+    const ExtendItem& item = items[it];
+    const int64_t b = item.req, h = item.kv_head, r0 = item.row_begin, nrows = item.row_end - item.row_begin;
+    const int64_t prefix = a.seq_lens[b] - a.extend_lens[b];
+    const int64_t q_row0 = a.q_start[b] + r0;
+    const int64_t* slots = a.req_to_token + a.req_pool_indices[b] * a.req_to_token_stride;
+    for (int64_t r = 0; r < group * BM; ++r) {
+      for (int c = 0; c < DV; ++c) _mm512_storeu_ps(of + r * D + c * 16, _mm512_setzero_ps());
+      mx[r] = kNegInf;
+      sum[r] = 0.f;
+    }
+    const int64_t key_end = prefix + r0 + nrows;
+    for (int64_t n0 = 0; n0 < key_end; n0 += BN) {
+      const int64_t nn = lmin(BN, key_end - n0);
+      for (int64_t j = 0; j < BN; ++j) {
+        const uint32_t* kr = j < nn ? reinterpret_cast<const uint32_t*>(kc + slots[n0 + j] * kv_row + h * D) : nullptr;
+        for (int64_t p = 0; p < DP; ++p) kp[p * BN + j] = kr ? kr[p] : 0u;
+      }
+      for (int64_t i = 0; i < BN / 2; ++i) {
+        const bf16* v0 = 2 * i < nn ? vc + slots[n0 + 2 * i] * kv_row + h * D : nullptr;
+        const bf16* v1 = 2 * i + 1 < nn ? vc + slots[n0 + 2 * i + 1] * kv_row + h * D : nullptr;
+        for (int64_t d = 0; d < D; ++d)
+          vp[i * D + d] = (v0 ? uint32_t(v0[d].bits) : 0u) | (v1 ? uint32_t(v1[d].bits) << 16 : 0u);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t i0 = 0; i0 < nrows; i0 += RB) {
+          const int64_t rb = lmin(RB, nrows - i0);
+          int64_t visible[RB];
+          int64_t most = 0;
+          for (int r = 0; r < RB; ++r) {
+            visible[r] = r < rb ? lmax(0, lmin(nn, prefix + r0 + i0 + r + 1 - n0)) : 0;
+            most = lmax(most, visible[r]);
+          }
+          if (most == 0) continue;
+          const int64_t row0 = g * BM + i0;
+          const uint32_t* qr[RB];
+          for (int r = 0; r < RB; ++r)
+            qr[r] = reinterpret_cast<const uint32_t*>(static_cast<const bf16*>(a.q) + (q_row0 + i0 + lmin(r, rb - 1)) * a.q_stride_t +
+                                                      (h * group + g) * a.q_stride_h);
+          __m512 s[RB][BNV];
+          for (int r = 0; r < RB; ++r)
+            for (int c = 0; c < BNV; ++c) s[r][c] = _mm512_setzero_ps();
+          for (int64_t p = 0; p < DP; ++p) {
+            __m512bh k[BNV];
+            for (int c = 0; c < BNV; ++c) k[c] = (__m512bh)_mm512_load_si512(kp + p * BN + c * 16);
+            for (int r = 0; r < RB; ++r) {
+              const __m512bh qb = (__m512bh)_mm512_set1_epi32(int32_t(qr[r][p]));
+              for (int c = 0; c < BNV; ++c) s[r][c] = _mm512_dpbf16_ps(s[r][c], qb, k[c]);
+            }
+          }
+          float alpha[RB];
+          for (int r = 0; r < RB; ++r) {
+            bf16* p = pb + r * BN;
+            alpha[r] = 1.f;
+            if (visible[r] == 0) {
+              for (int c = 0; c < BN / 32; ++c) _mm512_store_si512(p + c * 32, _mm512_setzero_si512());
+              continue;
+            }
+            const int64_t row = row0 + r;
+            V sv[BNV];
+            for (int c = 0; c < BNV; ++c) sv[c] = V{_mm512_mul_ps(s[r][c], vscale)};
+            float block_max;
+            if (visible[r] == BN) {
+              V m = sv[0];
+              for (int c = 1; c < BNV; ++c) m = vmax(m, sv[c]);
+              block_max = m.reduce_max();
+            } else {
+              for (int c = 0; c < BNV; ++c) sv[c].store(sc + c * 16);
+              block_max = kNegInf;
+              for (int64_t j = 0; j < visible[r]; ++j) block_max = fmax_(block_max, sc[j]);
+            }
+            const float new_max = fmax_(mx[row], block_max);
+            alpha[r] = std::exp(mx[row] - new_max);
+            V total = V::zero();
+            for (int c = 0; c < BNV; ++c) {
+              const V e = vexp(sv[c] - V::set1(new_max)).round_bf16();
+              e.store(p + c * 16);
+              total = total + e;
+            }
+            float block_sum;
+            if (visible[r] == BN) {
+              block_sum = total.reduce_add();
+            } else {
+              for (int64_t j = visible[r]; j < BN; ++j) p[j] = bf16{0};  // masked keys weigh nothing
+              block_sum = 0.f;
+              for (int64_t j = 0; j < visible[r]; ++j) block_sum += bf16_to_float(p[j]);
+            }
+            sum[row] = sum[row] * alpha[r] + block_sum;
+            mx[row] = new_max;
+          }
+          for (int rp0 = 0; rp0 < RB; rp0 += RP) {
+            __m512 o[RP][DV];
+            for (int r = 0; r < RP; ++r) {
+              const float* orow = of + (row0 + lmin(rp0 + r, rb - 1)) * D;
+              const __m512 al = _mm512_set1_ps(alpha[rp0 + r]);
+              for (int c = 0; c < DV; ++c) o[r][c] = _mm512_mul_ps(_mm512_loadu_ps(orow + c * 16), al);
+            }
+            for (int64_t i = 0; i < (most + 1) / 2; ++i) {
+              __m512bh v[DV];
+              for (int c = 0; c < DV; ++c) v[c] = (__m512bh)_mm512_load_si512(vp + i * D + c * 16);
+              for (int r = 0; r < RP; ++r) {
+                const __m512bh pp = (__m512bh)_mm512_set1_epi32(reinterpret_cast<const int32_t*>(pb + (rp0 + r) * BN)[i]);
+                for (int c = 0; c < DV; ++c) o[r][c] = _mm512_dpbf16_ps(o[r][c], pp, v[c]);
+              }
+            }
+            for (int r = 0; r < RP && rp0 + r < rb; ++r)
+              for (int c = 0; c < DV; ++c) _mm512_storeu_ps(of + (row0 + rp0 + r) * D + c * 16, o[r][c]);
+          }
+        }
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      for (int64_t i = 0; i < nrows; ++i) {
+        bf16* o = static_cast<bf16*>(a.out) + (q_row0 + i) * a.out_stride_t + (h * group + g) * a.out_stride_h;
+        const V inv = V::set1(1.f / sum[g * BM + i]);
+        for (int c = 0; c < DV; ++c) (V::load(of + (g * BM + i) * D + c * 16) * inv).store(o + c * 16);
+      }
+    }
+  }
+  delete[] of;
+  delete[] mx;
+  delete[] sum;
+}
+#endif
+
 // ---------------------------------------------------------------- bf16 linear (AVX512-BF16)
 
 #if defined(__AVX512BF16__)
@@ -472,15 +624,17 @@ inline void linear_cols(const LinearArgs& a, int64_t nb0) {
   }
 }
 
-// Work item i: output blocks [i * B, (i + 1) * B) of 16 outputs, B = linear_blocks_per_item(m):
-// two blocks (16 accumulators over 8 rows) for few rows, where the weights' bandwidth is the limit
-// and small items balance the threads; four (24 accumulators over 6 rows) for many, where each
-// broadcast row value feeds more dot products.
+// Work item i: output blocks [i * B, (i + 1) * B) of 16 outputs, B = linear_blocks_per_item(m).
+// One row (a GEMV, bound by the weights' bandwidth): two blocks per item, so that small layers
+// still split evenly over the threads. More rows: four blocks, 16 accumulators over 4 rows, or
+// from 16 rows 24 over 6, so each row value broadcast feeds more dot products (measured on the
+// model's layer shapes with cold weights; see docs/benchmarks.md).
 void linear(const LinearArgs& a, int64_t begin, int64_t end) {
   const int64_t nblocks = a.n / kLinearBlockN, per_item = linear_blocks_per_item(a.m);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t nb0 = i * per_item, left = nblocks - nb0;
-    if (per_item == 4 && left >= 4) linear_cols<6, 4>(a, nb0);
+    if (per_item == 4 && left >= 4 && a.m < 16) linear_cols<4, 4>(a, nb0);
+    else if (per_item == 4 && left >= 4) linear_cols<6, 4>(a, nb0);
     else if (per_item == 4 && left == 3) linear_cols<6, 3>(a, nb0);
     else if (left >= 2) linear_cols<8, 2>(a, nb0);
     else linear_cols<8, 1>(a, nb0);
@@ -539,7 +693,15 @@ void decode_merge(const AttnArgs& a, int64_t b, int64_t e) {
   dispatch_attn(a, [&]<int D, typename TQ, typename TKV>() { decode_merge_items<D, TQ>(a, b, e); });
 }
 void extend_attention(const AttnArgs& a, const ExtendItem* items, int64_t b, int64_t e) {
-  dispatch_attn(a, [&]<int D, typename TQ, typename TKV>() { extend_attention_items<D, TQ, TKV>(a, items, b, e); });
+  dispatch_attn(a, [&]<int D, typename TQ, typename TKV>() {
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<TQ, bf16> && std::is_same_v<TKV, bf16> && D % 32 == 0) {
+      extend_attention_items_bf16<D>(a, items, b, e);
+      return;
+    }
+#endif
+    extend_attention_items<D, TQ, TKV>(a, items, b, e);
+  });
 }
 
 }  // namespace
