@@ -108,10 +108,10 @@ struct LinearArgs {
   void* out;
   int64_t out_stride;
   int64_t m, n, k;
+  int64_t blocks_per_item;  // 1 to 4 blocks of 16 outputs per work item
   DType out_dtype;
 };
 constexpr int64_t kLinearBlockN = 16;
-inline int64_t linear_blocks_per_item(int64_t m) { return m >= 2 ? 4 : 2; }  // see kernels.cpp linear()
 
 // The head dims the attention kernels are compiled for (kernels.cpp's dispatch_attn).
 constexpr int64_t kAttnHeadDims[] = {16, 32, 64, 80, 96, 128, 256};

@@ -624,20 +624,21 @@ inline void linear_cols(const LinearArgs& a, int64_t nb0) {
   }
 }
 
-// Work item i: output blocks [i * B, (i + 1) * B) of 16 outputs, B = linear_blocks_per_item(m).
-// One row (a GEMV, bound by the weights' bandwidth): two blocks per item, so that small layers
-// still split evenly over the threads. More rows: four blocks, 16 accumulators over 4 rows, or
-// from 16 rows 24 over 6, so each row value broadcast feeds more dot products (measured on the
-// model's layer shapes with cold weights; see docs/benchmarks.md).
+// Work item i: output blocks [i * B, (i + 1) * B) of 16 outputs, B = a.blocks_per_item (ops.cpp
+// picks 2 to 4 so that the items split evenly over the threads). One row (a GEMV, bound by the
+// weights' bandwidth) runs 8-row tiles, i.e. one accumulator per block; more rows run 4-row
+// tiles of 4 blocks (16 accumulators), and from 16 rows 6-row tiles (24), so each broadcast row
+// value feeds more dot products (measured on the model's layer shapes with cold weights).
 void linear(const LinearArgs& a, int64_t begin, int64_t end) {
-  const int64_t nblocks = a.n / kLinearBlockN, per_item = linear_blocks_per_item(a.m);
+  const int64_t nblocks = a.n / kLinearBlockN;
   for (int64_t i = begin; i < end; ++i) {
-    const int64_t nb0 = i * per_item, left = nblocks - nb0;
-    if (per_item == 4 && left >= 4 && a.m < 16) linear_cols<4, 4>(a, nb0);
-    else if (per_item == 4 && left >= 4) linear_cols<6, 4>(a, nb0);
-    else if (per_item == 4 && left == 3) linear_cols<6, 3>(a, nb0);
-    else if (left >= 2) linear_cols<8, 2>(a, nb0);
-    else linear_cols<8, 1>(a, nb0);
+    const int64_t nb0 = i * a.blocks_per_item;
+    switch (lmin(a.blocks_per_item, nblocks - nb0)) {
+      case 4: a.m >= 2 && a.m < 16 ? linear_cols<4, 4>(a, nb0) : linear_cols<6, 4>(a, nb0); break;
+      case 3: linear_cols<6, 3>(a, nb0); break;
+      case 2: linear_cols<8, 2>(a, nb0); break;
+      default: linear_cols<8, 1>(a, nb0); break;
+    }
   }
 }
 

@@ -299,6 +299,25 @@ void extend_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_
   parallel(int64_t(items.size()), 1, [&](int64_t b, int64_t e) { k.extend_attention(a, items.data(), b, e); });
 }
 
+// Blocks of 16 outputs per work item: two for one row (small items balance the threads while
+// the weights' bandwidth is the limit); for more rows as many as four, the most that still
+// splits the blocks evenly over the threads (576 outputs: 36 blocks, 3 per item on 2 threads).
+int64_t linear_blocks_per_item(int64_t nblocks, int64_t m, int64_t threads) {
+  if (m == 1) return 2;
+  int64_t best = 4;
+  double best_waste = 2.0;
+  for (int64_t per_item = 4; per_item >= 2; --per_item) {
+    const int64_t items = (nblocks + per_item - 1) / per_item;
+    const int64_t rounds = (items + threads - 1) / threads;
+    const double waste = double(rounds * threads * per_item) / double(nblocks);  // >= 1
+    if (waste < best_waste - 0.02) {
+      best = per_item;
+      best_waste = waste;
+    }
+  }
+  return best;
+}
+
 // [N, K] -> [ceil(N / 16), K / 2, 16, 2]: each block of 16 outputs streams its K pairs in order.
 at::Tensor pack_linear_weight(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "sgl_kernel.pack_linear_weight: weight is bfloat16 [N, K]");
@@ -339,8 +358,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed_w, const c10::op
   a.k = k;
   a.out_dtype = out_float ? DType::kFloat32 : DType::kBFloat16;
   if (a.m > 0) {
-    const int64_t per_item = linear_blocks_per_item(a.m);
-    const int64_t items = (np / kLinearBlockN + per_item - 1) / per_item;
+    a.blocks_per_item = linear_blocks_per_item(np / kLinearBlockN, a.m, at::get_num_threads());
+    const int64_t items = (np / kLinearBlockN + a.blocks_per_item - 1) / a.blocks_per_item;
     parallel(items, 1, [&](int64_t b, int64_t e) { kt.linear(a, b, e); });
   }
   if (np != n) out = out.narrow(1, 0, n);
