@@ -8,6 +8,10 @@ Variables:
   SGLANG_TKNP_CACHE_DIR  Where to keep artifacts derived from checkpoints, e.g. the config
                          and tokenizer that transformers converts from a GGUF file's header
                          (seconds of work per start otherwise). Default: ~/.cache/sglang-tknp.
+
+Read by the sgl_kernel package itself, once, when it loads (not here):
+  SGL_KERNEL_ISA         Run the native CPU kernels on a lower instruction set than the best
+                         this CPU has: avx512_bf16, avx512, avx2 or generic.
 """
 
 from __future__ import annotations
