@@ -21,6 +21,22 @@ def device_memory(device: str) -> tuple[int, int]:
     return fields["MemAvailable"], fields["MemTotal"]
 
 
+def keep_freed_memory() -> bool:
+    """Has glibc's malloc serve large buffers from the heap and never trim it, so freed
+    activations are reused instead of being unmapped and faulted in afresh, page by page, in
+    every layer (a prefill allocates tens of MB per op). This is what tcmalloc or jemalloc via
+    LD_PRELOAD, which vLLM's and SGLang's CPU guides recommend, also achieve; with those preloaded
+    mallopt is theirs and this changes nothing. Returns whether glibc took both settings."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
