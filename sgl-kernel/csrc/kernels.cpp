@@ -266,6 +266,62 @@ void decode_merge_items(const AttnArgs& a, int64_t begin, int64_t end) {
 // head. Keys come in blocks of BN, converted to float32 once per item (K transposed, so a
 // query row's scores are BN/W vector FMAs per head dim element); causal, after the prefix.
 
+// Keys of the block [n0, n0 + nn) that each of the rb (<= RB) query rows starting at position
+// `pos0` sees under the causal mask (0 for rows past rb); returns the most any row sees.
+template <int RB>
+inline int64_t visible_keys(int64_t (&visible)[RB], int64_t rb, int64_t pos0, int64_t n0, int64_t nn) {
+  int64_t most = 0;
+  for (int r = 0; r < RB; ++r) {
+    visible[r] = r < rb ? lmax(0, lmin(nn, pos0 + r + 1 - n0)) : 0;
+    most = lmax(most, visible[r]);
+  }
+  return most;
+}
+
+// One query row's online-softmax step over a block of BNV * W keys: `s` holds its scaled
+// scores, the first `visible` of them real. Writes the probabilities, rounded to T (and summed
+// as rounded, so the sum normalizes exactly what the P x V product uses), to `p`, zero past
+// `visible`; updates the row's running max and sum; returns the factor the row's output so far
+// is rescaled by; `scratch` (BN floats; may be `p` itself when T is float) holds the scores of
+// a partial block. A row that sees no key keeps its state and contributes nothing.
+template <int BNV, typename T>
+inline float softmax_block(const V (&s)[BNV], int64_t visible, float& mx, float& sum, T* p, float* scratch) {
+  constexpr int BN = BNV * W;
+  if (visible == 0) {
+    for (int64_t j = 0; j < BN; ++j) p[j] = from_float<T>(0.f);
+    return 1.f;
+  }
+  float block_max;
+  if (visible == BN) {  // a whole block (all but the diagonal ones): vector reductions
+    V m = s[0];
+    for (int c = 1; c < BNV; ++c) m = vmax(m, s[c]);
+    block_max = m.reduce_max();
+  } else {
+    for (int c = 0; c < BNV; ++c) s[c].store(scratch + c * W);
+    block_max = kNegInf;
+    for (int64_t j = 0; j < visible; ++j) block_max = fmax_(block_max, scratch[j]);
+  }
+  const float new_max = fmax_(mx, block_max);
+  const float alpha = std::exp(mx - new_max);
+  V total = V::zero();
+  for (int c = 0; c < BNV; ++c) {
+    const V e = round_to_vec<T>(vexp(s[c] - V::set1(new_max)));
+    e.store(p + c * W);
+    total = total + e;
+  }
+  float block_sum;
+  if (visible == BN) {
+    block_sum = total.reduce_add();
+  } else {
+    for (int64_t j = visible; j < BN; ++j) p[j] = from_float<T>(0.f);  // masked keys weigh nothing
+    block_sum = 0.f;
+    for (int64_t j = 0; j < visible; ++j) block_sum += to_float(p[j]);
+  }
+  sum = sum * alpha + block_sum;
+  mx = new_max;
+  return alpha;
+}
+
 template <int D, typename TQ, typename TKV>
 void extend_attention_items(const AttnArgs& a, const ExtendItem* items, int64_t begin, int64_t end) {
   static_assert(D % W == 0, "head_dim must be a multiple of the vector width");
@@ -323,12 +379,8 @@ void extend_attention_items(const AttnArgs& a, const ExtendItem* items, int64_t 
         // RP rows' outputs (as many as 16 accumulators allow)
         for (int64_t i0 = 0; i0 < nrows; i0 += RB) {
           const int64_t rb = lmin(RB, nrows - i0);
-          int64_t visible[RB];  // keys of this block each row sees; 0 for rows past the item
-          int64_t most = 0;
-          for (int r = 0; r < RB; ++r) {
-            visible[r] = r < rb ? lmax(0, lmin(nn, prefix + r0 + i0 + r + 1 - n0)) : 0;
-            most = lmax(most, visible[r]);
-          }
+          int64_t visible[RB];
+          const int64_t most = visible_keys(visible, rb, prefix + r0 + i0, n0, nn);
           if (most == 0) continue;
           const int64_t row0 = g * BM + i0;
           V s[RB][BNV];
@@ -343,43 +395,7 @@ void extend_attention_items(const AttnArgs& a, const ExtendItem* items, int64_t 
             }
           }
           float alpha[RB];
-          for (int r = 0; r < RB; ++r) {
-            float* p = sc + r * BN;
-            alpha[r] = 1.f;
-            if (visible[r] == 0) {  // sees nothing here: contributes nothing, keeps its state
-              for (int c = 0; c < BNV; ++c) V::zero().store(p + c * W);
-              continue;
-            }
-            const int64_t row = row0 + r;
-            float block_max;
-            if (visible[r] == BN) {  // a whole block (all but the diagonal ones): vector reductions
-              V m = s[r][0];
-              for (int c = 1; c < BNV; ++c) m = vmax(m, s[r][c]);
-              block_max = m.reduce_max();
-            } else {
-              for (int c = 0; c < BNV; ++c) s[r][c].store(p + c * W);
-              block_max = kNegInf;
-              for (int64_t j = 0; j < visible[r]; ++j) block_max = fmax_(block_max, p[j]);
-            }
-            const float new_max = fmax_(mx[row], block_max);
-            alpha[r] = std::exp(mx[row] - new_max);
-            V total = V::zero();
-            for (int c = 0; c < BNV; ++c) {
-              const V e = vexp(s[r][c] - V::set1(new_max));
-              e.store(p + c * W);
-              total = total + e;
-            }
-            float block_sum;
-            if (visible[r] == BN) {
-              block_sum = total.reduce_add();
-            } else {
-              for (int64_t j = visible[r]; j < BN; ++j) p[j] = 0.f;  // masked keys weigh nothing
-              block_sum = 0.f;
-              for (int64_t j = 0; j < visible[r]; ++j) block_sum += p[j];
-            }
-            sum[row] = sum[row] * alpha[r] + block_sum;
-            mx[row] = new_max;
-          }
+          for (int r = 0; r < RB; ++r) alpha[r] = softmax_block(s[r], visible[r], mx[row0 + r], sum[row0 + r], sc + r * BN, sc + r * BN);
           for (int rp0 = 0; rp0 < RB; rp0 += RP) {
             V o[RP][DV];
             for (int r = 0; r < RP; ++r) {
@@ -468,11 +484,7 @@ void extend_attention_items_bf16(const AttnArgs& a, const ExtendItem* items, int
         for (int64_t i0 = 0; i0 < nrows; i0 += RB) {
           const int64_t rb = lmin(RB, nrows - i0);
           int64_t visible[RB];
-          int64_t most = 0;
-          for (int r = 0; r < RB; ++r) {
-            visible[r] = r < rb ? lmax(0, lmin(nn, prefix + r0 + i0 + r + 1 - n0)) : 0;
-            most = lmax(most, visible[r]);
-          }
+          const int64_t most = visible_keys(visible, rb, prefix + r0 + i0, n0, nn);
           if (most == 0) continue;
           const int64_t row0 = g * BM + i0;
           const uint32_t* qr[RB];
@@ -492,43 +504,9 @@ void extend_attention_items_bf16(const AttnArgs& a, const ExtendItem* items, int
           }
           float alpha[RB];
           for (int r = 0; r < RB; ++r) {
-            bf16* p = pb + r * BN;
-            alpha[r] = 1.f;
-            if (visible[r] == 0) {
-              for (int c = 0; c < BN / 32; ++c) _mm512_store_si512(p + c * 32, _mm512_setzero_si512());
-              continue;
-            }
-            const int64_t row = row0 + r;
-            V sv[BNV];
-            for (int c = 0; c < BNV; ++c) sv[c] = V{_mm512_mul_ps(s[r][c], vscale)};
-            float block_max;
-            if (visible[r] == BN) {
-              V m = sv[0];
-              for (int c = 1; c < BNV; ++c) m = vmax(m, sv[c]);
-              block_max = m.reduce_max();
-            } else {
-              for (int c = 0; c < BNV; ++c) sv[c].store(sc + c * 16);
-              block_max = kNegInf;
-              for (int64_t j = 0; j < visible[r]; ++j) block_max = fmax_(block_max, sc[j]);
-            }
-            const float new_max = fmax_(mx[row], block_max);
-            alpha[r] = std::exp(mx[row] - new_max);
-            V total = V::zero();
-            for (int c = 0; c < BNV; ++c) {
-              const V e = vexp(sv[c] - V::set1(new_max)).round_bf16();
-              e.store(p + c * 16);
-              total = total + e;
-            }
-            float block_sum;
-            if (visible[r] == BN) {
-              block_sum = total.reduce_add();
-            } else {
-              for (int64_t j = visible[r]; j < BN; ++j) p[j] = bf16{0};  // masked keys weigh nothing
-              block_sum = 0.f;
-              for (int64_t j = 0; j < visible[r]; ++j) block_sum += bf16_to_float(p[j]);
-            }
-            sum[row] = sum[row] * alpha[r] + block_sum;
-            mx[row] = new_max;
+            V scaled[BNV];
+            for (int c = 0; c < BNV; ++c) scaled[c] = V{_mm512_mul_ps(s[r][c], vscale)};
+            alpha[r] = softmax_block(scaled, visible[r], mx[row0 + r], sum[row0 + r], pb + r * BN, sc);
           }
           for (int rp0 = 0; rp0 < RB; rp0 += RP) {
             __m512 o[RP][DV];

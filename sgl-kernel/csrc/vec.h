@@ -42,7 +42,6 @@ template <> inline bf16 from_float<bf16>(float x) { return float_to_bf16(x); }
 // x rounded to T's precision, kept as a float (the double rounding torch's 16-bit ops do).
 template <typename T> inline float round_to(float x) { return to_float(from_float<T>(x)); }
 
-inline float imin(float a, float b) { return a < b ? a : b; }
 inline float fmax_(float a, float b) { return a > b ? a : b; }
 inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t lmax(int64_t a, int64_t b) { return a > b ? a : b; }
