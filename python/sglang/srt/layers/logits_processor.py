@@ -35,17 +35,20 @@ class LogitsProcessor(nn.Module):
         # Under tensor parallelism (set by shard_model) the LM head holds a slice of the vocab
         # rows: a rank's logits are columns of the whole, gathered here.
         self.tp: Optional["TpGroup"] = None
-        self._ops: Optional[Any] = None  # sgl_kernel's ops, once use_cpu_kernels switched them on
+        # sgl_kernel's ops, once use_cpu_kernels switched them on (only where its bf16 linear runs)
+        self._ops: Optional[Any] = None
         self._head: Optional[tuple[torch.Tensor, BF16LinearKernel]] = None  # (weight, its packed form)
 
     def use_cpu_kernels(self, ops: Any) -> bool:
+        if not ops.has_bf16_linear():
+            return False
         self._ops = ops
         return True
 
     def _head_kernel(self, weight: torch.Tensor) -> Optional[BF16LinearKernel]:
         """The LM head prepacked for sgl_kernel.linear (the first call packs it: the head may be
         the tied embedding, which the processor does not own), or None where it cannot run."""
-        if self._ops is None or weight.dtype != torch.bfloat16 or not self._ops.has_bf16_linear():
+        if self._ops is None or weight.dtype != torch.bfloat16:
             return None
         if self._head is None or self._head[0] is not weight:
             self._head = (weight, BF16LinearKernel(self._ops, weight, None))
