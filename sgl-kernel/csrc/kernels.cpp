@@ -549,7 +549,7 @@ void extend_attention_items_bf16(const AttnArgs& a, const ExtendItem* items, int
 
 // elements ahead of the weight stream to prefetch: the hardware prefetcher alone left a single
 // row's GEMV well under the memory bandwidth
-constexpr int64_t kLinearPrefetch = 1024;
+constexpr int64_t kLinearPrefetch = 0;
 
 // Outputs [nb0 * 16, (nb0 + NB) * 16) for rows [m0, m0 + MR): MR x NB accumulators of 16.
 template <int MR, int NB>
@@ -602,13 +602,46 @@ inline void linear_cols(const LinearArgs& a, int64_t nb0) {
   }
 }
 
+// One row (a GEMV, bound by the weights' bandwidth): block nb alone, four accumulators over
+// consecutive k pairs to cover the dot products' latency, so that a thread walking its blocks
+// in order reads its weights as one contiguous stream (interleaving several blocks' streams
+// left the prefetchers short of the memory bandwidth).
+inline void gemv_block(const LinearArgs& a, int64_t nb) {
+  const int64_t k2n = a.k / 2;
+  const int32_t* xr = reinterpret_cast<const int32_t*>(a.x);
+  const bf16* wb = a.packed_w + nb * kLinearBlockN * a.k;
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t k2 = 0;
+  for (; k2 + 4 <= k2n; k2 += 4) {
+    for (int u = 0; u < 4; ++u) {
+      const bf16* wp = wb + (k2 + u) * 2 * kLinearBlockN;
+      _mm_prefetch(reinterpret_cast<const char*>(wp + kLinearPrefetch), _MM_HINT_T0);
+      acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_set1_epi32(xr[k2 + u]), (__m512bh)_mm512_loadu_si512(wp));
+    }
+  }
+  for (; k2 < k2n; ++k2)
+    acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_set1_epi32(xr[k2]),
+                              (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * kLinearBlockN));
+  const int64_t n = nb * kLinearBlockN;
+  __m512 y = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+  if (a.bias) y = _mm512_add_ps(y, _mm512_loadu_ps(a.bias + n));
+  if (a.out_dtype == DType::kBFloat16)
+    V{y}.store(static_cast<bf16*>(a.out) + n);
+  else
+    V{y}.store(static_cast<float*>(a.out) + n);
+}
+
 // Work item i: output blocks [i * B, (i + 1) * B) of 16 outputs, B = a.blocks_per_item (ops.cpp
-// picks 2 to 4 so that the items split evenly over the threads). One row (a GEMV, bound by the
-// weights' bandwidth) runs 8-row tiles, i.e. one accumulator per block; more rows run 4-row
-// tiles of 4 blocks (16 accumulators), and from 16 rows 6-row tiles (24), so each broadcast row
-// value feeds more dot products (measured on the model's layer shapes with cold weights).
+// picks 2 to 4 so that the items split evenly over the threads). One row runs gemv_block block
+// by block; more rows run 4-row tiles of 4 blocks (16 accumulators), and from 16 rows 6-row
+// tiles (24), so each broadcast row value feeds more dot products (measured on the model's
+// layer shapes with cold weights).
 void linear(const LinearArgs& a, int64_t begin, int64_t end) {
   const int64_t nblocks = a.n / kLinearBlockN;
+  if (a.m == 1) {
+    for (int64_t nb = begin * a.blocks_per_item; nb < lmin(nblocks, end * a.blocks_per_item); ++nb) gemv_block(a, nb);
+    return;
+  }
   for (int64_t i = begin; i < end; ++i) {
     const int64_t nb0 = i * a.blocks_per_item;
     switch (lmin(a.blocks_per_item, nblocks - nb0)) {

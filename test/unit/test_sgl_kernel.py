@@ -247,7 +247,7 @@ needs_bf16_linear = pytest.mark.skipif(
 
 @needs_bf16_linear
 @pytest.mark.parametrize("m", [0, 1, 3, 8, 13, 32])
-@pytest.mark.parametrize("n,k,bias", [(576, 576, False), (1536, 576, True), (100, 64, True), (48, 1536, False)])
+@pytest.mark.parametrize("n,k,bias", [(576, 576, False), (1536, 576, True), (100, 64, True), (48, 1536, False), (40, 70, True)])
 def test_linear_matches_torch(m, n, k, bias):
     g = torch.Generator().manual_seed(m * n + k)
     x = torch.randn(m, k, generator=g).bfloat16()
