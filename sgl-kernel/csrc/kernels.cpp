@@ -547,108 +547,67 @@ void extend_attention_items_bf16(const AttnArgs& a, const ExtendItem* items, int
 
 #if defined(__AVX512BF16__)
 
-// elements ahead of the weight stream to prefetch: the hardware prefetcher alone left a single
-// row's GEMV well under the memory bandwidth
-constexpr int64_t kLinearPrefetch = 0;
+// Rows [m0, m0 + MR) of output block nb: each pair of bf16 weights loaded feeds MR dot
+// products; U accumulators per row over consecutive k pairs cover the dot products' latency
+// where MR rows alone do not.
+//
+// Blocks are walked one after another, so a thread reads its weights as one contiguous stream:
+// interleaving four blocks' streams, as the first version did, left a single row's GEMV at
+// 29-31 GB/s of the machine's 38-40, and two blocks at a time (half the broadcasts per dot
+// product, faster with the weights in cache) lost more to the stream than it gained from 8 to
+// 32 rows with the weights cold, as a decode step reads them. One or two rows go at the pace of
+// memory and the hardware prefetcher keeps up alone; more rows compute longer per weight, and
+// only a prefetch into L2 8 KB ahead kept the stream from stalling behind them (8 rows of the
+// 3072 x 576 gate_up, cold: 185 -> 95 us).
+constexpr int64_t kLinearPrefetchL2 = 4096;  // elements
 
-// Outputs [nb0 * 16, (nb0 + NB) * 16) for rows [m0, m0 + MR): MR x NB accumulators of 16.
-template <int MR, int NB>
-inline void linear_tile(const LinearArgs& a, int64_t m0, int64_t nb0) {
+template <int MR, int U>
+inline void linear_block_rows(const LinearArgs& a, int64_t m0, int64_t nb) {
   const int64_t k2n = a.k / 2;
-  __m512 acc[MR][NB];
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
   const int32_t* xr[MR];
   for (int m = 0; m < MR; ++m) xr[m] = reinterpret_cast<const int32_t*>(a.x + (m0 + m) * a.x_stride);
-  const bf16* wb = a.packed_w + nb0 * kLinearBlockN * a.k;
-  for (int64_t k2 = 0; k2 < k2n; ++k2) {
-    __m512bh w[NB];
-    for (int j = 0; j < NB; ++j) {
-      const bf16* wp = wb + j * kLinearBlockN * a.k + k2 * 2 * kLinearBlockN;
-      _mm_prefetch(reinterpret_cast<const char*>(wp + kLinearPrefetch), _MM_HINT_T0);
-      w[j] = (__m512bh)_mm512_loadu_si512(wp);
-    }
-    for (int m = 0; m < MR; ++m) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(xr[m][k2]);
-      for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xb, w[j]);
-    }
-  }
-  for (int j = 0; j < NB; ++j) {
-    const int64_t n = (nb0 + j) * kLinearBlockN;
-    const __m512 bias = a.bias ? _mm512_loadu_ps(a.bias + n) : _mm512_setzero_ps();
-    for (int m = 0; m < MR; ++m) {
-      V y{_mm512_add_ps(acc[m][j], bias)};
-      if (a.out_dtype == DType::kBFloat16)
-        y.store(static_cast<bf16*>(a.out) + (m0 + m) * a.out_stride + n);
-      else
-        y.store(static_cast<float*>(a.out) + (m0 + m) * a.out_stride + n);
-    }
-  }
-}
-
-template <int MR, int NB>
-inline void linear_cols(const LinearArgs& a, int64_t nb0) {
-  int64_t m0 = 0;
-  for (; m0 + MR <= a.m; m0 += MR) linear_tile<MR, NB>(a, m0, nb0);
-  switch (a.m - m0) {
-    case 7: linear_tile<7, NB>(a, m0, nb0); break;
-    case 6: linear_tile<6, NB>(a, m0, nb0); break;
-    case 5: linear_tile<5, NB>(a, m0, nb0); break;
-    case 4: linear_tile<4, NB>(a, m0, nb0); break;
-    case 3: linear_tile<3, NB>(a, m0, nb0); break;
-    case 2: linear_tile<2, NB>(a, m0, nb0); break;
-    case 1: linear_tile<1, NB>(a, m0, nb0); break;
-    default: break;
-  }
-}
-
-// One row (a GEMV, bound by the weights' bandwidth): block nb alone, four accumulators over
-// consecutive k pairs to cover the dot products' latency, so that a thread walking its blocks
-// in order reads its weights as one contiguous stream (interleaving several blocks' streams
-// left the prefetchers short of the memory bandwidth).
-inline void gemv_block(const LinearArgs& a, int64_t nb) {
-  const int64_t k2n = a.k / 2;
-  const int32_t* xr = reinterpret_cast<const int32_t*>(a.x);
   const bf16* wb = a.packed_w + nb * kLinearBlockN * a.k;
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  __m512 acc[MR][U];
+  for (int m = 0; m < MR; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+  auto step = [&](int64_t k2, int u) {
+    const bf16* wp = wb + k2 * 2 * kLinearBlockN;
+    if constexpr (MR > 2) _mm_prefetch(reinterpret_cast<const char*>(wp + kLinearPrefetchL2), _MM_HINT_T1);
+    const __m512bh w = (__m512bh)_mm512_loadu_si512(wp);
+    for (int m = 0; m < MR; ++m) acc[m][u] = _mm512_dpbf16_ps(acc[m][u], (__m512bh)_mm512_set1_epi32(xr[m][k2]), w);
+  };
   int64_t k2 = 0;
-  for (; k2 + 4 <= k2n; k2 += 4) {
-    for (int u = 0; u < 4; ++u) {
-      const bf16* wp = wb + (k2 + u) * 2 * kLinearBlockN;
-      _mm_prefetch(reinterpret_cast<const char*>(wp + kLinearPrefetch), _MM_HINT_T0);
-      acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_set1_epi32(xr[k2 + u]), (__m512bh)_mm512_loadu_si512(wp));
-    }
-  }
-  for (; k2 < k2n; ++k2)
-    acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_set1_epi32(xr[k2]),
-                              (__m512bh)_mm512_loadu_si512(wb + k2 * 2 * kLinearBlockN));
+  for (; k2 + U <= k2n; k2 += U)
+    for (int u = 0; u < U; ++u) step(k2 + u, u);
+  for (; k2 < k2n; ++k2) step(k2, 0);
   const int64_t n = nb * kLinearBlockN;
-  __m512 y = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-  if (a.bias) y = _mm512_add_ps(y, _mm512_loadu_ps(a.bias + n));
-  if (a.out_dtype == DType::kBFloat16)
-    V{y}.store(static_cast<bf16*>(a.out) + n);
-  else
-    V{y}.store(static_cast<float*>(a.out) + n);
+  const __m512 bias = a.bias ? _mm512_loadu_ps(a.bias + n) : _mm512_setzero_ps();
+  for (int m = 0; m < MR; ++m) {
+    __m512 y = bias;
+    for (int u = 0; u < U; ++u) y = _mm512_add_ps(y, acc[m][u]);
+    if (a.out_dtype == DType::kBFloat16)
+      V{y}.store(static_cast<bf16*>(a.out) + (m0 + m) * a.out_stride + n);
+    else
+      V{y}.store(static_cast<float*>(a.out) + (m0 + m) * a.out_stride + n);
+  }
 }
 
 // Work item i: output blocks [i * B, (i + 1) * B) of 16 outputs, B = a.blocks_per_item (ops.cpp
-// picks 2 to 4 so that the items split evenly over the threads). One row runs gemv_block block
-// by block; more rows run 4-row tiles of 4 blocks (16 accumulators), and from 16 rows 6-row
-// tiles (24), so each broadcast row value feeds more dot products (measured on the model's
-// layer shapes with cold weights).
+// picks 2 to 4 so that the items split evenly over the threads), block by block, each block's
+// rows in chunks of 8 (the chunks after the first find the block's weights in cache).
 void linear(const LinearArgs& a, int64_t begin, int64_t end) {
-  const int64_t nblocks = a.n / kLinearBlockN;
-  if (a.m == 1) {
-    for (int64_t nb = begin * a.blocks_per_item; nb < lmin(nblocks, end * a.blocks_per_item); ++nb) gemv_block(a, nb);
-    return;
-  }
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t nb0 = i * a.blocks_per_item;
-    switch (lmin(a.blocks_per_item, nblocks - nb0)) {
-      case 4: a.m >= 2 && a.m < 16 ? linear_cols<4, 4>(a, nb0) : linear_cols<6, 4>(a, nb0); break;
-      case 3: linear_cols<6, 3>(a, nb0); break;
-      case 2: linear_cols<8, 2>(a, nb0); break;
-      default: linear_cols<8, 1>(a, nb0); break;
+  for (int64_t nb = begin * a.blocks_per_item; nb < lmin(a.n / kLinearBlockN, end * a.blocks_per_item); ++nb) {
+    int64_t m0 = 0;
+    for (; m0 + 8 <= a.m; m0 += 8) linear_block_rows<8, 2>(a, m0, nb);
+    switch (a.m - m0) {
+      case 7: linear_block_rows<7, 2>(a, m0, nb); break;
+      case 6: linear_block_rows<6, 2>(a, m0, nb); break;
+      case 5: linear_block_rows<5, 2>(a, m0, nb); break;
+      case 4: linear_block_rows<4, 2>(a, m0, nb); break;
+      case 3: linear_block_rows<3, 2>(a, m0, nb); break;
+      case 2: linear_block_rows<2, 4>(a, m0, nb); break;
+      case 1: linear_block_rows<1, 4>(a, m0, nb); break;
+      default: break;
     }
   }
 }
