@@ -45,9 +45,10 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias if self.bias_in_matmul else None)
 
 
-# Rows up to which sgl_kernel.linear beats torch's oneDNN bf16 matmul; past it (prefill) oneDNN's
-# blocking wins. Measured with benchmark/bench_kernels.py (docs/benchmarks.md).
-LINEAR_KERNEL_MAX_ROWS = 32
+# Rows up to which sgl_kernel.linear beats torch's oneDNN bf16 matmul with the weights cold, as a
+# decode step reads them (one pass over the weights); from about 24 rows oneDNN's register tiling
+# wins. Measured with benchmark/bench_kernels.py and whole decode steps (docs/benchmarks.md).
+LINEAR_KERNEL_MAX_ROWS = 20
 
 
 class BF16LinearKernel:
