@@ -46,9 +46,10 @@ class Linear(nn.Module):
 
 
 # Rows up to which sgl_kernel.linear beats torch's oneDNN bf16 matmul with the weights cold, as a
-# decode step reads them (one pass over the weights); from about 24 rows oneDNN's register tiling
-# wins. Measured with benchmark/bench_kernels.py and whole decode steps (docs/benchmarks.md).
-LINEAR_KERNEL_MAX_ROWS = 20
+# decode step reads them (one pass over the weights); from about 128 rows (prefill) oneDNN's
+# register tiling wins. Measured with benchmark/bench_kernels.py and whole decode steps
+# (docs/benchmarks.md).
+LINEAR_KERNEL_MAX_ROWS = 96
 
 
 class BF16LinearKernel:
