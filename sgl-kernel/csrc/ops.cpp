@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <string>
 #include <vector>
 
@@ -96,6 +97,19 @@ template <typename F>
 void parallel(int64_t n, int64_t grain, const F& body) {
   if (n <= 0) return;
   at::parallel_for(0, n, grain, body);
+}
+
+// How many threads `parallel` really runs on: torch's thread count when this library was built
+// with OpenMP, 1 when it was not (at::parallel_for then runs inline, silently).
+int64_t parallel_threads() {
+  std::atomic<int64_t> most{0};
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+    const int64_t t = at::get_thread_num() + 1;
+    int64_t seen = most.load();
+    while (t > seen && !most.compare_exchange_weak(seen, t)) {
+    }
+  });
+  return most.load();
 }
 
 void rmsnorm_impl(at::Tensor& out, const at::Tensor& x, const c10::optional<at::Tensor>& residual,
@@ -375,6 +389,7 @@ TORCH_LIBRARY(sgl_kernel, m) {
   m.def("supported_isas() -> str[]", supported_isas);
   m.def("set_isa(str name) -> ()", set_isa);
   m.def("has_bf16_linear() -> bool", has_bf16_linear);
+  m.def("parallel_threads() -> int", parallel_threads);
   m.def("attention_head_dims() -> int[]", [] { return std::vector<int64_t>(std::begin(kAttnHeadDims), std::end(kAttnHeadDims)); });
   m.def("rmsnorm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()", rmsnorm);
   m.def("fused_add_rmsnorm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()", fused_add_rmsnorm);

@@ -39,6 +39,17 @@ def test_the_best_isa_is_active_and_every_path_is_listed():
         sgl_kernel.set_isa("sse9")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_ops_run_on_torchs_threads(threads):
+    # a build without OpenMP runs at::parallel_for inline: every op on one thread, silently
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert sgl_kernel.parallel_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- elementwise ops
 
 

@@ -38,6 +38,11 @@ def set_isa(name: str) -> None:
     ops.set_isa(name)
 
 
+def parallel_threads() -> int:
+    """How many threads the ops run on: torch's thread count (1 if the build lacked OpenMP)."""
+    return int(ops.parallel_threads())
+
+
 def has_bf16_linear() -> bool:
     """Whether `linear` runs here (it needs the CPU's bf16 dot products)."""
     return bool(ops.has_bf16_linear())

@@ -30,7 +30,7 @@ import torch
 from sglang.srt.configs.model_config import ModelConfig, cpu_supports_bf16
 from sglang.srt.layers.attention.base import AttentionShape
 from sglang.srt.layers.attention.registry import create_attention_backend
-from sglang.srt.layers.cpu_kernels import cpu_kernels_isa, use_cpu_kernels
+from sglang.srt.layers.cpu_kernels import cpu_kernels_isa, sgl_kernel_ops, use_cpu_kernels
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.tensor_parallel import TpGroup, shard_model
@@ -89,7 +89,10 @@ class ModelRunner:
             # the layers' native kernels come with the backend; the bf16 linear prepacks its
             # weights here, before the memory plan counts them
             num_layers = use_cpu_kernels(self.model)
-            logger.info("sgl_kernel: %s kernels in attention and %d layers", cpu_kernels_isa(), num_layers)
+            logger.info(
+                "sgl_kernel: %s kernels on %d threads in attention and %d layers",
+                cpu_kernels_isa(), sgl_kernel_ops().parallel_threads(), num_layers,
+            )
         self.memory_share = memory_share
         self.available_memory = available_memory
         self.page_size = page_size
