@@ -46,6 +46,14 @@ struct RopeArgs {
 };
 
 // out[t, i] = silu(x[t, i]) * x[t, width + i]
+// out[r] = the index of row r's largest value (torch.argmax's: the first of equal maxima, or the
+// first NaN of a row holding one); x float32 [rows, n].
+struct ArgmaxArgs {
+  const float* x;
+  int64_t x_stride, n;
+  int64_t* out;
+};
+
 struct SiluAndMulArgs {
   void* out;
   int64_t out_stride;
@@ -121,6 +129,7 @@ struct KernelTable {
   void (*rmsnorm)(const RMSNormArgs&, int64_t begin, int64_t end);  // rows
   void (*rope)(const RopeArgs&, int64_t begin, int64_t end);  // tokens
   void (*silu_and_mul)(const SiluAndMulArgs&, int64_t begin, int64_t end);  // rows
+  void (*argmax)(const ArgmaxArgs&, int64_t begin, int64_t end);  // rows
   void (*store_kv)(const StoreKVArgs&, int64_t begin, int64_t end);  // tokens
   void (*decode_attention)(const AttnArgs&, int64_t begin, int64_t end);  // (b, kv head, split)
   void (*decode_merge)(const AttnArgs&, int64_t begin, int64_t end);  // (b, head)

@@ -193,6 +193,17 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& x) {
   parallel(x.size(0), std::max<int64_t>(1, 16384 / a.width), [&](int64_t b, int64_t e) { k.silu_and_mul(a, b, e); });
 }
 
+at::Tensor argmax(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.device().is_cpu() &&
+                  logits.stride(1) == 1 && logits.size(1) > 0,
+              "sgl_kernel.argmax: logits are float32 [rows, n > 0] on the CPU, rows contiguous");
+  at::Tensor out = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  ArgmaxArgs a{logits.data_ptr<float>(), logits.stride(0), logits.size(1), out.data_ptr<int64_t>()};
+  const auto& k = active();
+  parallel(logits.size(0), std::max<int64_t>(1, 16384 / a.n), [&](int64_t b, int64_t e) { k.argmax(a, b, e); });
+  return out;
+}
+
 void store_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& loc, const at::Tensor& k, const at::Tensor& v) {
   check_index(loc, "loc");
   TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes(),
@@ -395,6 +406,7 @@ TORCH_LIBRARY(sgl_kernel, m) {
   m.def("fused_add_rmsnorm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()", fused_add_rmsnorm);
   m.def("rotary_embedding(Tensor positions, Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()", rotary_embedding);
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()", silu_and_mul);
+  m.def("argmax(Tensor logits) -> Tensor", argmax);
   m.def("store_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor loc, Tensor k, Tensor v) -> ()", store_kv);
   m.def("decode_attention(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor req_to_token, "
         "Tensor req_pool_indices, Tensor seq_lens, float scale) -> ()",

@@ -121,6 +121,31 @@ def test_silu_and_mul(isa, dtype, rows, width):
     torch.testing.assert_close(out, F.silu(gate) * up, **_tol(dtype))
 
 
+@pytest.mark.parametrize("n", [1, 7, 255, 256, 257, 1000, 49152])
+def test_argmax_matches_torch(isa, n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(9, n, generator=g)
+    x[1] = 0.5  # all equal: the first
+    x[2] = float("-inf")
+    x[3, n // 2] = float("nan")
+    x[4, n - 1] = float("inf")
+    x[5, n // 3] = x[5, n - 1] = 10.0  # equal maxima in different blocks: the first
+    x[6, -1] = float("nan")
+    x[6, 0] = float("inf")
+    x[7, n // 2] = float("-inf")
+    out = ops.argmax(x[:, :n])
+    assert out.dtype == torch.int64
+    assert out.tolist() == torch.argmax(x, dim=-1).tolist()
+    assert ops.argmax(x[8:8, :]).shape == (0,)
+
+
+def test_argmax_takes_row_strides():
+    x = torch.randn(4, 300)[:, :200]  # rows with a stride of 300
+    assert ops.argmax(x).tolist() == torch.argmax(x, dim=-1).tolist()
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.argmax(x.bfloat16())
+
+
 @pytest.mark.parametrize("src,cache", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
 def test_store_kv(isa, src, cache):
     g = torch.Generator().manual_seed(0)
