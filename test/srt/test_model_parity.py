@@ -112,3 +112,72 @@ def test_cpu_kernels_match_torch_native_in_bfloat16(make_tiny_model):
         top2 = ref.topk(2, dim=-1).values
         decisive = (top2[:, 0] - top2[:, 1]) > 0.03 * scale
         assert torch.equal(ours.argmax(-1)[decisive], ref.argmax(-1)[decisive])
+
+
+def _has_bf16_linear() -> bool:
+    from sglang.srt.layers.cpu_kernels import sgl_kernel_ops
+
+    ops = sgl_kernel_ops()
+    return ops is not None and ops.has_bf16_linear()
+
+
+@pytest.mark.skipif(not _has_bf16_linear(), reason="the fused decode layer runs on sgl_kernel.linear (AVX512-BF16)")
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [
+        pytest.param("llama", {}, id="llama-gqa"),
+        pytest.param("qwen2", {}, id="qwen2-qkv-bias"),
+        pytest.param("qwen3", {"head_dim": 64}, id="qwen3-qk-norm-not-fused"),
+    ],
+)
+def test_fused_decode_layer_gives_the_layer_by_layer_bits(make_tiny_model, arch, overrides):
+    """sgl_kernel.decode_layer runs a decoder layer's ops in the Python layers' order: the same
+    logits and KV cache, bit for bit, over several decode steps of a batch (bf16)."""
+    path = make_tiny_model(arch, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                           num_key_value_heads=2, **overrides)
+    cfg = ModelConfig.from_path(str(path), dtype="bfloat16")
+    runner = ModelRunner(cfg, "cpu", "cpu", 0.5, max_total_tokens=2048, max_running_requests=8)
+    layers = list(runner.model.model.layers)
+    fused = [layer.fused_decode for layer in layers]
+    if arch == "qwen3":  # q/k norms between the ops: the layer-by-layer path only
+        assert fused == [None] * len(layers)
+        return
+    assert all(f is not None for f in fused)
+
+    g = torch.Generator().manual_seed(0)
+    lens = [5, 17, 9]
+    rows = [runner.req_to_token_pool.alloc() for _ in lens]
+    for row, n in zip(rows, lens):  # prefill
+        slots = runner.allocator.alloc(n)
+        runner.req_to_token_pool.write(row, 0, slots)
+        runner.forward(ForwardBatch(
+            forward_mode=ForwardMode.EXTEND, input_ids=torch.randint(0, cfg.vocab_size, (n,), generator=g),
+            positions=torch.arange(n), out_cache_loc=slots, req_pool_indices=torch.tensor([row]),
+            seq_lens=torch.tensor([n]), seq_lens_cpu=[n], prefix_lens=[0], extend_lens=[n],
+            sample_indices=torch.tensor([n - 1]),
+        ))
+    k_cache, v_cache = runner.kv_pool.get_kv_buffer(len(layers) - 1)
+    for _ in range(3):
+        slots = runner.allocator.alloc(len(lens))
+        for row, n, slot in zip(rows, lens, slots.tolist()):
+            runner.req_to_token_pool.write(row, n, torch.tensor([slot]))
+        new_lens = [n + 1 for n in lens]
+        ids = torch.randint(0, cfg.vocab_size, (len(lens),), generator=g)
+
+        def decode() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            batch = ForwardBatch(
+                forward_mode=ForwardMode.DECODE, input_ids=ids, positions=torch.tensor(lens),
+                out_cache_loc=slots, req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor(new_lens),
+                seq_lens_cpu=new_lens, prefix_lens=lens, extend_lens=[1] * len(lens),
+                sample_indices=torch.arange(len(lens)),
+            )
+            logits = runner.forward(batch).next_token_logits.clone()
+            return logits, k_cache[slots].clone(), v_cache[slots].clone()
+
+        for layer in layers:
+            layer.fused_decode = None
+        by_layer = decode()
+        for layer, f in zip(layers, fused):
+            layer.fused_decode = f
+        assert all(torch.equal(a, b) for a, b in zip(decode(), by_layer))
+        lens = new_lens

@@ -42,7 +42,10 @@ def use_cpu_kernels(model: nn.Module) -> int:
     if ops is None:
         return 0
     switched = 0
-    for name, module in model.named_modules():
+    # leaves first, then modules made of others: a decoder layer's fused decode form needs its
+    # sublayers (the shared rotary embedding too) switched before it looks at them
+    modules = sorted(model.named_modules(), key=lambda item: next(item[1].children(), None) is not None)
+    for name, module in modules:
         if name.rpartition(".")[2] == "lm_head":
             continue  # only its weight is used, by the logits processor, which packs its own
         hook = getattr(module, "use_cpu_kernels", None)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sglang.srt.layers.activation import SiluAndMul
+from sglang.srt.layers.cpu_decode_layer import CpuDecodeLayer
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import Linear, MergedLinear
 from sglang.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
@@ -81,10 +82,18 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.fused_decode: CpuDecodeLayer | None = None
+
+    def use_cpu_kernels(self, ops: Any) -> bool:
+        # after its sublayers switched (use_cpu_kernels visits leaves first)
+        self.fused_decode = CpuDecodeLayer.of(ops, self)
+        return self.fused_decode is not None
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, forward_batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_decode is not None and self.fused_decode.takes(hidden, forward_batch):
+            return self.fused_decode(positions, hidden, residual, forward_batch)
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
