@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sglang.srt.layers import sampler as sampler_module
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.sampler import (
     Sampler,
     SamplerOutput,
@@ -457,3 +458,54 @@ def test_no_logprobs_unless_asked() -> None:
     out = Sampler()(random_logits(2), make_info([SamplingParams()] * 2))
     assert out.next_token_logprobs is None and out.top_logprobs is None
     assert out.next_token_ids.dtype == torch.int64 and out.next_token_ids.shape == (2,)
+
+
+# --- device placement -------------------------------------------------------------------------
+
+# A mix that builds every table: sampled (temperature, top-k/p, min-p, seeds), penalised,
+# biased, and banned (min_new_tokens) rows, with logprobs.
+_DEVICE_CASES = {
+    "greedy": dict(temperature=0),
+    "sampled": dict(temperature=0.8, min_p=0.05),
+    "top-k-p": dict(temperature=0.8, top_k=5, top_p=0.5),
+    "penalised": dict(temperature=0, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3),
+    "biased": dict(temperature=0.7, logit_bias={"3": 5.0}),
+    "banned": dict(temperature=0, min_new_tokens=4),
+}
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if hasattr(obj, "__dataclass_fields__"):
+        return [t for name in obj.__dataclass_fields__ for t in _tensors(getattr(obj, name))]
+    return []
+
+
+@pytest.mark.parametrize("case", list(_DEVICE_CASES))
+def test_sampling_tables_follow_the_logits_device(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU every table must sit beside the logits (they were built on the CPU, which would
+    raise at the first op). The meta device checks devices op by op on this CPU-only build: with
+    the logits on meta, the sampler may stop only where it reads values back (a real GPU syncs
+    there), never at a device mismatch."""
+    from sglang.srt.managers.output_processor import OutputProcessor
+    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch, ScheduledReq
+
+    params = SamplingParams(max_new_tokens=8, **_DEVICE_CASES[case])
+    params.normalize()
+    reqs = [Req(f"r{i}", [4, 5, 6][: i + 1], params, seed=i, return_logprob=True, top_logprobs_num=2) for i in range(3)]
+    reqs[1].output_ids = [1, 2]
+    built: list[SamplingBatchInfo] = []
+    original_build = SamplingBatchInfo.build
+    monkeypatch.setattr(SamplingBatchInfo, "build", lambda *a, **kw: built.append(original_build(*a, **kw)) or built[-1])
+    processor = OutputProcessor(None, {7}, VOCAB)
+    logits = LogitsProcessorOutput(next_token_logits=torch.randn(3, VOCAB, device="meta"))
+    try:
+        out = processor.sample(ScheduleBatch([ScheduledReq(r, 1, True) for r in reqs]), logits)
+        assert out.next_token_ids.device.type == "meta"
+    except (RuntimeError, NotImplementedError) as exc:
+        assert "is not on the expected device" not in str(exc)
+        assert "meta tensor" in str(exc) or "meta tensors" in str(exc), exc  # a value read back
+    (info,) = built
+    tensors = _tensors(info)
+    assert tensors and all(t.device.type == "meta" for t in tensors)

@@ -36,6 +36,7 @@ class OutputProcessor:
             input_ids=[r.origin_input_ids for r in reqs],
             banned_token_ids=[self._banned(r) for r in reqs],
             vocab_size=self.vocab_size,
+            device=logits.next_token_logits.device,  # every table beside the logits it works on
         )
         return_logprob = any(r.return_logprob for r in reqs)
         top_nums = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs] if return_logprob else None

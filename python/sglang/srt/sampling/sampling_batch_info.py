@@ -182,7 +182,8 @@ def _flatten_rows(
     flat = array.array("q", list(itertools.chain.from_iterable(token_lists)))
     token_ids = torch.frombuffer(flat, dtype=torch.int64) if flat else _index_tensor([], "cpu")
     lengths = _index_tensor([len(tokens) for tokens in token_lists], device)
-    row_ids = torch.repeat_interleave(_index_tensor(rows, device), lengths)
+    # the total is known here: without it a device tensor's repeat waits on the device for it
+    row_ids = torch.repeat_interleave(_index_tensor(rows, device), lengths, output_size=len(flat))
     return row_ids, token_ids.to(device)
 
 
