@@ -85,3 +85,12 @@ def test_merge_loads_sums_counters_and_keeps_ranks():
     merged = merge_loads([load(1, 30, capacity=500), load(0, 10, capacity=400)], [3, 4])
     assert merged.max_total_num_tokens == 900 and merged.kv_tokens_used == 40
     assert [r.tknp_rank for r in merged.ranks] == [0, 1] and merged.placements == [3, 4]
+
+
+def test_merge_loads_reports_the_longest_ranks_times():
+    # lockstep ranks: their forwards overlap, so the group took the slowest rank's time
+    root, other = load(0, 10), load(1, 30)
+    root.forward_seconds, root.tknp_comm_seconds = 4.5, 0.75
+    other.forward_seconds = 2.0
+    merged = merge_loads([root, other], [1, 1])
+    assert merged.forward_seconds == 4.5 and merged.tknp_comm_seconds == 0.75

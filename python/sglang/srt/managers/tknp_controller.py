@@ -150,14 +150,19 @@ class PlacementPolicy:
 
 
 def merge_loads(loads: list[GetLoadReqOutput], placements: list[int]) -> GetLoadReqOutput:
-    """The group's load: sums of the per-rank counters, with the per-rank entries kept."""
+    """The group's load, with the per-rank entries kept: counters (ints) summed over the ranks,
+    times (floats) the longest rank's, since the ranks step in lockstep and their forwards
+    overlap (a sum would count each step once per rank)."""
     loads = sorted(loads, key=lambda x: x.tknp_rank)
-    summed = {
-        f.name: sum(getattr(x, f.name) for x in loads)
-        for f in dataclasses.fields(GetLoadReqOutput)
-        if f.type in ("int", int) and f.name != "tknp_rank"
-    }
-    return GetLoadReqOutput(**summed, tknp_rank=0, ranks=loads, placements=list(placements))
+    merged: dict[str, Any] = {}
+    for f in dataclasses.fields(GetLoadReqOutput):
+        if f.name == "tknp_rank":
+            continue
+        if f.type in ("int", int):
+            merged[f.name] = sum(getattr(x, f.name) for x in loads)
+        elif f.type in ("float", float):
+            merged[f.name] = max((getattr(x, f.name) for x in loads), default=0.0)
+    return GetLoadReqOutput(**merged, tknp_rank=0, ranks=loads, placements=list(placements))
 
 
 def run_tknp_controller_process(args: Any, ipc: dict[str, str], ready_pipe: Any, capacities: list[int]) -> None:
