@@ -14,7 +14,7 @@ KERNEL_LIB := sgl-kernel/python/sgl_kernel/libsgl_kernel_ops.so
 KERNEL_SRC := sgl-kernel/CMakeLists.txt $(wildcard sgl-kernel/csrc/*)
 KERNEL_STAMP := $(VENV)/.installed-sgl-kernel
 
-.PHONY: install install-test kernel serve test clean
+.PHONY: install install-test kernel serve lint test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,12 @@ install-test: $(TEST_STAMP) $(KERNEL_STAMP)
 serve: $(STAMP) $(KERNEL_STAMP)
 	$(PY) -m sglang.launch_server $(ARGS)
 
-test: $(TEST_STAMP) $(KERNEL_STAMP)
+# lint and format first (ruff, configured in python/pyproject.toml), then every test
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check --config python/pyproject.toml .
+	$(VENV)/bin/ruff format --check --config python/pyproject.toml .
+
+test: lint $(TEST_STAMP) $(KERNEL_STAMP)
 	$(PY) -m pytest test $(PYTEST_ARGS)
 
 clean:

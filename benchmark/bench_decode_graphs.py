@@ -27,7 +27,9 @@ import traceback
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M")
-    parser.add_argument("--shape", default=None, help="random weights in a shape of bench_tknp.py instead (no download)")
+    parser.add_argument(
+        "--shape", default=None, help="random weights in a shape of bench_tknp.py instead (no download)"
+    )
     parser.add_argument("--batch-sizes", default="1,32,128")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
@@ -36,7 +38,10 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("bench_decode_graphs: no CUDA device (torch.cuda.is_available() is False); nothing to measure", file=sys.stderr)
+        print(
+            "bench_decode_graphs: no CUDA device (torch.cuda.is_available() is False); nothing to measure",
+            file=sys.stderr,
+        )
         return 2
     from sglang.bench_one_batch import BenchArgs, build_runner, run_once
     from sglang.srt.configs.model_config import ModelConfig
@@ -53,12 +58,21 @@ def main() -> int:
     results, ok = [], True
     for graphs in (False, True):
         server_args = ServerArgs(
-            model_path=args.model_path, dtype="bfloat16", device="cuda", max_total_tokens=tokens,
-            max_running_requests=max(batch_sizes), cuda_graph_max_bs=max(batch_sizes), disable_cuda_graph=not graphs,
+            model_path=args.model_path,
+            dtype="bfloat16",
+            device="cuda",
+            max_total_tokens=tokens,
+            max_running_requests=max(batch_sizes),
+            cuda_graph_max_bs=max(batch_sizes),
+            disable_cuda_graph=not graphs,
         ).resolve()
         try:
-            cfg = ModelConfig.from_path(resolve_model_path(server_args.model_path), server_args.dtype,
-                                        server_args.context_length, server_args.device)
+            cfg = ModelConfig.from_path(
+                resolve_model_path(server_args.model_path),
+                server_args.dtype,
+                server_args.context_length,
+                server_args.device,
+            )
             runner = build_runner(cfg, server_args)
             assert (runner.cuda_graph_runner is not None) == graphs, "graphs were not set up as asked"
             for bs in batch_sizes:
@@ -66,8 +80,11 @@ def main() -> int:
                 run_once(runner, BenchArgs(bs, args.input_len, 4))  # warmup
                 r = run_once(runner, bench)
                 results.append({"cuda_graph": graphs, "batch_size": bs, **r})
-                print(f"graphs={'on ' if graphs else 'off'} batch={bs:4d}: "
-                      f"{r['decode_median_latency_s'] * 1e3:7.2f} ms/step, {r['decode_tok_s']:9.1f} decode tok/s", flush=True)
+                print(
+                    f"graphs={'on ' if graphs else 'off'} batch={bs:4d}: "
+                    f"{r['decode_median_latency_s'] * 1e3:7.2f} ms/step, {r['decode_tok_s']:9.1f} decode tok/s",
+                    flush=True,
+                )
         except Exception:
             traceback.print_exc()
             ok = False

@@ -15,10 +15,9 @@ import argparse
 import statistics
 import time
 
+import sgl_kernel
 import torch
 import torch.nn.functional as F
-
-import sgl_kernel
 
 ops = sgl_kernel.ops
 
@@ -59,7 +58,9 @@ def bench_linear(shape: tuple, batch_sizes: list[int], repeats: int) -> None:
             t_torch = timed(lambda: F.linear(x, w), repeats)
             t_kernel = timed(lambda: ops.linear(x, packed, None, n, False), repeats)
             gbps = w.numel() * 2 / t_kernel / 1e6
-            print(f"{name:>8} {f'{n}x{k}':>13} {m:>5} {t_torch:8.3f} {t_kernel:8.3f} {t_torch / t_kernel:7.2f}x {gbps:11.1f}")
+            print(
+                f"{name:>8} {f'{n}x{k}':>13} {m:>5} {t_torch:8.3f} {t_kernel:8.3f} {t_torch / t_kernel:7.2f}x {gbps:11.1f}"
+            )
 
 
 def bench_decode_attention(shape: tuple, batch_sizes: list[int], context: int, repeats: int) -> None:
@@ -86,7 +87,9 @@ def bench_decode_attention(shape: tuple, batch_sizes: list[int], context: int, r
             return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True)
 
         t_torch = timed(sdpa, repeats)
-        t_kernel = timed(lambda: ops.decode_attention(out, q, k_cache, v_cache, r2t, rows, seq_lens, head_dim**-0.5), repeats)
+        t_kernel = timed(
+            lambda: ops.decode_attention(out, q, k_cache, v_cache, r2t, rows, seq_lens, head_dim**-0.5), repeats
+        )
         print(f"{b:>5} {t_torch:10.3f} {t_kernel:8.3f} {t_torch / t_kernel:7.2f}x")
 
 

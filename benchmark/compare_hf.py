@@ -15,7 +15,6 @@ import time
 
 import torch
 import transformers
-
 from sglang.bench_offline_throughput import random_prompts, run
 from sglang.srt.entrypoints.engine import Engine
 from sglang.srt.model_loader import resolve_model_path
@@ -53,7 +52,9 @@ def main() -> None:
     model_path = resolve_model_path(args.model_path)
     engine = Engine(model_path=model_path, dtype=args.dtype, log_level="warning")
     hf = load_hf(model_path, _DTYPES[args.dtype])
-    print(f"model={model_path} dtype={args.dtype} input={args.input_len} output={args.output_len} threads={torch.get_num_threads()}")
+    print(
+        f"model={model_path} dtype={args.dtype} input={args.input_len} output={args.output_len} threads={torch.get_num_threads()}"
+    )
     print(f"{'batch':>5} {'transformers tok/s':>19} {'sglang tok/s':>13} {'ratio':>6}")
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         prompts = random_prompts(bs, args.input_len, engine.model_config.vocab_size, seed=bs)

@@ -81,26 +81,36 @@ def model_path_for(model: str, tmp_dir: str) -> Optional[str]:
     return make_model(model, os.path.join(tmp_dir, model), initializer_range=0.1)
 
 
-def run_config(model_path: Optional[str], config: str, page_size: int, args: argparse.Namespace,
-               prompts: dict[str, Any]) -> list[list[dict]]:
+def run_config(
+    model_path: Optional[str], config: str, page_size: int, args: argparse.Namespace, prompts: dict[str, Any]
+) -> list[list[dict]]:
     """The results of both passes, one dict per prompt."""
-    import torch
-
     import sglang
+    import torch
 
     backend, graphs = CONFIGS[config]
     engine = sglang.Engine(
-        model_path=model_path, device="cuda", dtype="bfloat16", attention_backend=backend,
-        disable_cuda_graph=not graphs, cuda_graph_max_bs=args.cuda_graph_max_bs, page_size=page_size, max_total_tokens=args.max_total_tokens, chunked_prefill_size=args.chunk,
+        model_path=model_path,
+        device="cuda",
+        dtype="bfloat16",
+        attention_backend=backend,
+        disable_cuda_graph=not graphs,
+        cuda_graph_max_bs=args.cuda_graph_max_bs,
+        page_size=page_size,
+        max_total_tokens=args.max_total_tokens,
+        chunked_prefill_size=args.chunk,
         context_length=args.context_length,
-        random_seed=0, log_level="warning",
+        random_seed=0,
+        log_level="warning",
     )
     try:
         sampling = {"temperature": 0, "max_new_tokens": args.steps, "ignore_eos": True}
         # Prompt logprobs from token 0 keep a request off the prefix cache, so only the cold
         # pass asks for them; the cached pass has output logprobs only.
-        return [engine.generate(**prompts, sampling_params=sampling, return_logprob=True, logprob_start_len=start)
-                for start in (0, None)]
+        return [
+            engine.generate(**prompts, sampling_params=sampling, return_logprob=True, logprob_start_len=start)
+            for start in (0, None)
+        ]
     finally:
         engine.shutdown()
         del engine
@@ -128,20 +138,35 @@ def compare(ref: list[dict], new: list[dict]) -> dict[str, Any]:
             same += 1
         if same < max(len(r["output_ids"]), len(n["output_ids"])):
             first_divergence = same if first_divergence is None else min(first_divergence, same)
-        prefill_diff = _max(prefill_diff, _max_diff(r["meta_info"].get("input_token_logprobs", []),
-                                                    n["meta_info"].get("input_token_logprobs", [])))
+        prefill_diff = _max(
+            prefill_diff,
+            _max_diff(r["meta_info"].get("input_token_logprobs", []), n["meta_info"].get("input_token_logprobs", [])),
+        )
         # up to and including the first differing step: both logprobs there are for the same context
-        output_diff = _max(output_diff, _max_diff(r["meta_info"]["output_token_logprobs"][: same + 1],
-                                                  n["meta_info"]["output_token_logprobs"][: same + 1]))
-    return {"tokens_identical": first_divergence is None, "first_divergence": first_divergence,
-            "max_prefill_logprob_diff": prefill_diff, "max_output_logprob_diff": output_diff}
+        output_diff = _max(
+            output_diff,
+            _max_diff(
+                r["meta_info"]["output_token_logprobs"][: same + 1], n["meta_info"]["output_token_logprobs"][: same + 1]
+            ),
+        )
+    return {
+        "tokens_identical": first_divergence is None,
+        "first_divergence": first_divergence,
+        "max_prefill_logprob_diff": prefill_diff,
+        "max_output_logprob_diff": output_diff,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="default,llama-3.2-1b",
-                        help="comma list of: default, or a shape of bench_tknp.py (random weights)")
-    parser.add_argument("--cuda-graph-max-bs", type=int, default=8, help="the graphs' largest batch (4 prompts decode together)")
+    parser.add_argument(
+        "--models",
+        default="default,llama-3.2-1b",
+        help="comma list of: default, or a shape of bench_tknp.py (random weights)",
+    )
+    parser.add_argument(
+        "--cuda-graph-max-bs", type=int, default=8, help="the graphs' largest batch (4 prompts decode together)"
+    )
     parser.add_argument("--page-sizes", default="1,16")
     parser.add_argument("--steps", type=int, default=64, help="greedy decode steps per prompt")
     parser.add_argument("--chunk", type=int, default=128, help="--chunked-prefill-size")
@@ -169,8 +194,10 @@ def main() -> int:
                 row: dict[str, Any] = {"model": model, "page_size": page_size}
                 try:
                     runs = {c: run_config(model_path, c, page_size, args, prompts) for c in CONFIGS}
-                    row["passes"] = {f"{new} vs {ref}": [compare(r, n) for r, n in zip(runs[ref], runs[new])]
-                                     for new, ref in COMPARISONS}
+                    row["passes"] = {
+                        f"{new} vs {ref}": [compare(r, n) for r, n in zip(runs[ref], runs[new])]
+                        for new, ref in COMPARISONS
+                    }
                 except Exception as exc:  # report every configuration, even after one fails
                     traceback.print_exc()
                     row["error"] = f"{type(exc).__name__}: {exc}"
@@ -184,7 +211,9 @@ def main() -> int:
 
     ok = all("error" not in r and all(within_tol(n, p) for n, ps in r["passes"].items() for p in ps) for r in results)
     fmt = lambda x, width: f"{'-' if x is None else f'{x:.4f}':>{width}}"
-    print(f"\n{'model':<14} {'page':>4} {'comparison':<26} {'pass':>6} {'tokens':>12} {'prefill dlp':>12} {'output dlp':>11}")
+    print(
+        f"\n{'model':<14} {'page':>4} {'comparison':<26} {'pass':>6} {'tokens':>12} {'prefill dlp':>12} {'output dlp':>11}"
+    )
     for r in results:
         if "error" in r:
             print(f"{r['model']:<14} {r['page_size']:>4}  error: {r['error'].splitlines()[0]}")
@@ -192,8 +221,10 @@ def main() -> int:
         for name, passes in r["passes"].items():
             for i, p in enumerate(passes):
                 tokens = "identical" if p["tokens_identical"] else f"diff @ {p['first_divergence']}"
-                print(f"{r['model']:<14} {r['page_size']:>4} {name:<26} {('cold', 'cached')[i]:>6} {tokens:>12} "
-                      f"{fmt(p['max_prefill_logprob_diff'], 12)} {fmt(p['max_output_logprob_diff'], 11)}")
+                print(
+                    f"{r['model']:<14} {r['page_size']:>4} {name:<26} {('cold', 'cached')[i]:>6} {tokens:>12} "
+                    f"{fmt(p['max_prefill_logprob_diff'], 12)} {fmt(p['max_output_logprob_diff'], 11)}"
+                )
     print("PASS" if ok else f"FAIL (an error, or a logprob difference above --tol {args.tol})")
     if args.out:
         with open(args.out, "w") as f:

@@ -125,7 +125,9 @@ class ServerProcess:
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "sglang.launch_server", "--port", str(self.port), "--log-level", "warning", *args]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -156,7 +158,9 @@ class ServerProcess:
 @pytest.fixture(scope="module")
 def tiny_server(make_tiny_model):
     """A server on a tiny random Llama (float32), shared by a test module."""
-    server = ServerProcess(["--model-path", str(make_tiny_model("llama", seed=3)), "--dtype", "float32", "--max-total-tokens", "4096"])
+    server = ServerProcess(
+        ["--model-path", str(make_tiny_model("llama", seed=3)), "--dtype", "float32", "--max-total-tokens", "4096"]
+    )
     yield server
     server.stop()
 

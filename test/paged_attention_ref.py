@@ -59,15 +59,35 @@ class _Wrapper:
         self.num_runs = 0
         self._plan: Optional[dict] = None
 
-    def _set_plan(self, qo_indptr, kv_indptr, kv_indices, kv_last_page_len, num_qo_heads, num_kv_heads,
-                  head_dim, page_size, causal, sm_scale, q_data_type, kv_data_type) -> None:
+    def _set_plan(
+        self,
+        qo_indptr,
+        kv_indptr,
+        kv_indices,
+        kv_last_page_len,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        causal,
+        sm_scale,
+        q_data_type,
+        kv_data_type,
+    ) -> None:
         for t in (qo_indptr, kv_indptr, kv_indices, kv_last_page_len):
             assert t.dtype == torch.int32, t.dtype
         assert num_qo_heads % num_kv_heads == 0
         assert bool((kv_last_page_len >= 1).all() and (kv_last_page_len <= page_size).all())
-        self._plan = dict(qo_indptr=qo_indptr, kv_indptr=kv_indptr, kv_indices=kv_indices,
-                          kv_last_page_len=kv_last_page_len, causal=causal, sm_scale=sm_scale,
-                          shape=(num_qo_heads, num_kv_heads, head_dim, page_size), dtypes=(q_data_type, kv_data_type))
+        self._plan = dict(
+            qo_indptr=qo_indptr,
+            kv_indptr=kv_indptr,
+            kv_indices=kv_indices,
+            kv_last_page_len=kv_last_page_len,
+            causal=causal,
+            sm_scale=sm_scale,
+            shape=(num_qo_heads, num_kv_heads, head_dim, page_size),
+            dtypes=(q_data_type, kv_data_type),
+        )
         self.num_plans += 1
 
     def run(self, q: torch.Tensor, paged_kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -80,8 +100,17 @@ class _Wrapper:
         assert (q.dtype, k_pages.dtype) == p["dtypes"]
         assert q.shape[0] == int(p["qo_indptr"][-1])
         self.num_runs += 1
-        out = paged_attention(q, k_pages, v_pages, p["qo_indptr"], p["kv_indptr"], p["kv_indices"],
-                              p["kv_last_page_len"], p["sm_scale"], p["causal"])
+        out = paged_attention(
+            q,
+            k_pages,
+            v_pages,
+            p["qo_indptr"],
+            p["kv_indptr"],
+            p["kv_indices"],
+            p["kv_last_page_len"],
+            p["sm_scale"],
+            p["causal"],
+        )
         return out.to(q.dtype)
 
 
@@ -90,18 +119,36 @@ class _Decode(_Wrapper):
     plan() copies the page tables into them, and run() reads them from there (as a captured
     kernel would), so a buffer too small or a stale table shows up here."""
 
-    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
-                 use_tensor_cores: bool = False, paged_kv_indptr_buffer: Optional[torch.Tensor] = None,
-                 paged_kv_indices_buffer: Optional[torch.Tensor] = None,
-                 paged_kv_last_page_len_buffer: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        float_workspace_buffer: torch.Tensor,
+        kv_layout: str = "NHD",
+        use_cuda_graph: bool = False,
+        use_tensor_cores: bool = False,
+        paged_kv_indptr_buffer: Optional[torch.Tensor] = None,
+        paged_kv_indices_buffer: Optional[torch.Tensor] = None,
+        paged_kv_last_page_len_buffer: Optional[torch.Tensor] = None,
+    ):
         super().__init__(float_workspace_buffer, kv_layout, use_tensor_cores)
         self.graph_buffers = None
         if use_cuda_graph:
             self.graph_buffers = (paged_kv_indptr_buffer, paged_kv_indices_buffer, paged_kv_last_page_len_buffer)
             assert paged_kv_indptr_buffer.numel() == paged_kv_last_page_len_buffer.numel() + 1
 
-    def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, *,
-             sm_scale: float, q_data_type: torch.dtype, kv_data_type: torch.dtype) -> None:
+    def plan(
+        self,
+        indptr,
+        indices,
+        last_page_len,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        *,
+        sm_scale: float,
+        q_data_type: torch.dtype,
+        kv_data_type: torch.dtype,
+    ) -> None:
         if self.graph_buffers is not None:
             indptr_buf, indices_buf, last_buf = self.graph_buffers
             assert last_page_len.numel() == last_buf.numel(), "the batch size of a CUDA-graph wrapper is fixed"
@@ -111,16 +158,53 @@ class _Decode(_Wrapper):
             last_buf.copy_(last_page_len)
             indptr, indices, last_page_len = indptr_buf, indices_buf, last_buf
         qo_indptr = torch.arange(last_page_len.numel() + 1, dtype=torch.int32)  # one query per request
-        self._set_plan(qo_indptr, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim,
-                       page_size, True, sm_scale, q_data_type, kv_data_type)
+        self._set_plan(
+            qo_indptr,
+            indptr,
+            indices,
+            last_page_len,
+            num_qo_heads,
+            num_kv_heads,
+            head_dim,
+            page_size,
+            True,
+            sm_scale,
+            q_data_type,
+            kv_data_type,
+        )
 
 
 class _Prefill(_Wrapper):
-    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
-             num_kv_heads, head_dim_qk, page_size, *, causal: bool = False, sm_scale: float,
-             q_data_type: torch.dtype, kv_data_type: torch.dtype) -> None:
-        self._set_plan(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
-                       num_kv_heads, head_dim_qk, page_size, causal, sm_scale, q_data_type, kv_data_type)
+    def plan(
+        self,
+        qo_indptr,
+        paged_kv_indptr,
+        paged_kv_indices,
+        paged_kv_last_page_len,
+        num_qo_heads,
+        num_kv_heads,
+        head_dim_qk,
+        page_size,
+        *,
+        causal: bool = False,
+        sm_scale: float,
+        q_data_type: torch.dtype,
+        kv_data_type: torch.dtype,
+    ) -> None:
+        self._set_plan(
+            qo_indptr,
+            paged_kv_indptr,
+            paged_kv_indices,
+            paged_kv_last_page_len,
+            num_qo_heads,
+            num_kv_heads,
+            head_dim_qk,
+            page_size,
+            causal,
+            sm_scale,
+            q_data_type,
+            kv_data_type,
+        )
 
 
 def fake_flashinfer() -> types.ModuleType:

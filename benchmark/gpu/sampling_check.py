@@ -47,8 +47,14 @@ def make_reqs(rows_per_case: int) -> list[Req]:
         params = SamplingParams(max_new_tokens=64, **kw)
         params.normalize()
         for i in range(rows_per_case):
-            req = Req(f"{name}-{i}", list(range(3, 3 + 5 * (i + 1))), params, seed=1000 + len(reqs),
-                      return_logprob=True, top_logprobs_num=3)
+            req = Req(
+                f"{name}-{i}",
+                list(range(3, 3 + 5 * (i + 1))),
+                params,
+                seed=1000 + len(reqs),
+                return_logprob=True,
+                top_logprobs_num=3,
+            )
             req.output_ids = [EOS, 5, 5, 9][: i % 5]
             reqs.append(req)
     return reqs
@@ -96,9 +102,14 @@ def main() -> int:
     if sampled_mismatch > max(1, sampled_rows // 50):
         failures.append(f"{sampled_mismatch} of {sampled_rows} sampled rows differ from the CPU's draw")
     summary = {
-        "device": args.device, "rows": len(reqs), "steps": args.steps, "sampled_rows": sampled_rows,
-        "sampled_rows_differing_from_cpu": sampled_mismatch, "max_logprob_err": max_logprob_err,
-        "failures": failures[:20], "ok": not failures,
+        "device": args.device,
+        "rows": len(reqs),
+        "steps": args.steps,
+        "sampled_rows": sampled_rows,
+        "sampled_rows_differing_from_cpu": sampled_mismatch,
+        "max_logprob_err": max_logprob_err,
+        "failures": failures[:20],
+        "ok": not failures,
     }
     print(json.dumps(summary, indent=1))
     if args.out:

@@ -28,9 +28,8 @@ def main() -> int:
     args = parser.parse_args()
     workloads = parse_workloads(args.workloads)
 
-    import torch
-
     import sglang
+    import torch
     from sglang import Engine
     from sglang.srt.model_loader import resolve_model_path
 
@@ -48,12 +47,20 @@ def main() -> int:
 
     for w in workloads:
         runs = measure(w, args.repeats, vocab, run_batch, log=log)
-        emit("engine", w, runs,
-             version=getattr(sglang, "__version__", "?"),
-             model=os.path.basename(model_path), weights="Q4_1 GGUF dequantized", dtype=args.dtype,
-             threads=torch.get_num_threads(), torch=torch.__version__,
-             kv_cache_tokens=info.get("max_total_num_tokens"), max_running_requests=info.get("max_running_requests"),
-             attention_backend=info.get("attention_backend"))
+        emit(
+            "engine",
+            w,
+            runs,
+            version=getattr(sglang, "__version__", "?"),
+            model=os.path.basename(model_path),
+            weights="Q4_1 GGUF dequantized",
+            dtype=args.dtype,
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            kv_cache_tokens=info.get("max_total_num_tokens"),
+            max_running_requests=info.get("max_running_requests"),
+            attention_backend=info.get("attention_backend"),
+        )
     engine.shutdown()
     return 0
 

@@ -28,10 +28,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workloads import add_common_args, default_paths, emit, log, measure, parse_workloads  # noqa: E402
-
-import numpy as np  # noqa: E402
 import llama_cpp as lc  # noqa: E402
+import numpy as np  # noqa: E402
+from workloads import add_common_args, default_paths, emit, log, measure, parse_workloads  # noqa: E402
 
 _KEEP = []  # ctypes callbacks must outlive their registration
 
@@ -74,8 +73,14 @@ class BatchedGreedy:
         self.ctx = lc.llama_init_from_model(self.model, p)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={p.n_ctx}, n_seq_max={num})")
-        self.params = {"n_ctx": p.n_ctx, "n_seq_max": num, "n_batch": p.n_batch, "n_ubatch": p.n_ubatch,
-                       "flash_attn_type": p.flash_attn_type, "kv_unified": bool(p.kv_unified)}
+        self.params = {
+            "n_ctx": p.n_ctx,
+            "n_seq_max": num,
+            "n_batch": p.n_batch,
+            "n_ubatch": p.n_ubatch,
+            "flash_attn_type": p.flash_attn_type,
+            "kv_unified": bool(p.kv_unified),
+        }
         self.shape = (num, per_seq)
         self.batch = lc.llama_batch_init(self.n_batch, 0, 1)
 
@@ -106,7 +111,7 @@ class BatchedGreedy:
         entries = [(t, j, s, j == len(p) - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)]
         last: list[int] = []
         for k in range(0, len(entries), self.n_batch):
-            last.extend(int(x) for x in self._decode(entries[k:k + self.n_batch]))
+            last.extend(int(x) for x in self._decode(entries[k : k + self.n_batch]))
         outputs = [[t] for t in last]
         # Decode: one token per sequence per step.
         for step in range(1, output_len):
@@ -152,17 +157,31 @@ def main() -> int:
     g = BatchedGreedy(args.model, args.threads)
     sysinfo = lc.llama_print_system_info().decode()
     # "CPU : SSE3 = 1 | AVX = 1 | ... |": the features the build uses
-    isa = sorted({kv.split("=")[0].split(":")[-1].strip() for kv in sysinfo.split("|")
-                  if "=" in kv and kv.split("=")[1].strip() == "1"})
+    isa = sorted(
+        {
+            kv.split("=")[0].split(":")[-1].strip()
+            for kv in sysinfo.split("|")
+            if "=" in kv and kv.split("=")[1].strip() == "1"
+        }
+    )
 
     def run_batch(prompts: list[list[int]], output_len: int) -> int:
         return sum(len(o) for o in g.generate(prompts, output_len))
 
     for w in workloads:
         runs = measure(w, args.repeats, g.n_vocab, run_batch, log=log)
-        emit("llamacpp", w, runs,
-             version=lc.__version__, model=os.path.basename(args.model), weights="f16 GGUF (dequantized Q4_1)",
-             dtype="float16", threads=args.threads, context=g.params, cpu_features=isa)
+        emit(
+            "llamacpp",
+            w,
+            runs,
+            version=lc.__version__,
+            model=os.path.basename(args.model),
+            weights="f16 GGUF (dequantized Q4_1)",
+            dtype="float16",
+            threads=args.threads,
+            context=g.params,
+            cpu_features=isa,
+        )
     return 0
 
 

@@ -32,25 +32,39 @@ def main() -> int:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16,
-                                                              local_files_only=True).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        args.model_dir, dtype=torch.bfloat16, local_files_only=True
+    ).eval()
     vocab = model.config.vocab_size
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
     @torch.inference_mode()
     def run_batch(prompts: list[list[int]], output_len: int) -> int:
         ids = torch.tensor(prompts, dtype=torch.long)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                             min_new_tokens=output_len, do_sample=False, pad_token_id=pad)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            do_sample=False,
+            pad_token_id=pad,
+        )
         return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
     for w in workloads:
         runs = measure(w, args.repeats, vocab, run_batch, log=log)
-        emit("transformers", w, runs,
-             version=transformers.__version__, model=os.path.basename(args.model_dir),
-             weights="bf16 safetensors (dequantized Q4_1)", dtype="bfloat16",
-             threads=torch.get_num_threads(), torch=torch.__version__,
-             attn_implementation=model.config._attn_implementation)
+        emit(
+            "transformers",
+            w,
+            runs,
+            version=transformers.__version__,
+            model=os.path.basename(args.model_dir),
+            weights="bf16 safetensors (dequantized Q4_1)",
+            dtype="bfloat16",
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            attn_implementation=model.config._attn_implementation,
+        )
     return 0
 
 

@@ -22,8 +22,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from workloads import (add_common_args, default_paths, emit, log, max_batch, max_tokens_per_seq,  # noqa: E402
-                       measure, parse_workloads)
+from workloads import add_common_args, default_paths, emit, log, max_batch, max_tokens_per_seq, measure, parse_workloads  # noqa: E402
 
 
 def preload_libs() -> list[str]:
@@ -31,8 +30,12 @@ def preload_libs() -> list[str]:
     import glob
 
     found = []
-    for pattern in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
-                    "/usr/lib64/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4"):
+    for pattern in (
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+        "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+        "/usr/lib64/libtcmalloc_minimal.so.4",
+        "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+    ):
         if os.path.exists(pattern):
             found.append(pattern)
             break
@@ -57,8 +60,11 @@ def main() -> int:
     if not args.no_preload and "PEERS_VLLM_PRELOADED" not in os.environ:
         libs = [lib for lib in preload_libs() if lib not in os.environ.get("LD_PRELOAD", "")]
         if libs:
-            env = dict(os.environ, PEERS_VLLM_PRELOADED="1",
-                       LD_PRELOAD=":".join([*libs, *filter(None, [os.environ.get("LD_PRELOAD")])]))
+            env = dict(
+                os.environ,
+                PEERS_VLLM_PRELOADED="1",
+                LD_PRELOAD=":".join([*libs, *filter(None, [os.environ.get("LD_PRELOAD")])]),
+            )
             os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
     ncpu = len(os.sched_getaffinity(0))
@@ -76,8 +82,14 @@ def main() -> int:
 
     max_len = max_tokens_per_seq(workloads) if args.check is None else 512
     max_seqs = max_batch(workloads) if args.check is None else 1
-    llm = LLM(model=args.model_dir, dtype="bfloat16", max_model_len=max_len, max_num_seqs=max(max_seqs, 1),
-              seed=0, tokenizer=args.model_dir)
+    llm = LLM(
+        model=args.model_dir,
+        dtype="bfloat16",
+        max_model_len=max_len,
+        max_num_seqs=max(max_seqs, 1),
+        seed=0,
+        tokenizer=args.model_dir,
+    )
     vocab = llm.llm_engine.model_config.get_vocab_size()
     if args.check is not None:
         out = llm.generate([args.check], SamplingParams(temperature=0, max_tokens=args.check_tokens), use_tqdm=False)
@@ -91,12 +103,22 @@ def main() -> int:
 
     for w in workloads:
         runs = measure(w, args.repeats, vocab, run_batch, log=log)
-        emit("vllm", w, runs,
-             version=vllm.__version__, model=os.path.basename(args.model_dir),
-             weights="bf16 safetensors (dequantized Q4_1)", dtype="bfloat16",
-             threads=torch.get_num_threads(), torch=torch.__version__,
-             omp_bind=os.environ["VLLM_CPU_OMP_THREADS_BIND"], kv_cache_gib=os.environ["VLLM_CPU_KVCACHE_SPACE"],
-             max_model_len=max_len, max_num_seqs=max_seqs, ld_preload=os.environ.get("LD_PRELOAD", ""))
+        emit(
+            "vllm",
+            w,
+            runs,
+            version=vllm.__version__,
+            model=os.path.basename(args.model_dir),
+            weights="bf16 safetensors (dequantized Q4_1)",
+            dtype="bfloat16",
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            omp_bind=os.environ["VLLM_CPU_OMP_THREADS_BIND"],
+            kv_cache_gib=os.environ["VLLM_CPU_KVCACHE_SPACE"],
+            max_model_len=max_len,
+            max_num_seqs=max_seqs,
+            ld_preload=os.environ.get("LD_PRELOAD", ""),
+        )
     return 0
 
 

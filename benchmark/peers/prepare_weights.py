@@ -142,8 +142,9 @@ def write_f16_gguf(gguf_path: str, out_path: str) -> None:
     writer.write_tensors_to_file()
     writer.close()
     os.replace(tmp, out_path)
-    log(f"gguf: wrote {out_path} ({len(reader.tensors)} tensors: {counts}, "
-        f"{os.path.getsize(out_path) / 2**20:.0f} MiB)")
+    log(
+        f"gguf: wrote {out_path} ({len(reader.tensors)} tensors: {counts}, {os.path.getsize(out_path) / 2**20:.0f} MiB)"
+    )
 
 
 def verify(paths: dict, gguf_path: str) -> int:
@@ -156,20 +157,27 @@ def verify(paths: dict, gguf_path: str) -> int:
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=CHECK_TOKENS, do_sample=False)
-    results["transformers bf16 (HF dir)"] = tok.decode(out[0, ids.shape[1]:])
+    results["transformers bf16 (HF dir)"] = tok.decode(out[0, ids.shape[1] :])
     del model
 
     here = os.path.dirname(os.path.abspath(__file__))
-    for label, venv, script in (("llama.cpp f16 GGUF", "llama", "bench_llamacpp.py"),
-                                ("vLLM CPU bf16 (HF dir)", "vllm", "bench_vllm.py")):
+    for label, venv, script in (
+        ("llama.cpp f16 GGUF", "llama", "bench_llamacpp.py"),
+        ("vLLM CPU bf16 (HF dir)", "vllm", "bench_vllm.py"),
+    ):
         py = os.path.join(paths["peers"], venv, "bin", "python")
         if not os.path.exists(os.path.join(paths["peers"], venv, ".installed")):
             results[label] = f"<skipped: no .peers/{venv} venv; run install.sh {venv}>"
             continue
         log(f"checking {label} ...")
-        proc = subprocess.run([py, os.path.join(here, script), "--check", PROMPT, "--check-tokens", str(CHECK_TOKENS)],
-                              capture_output=True, text=True)
-        found = [json.loads(line)["check_output"] for line in proc.stdout.splitlines() if line.startswith('{"check_output"')]
+        proc = subprocess.run(
+            [py, os.path.join(here, script), "--check", PROMPT, "--check-tokens", str(CHECK_TOKENS)],
+            capture_output=True,
+            text=True,
+        )
+        found = [
+            json.loads(line)["check_output"] for line in proc.stdout.splitlines() if line.startswith('{"check_output"')
+        ]
         if proc.returncode != 0 or not found:
             print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
             results[label] = f"<failed, exit {proc.returncode}>"

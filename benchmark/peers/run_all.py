@@ -35,16 +35,38 @@ PATHS = default_paths()
 def tools() -> dict:
     venv = os.path.join(PATHS["root"], ".venv", "bin", "python")
     return {
-        "engine": dict(label="engine", python=venv, script="bench_engine.py", installed=None, weights=None,
-                       setup="make install-test"),
-        "transformers": dict(label="transformers", python=venv, script="bench_transformers.py", installed=None,
-                             weights=PATHS["hf_dir"], setup="make install-test"),
-        "llamacpp": dict(label="llama.cpp f16", python=os.path.join(PATHS["peers"], "llama", "bin", "python"),
-                         script="bench_llamacpp.py", installed=os.path.join(PATHS["peers"], "llama", ".installed"),
-                         weights=PATHS["f16_gguf"], setup="bash benchmark/peers/install.sh llama"),
-        "vllm": dict(label="vLLM CPU", python=os.path.join(PATHS["peers"], "vllm", "bin", "python"),
-                     script="bench_vllm.py", installed=os.path.join(PATHS["peers"], "vllm", ".installed"),
-                     weights=PATHS["hf_dir"], setup="bash benchmark/peers/install.sh vllm"),
+        "engine": dict(
+            label="engine",
+            python=venv,
+            script="bench_engine.py",
+            installed=None,
+            weights=None,
+            setup="make install-test",
+        ),
+        "transformers": dict(
+            label="transformers",
+            python=venv,
+            script="bench_transformers.py",
+            installed=None,
+            weights=PATHS["hf_dir"],
+            setup="make install-test",
+        ),
+        "llamacpp": dict(
+            label="llama.cpp f16",
+            python=os.path.join(PATHS["peers"], "llama", "bin", "python"),
+            script="bench_llamacpp.py",
+            installed=os.path.join(PATHS["peers"], "llama", ".installed"),
+            weights=PATHS["f16_gguf"],
+            setup="bash benchmark/peers/install.sh llama",
+        ),
+        "vllm": dict(
+            label="vLLM CPU",
+            python=os.path.join(PATHS["peers"], "vllm", "bin", "python"),
+            script="bench_vllm.py",
+            installed=os.path.join(PATHS["peers"], "vllm", ".installed"),
+            weights=PATHS["hf_dir"],
+            setup="bash benchmark/peers/install.sh vllm",
+        ),
     }
 
 
@@ -68,32 +90,50 @@ def cpu_info() -> dict:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem_gib = float("nan")
-    return {"model": model, "flags": {f: f in flags for f in wanted}, "cpus": len(os.sched_getaffinity(0)),
-            "mem_gib": round(mem_gib, 1)}
+    return {
+        "model": model,
+        "flags": {f: f in flags for f in wanted},
+        "cpus": len(os.sched_getaffinity(0)),
+        "mem_gib": round(mem_gib, 1),
+    }
 
 
 def run_tool(name: str, spec: dict, args, log_file) -> tuple[list[dict], str | None]:
     """Runs one runner; returns its records and an error message (None when it succeeded)."""
     if not os.path.exists(spec["python"]) or (spec["installed"] and not os.path.exists(spec["installed"])):
-        return [], f"skipped: its venv is missing or incomplete ({os.path.dirname(os.path.dirname(spec['python']))}); run `{spec['setup']}`"
+        return (
+            [],
+            f"skipped: its venv is missing or incomplete ({os.path.dirname(os.path.dirname(spec['python']))}); run `{spec['setup']}`",
+        )
     if spec["weights"] and not os.path.exists(spec["weights"]):
         return [], f"skipped: {spec['weights']} is missing; run `.venv/bin/python benchmark/peers/prepare_weights.py`"
-    cmd = [spec["python"], os.path.join(HERE, spec["script"]), "--workloads", args.workloads,
-           "--repeats", str(args.repeats)]
+    cmd = [
+        spec["python"],
+        os.path.join(HERE, spec["script"]),
+        "--workloads",
+        args.workloads,
+        "--repeats",
+        str(args.repeats),
+    ]
     if args.nice:
         cmd = ["nice", "-n", str(args.nice), *cmd]
     load = os.getloadavg()[0]
     busy = load > 0.5
     print(f"\n=== {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     if busy:
-        print(f"    warning: 1-minute load average is {load:.2f} before {name} starts: other work on the "
-              "machine will distort its figures", file=sys.stderr, flush=True)
+        print(
+            f"    warning: 1-minute load average is {load:.2f} before {name} starts: other work on the "
+            "machine will distort its figures",
+            file=sys.stderr,
+            flush=True,
+        )
     args.loads[name] = load
     log_file.write(f"\n=== {name}: {' '.join(cmd)}\n")
     records = []
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            cwd=PATHS["root"])
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=PATHS["root"]
+    )
     try:
         for line in proc.stdout:
             log_file.write(line)
@@ -142,7 +182,9 @@ def main() -> int:
     parser.add_argument("--tools", default=",".join(all_tools), help="comma-separated subset of " + ",".join(all_tools))
     parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS), help="comma-separated NxIN/OUT specs")
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
-    parser.add_argument("--output", default=None, help="markdown file to write (default .peers/results/peers-<date>.md)")
+    parser.add_argument(
+        "--output", default=None, help="markdown file to write (default .peers/results/peers-<date>.md)"
+    )
     parser.add_argument("--nice", type=int, default=0, help="run each runner under `nice -n N` (0: not)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per tool")
     parser.add_argument("--verbose", action="store_true", help="echo everything the runners print")
@@ -183,11 +225,11 @@ def main() -> int:
         "",
         f"- date: {now:%Y-%m-%d %H:%M}",
         f"- CPU: {cpu['model']}, {cpu['cpus']} CPUs, {cpu['mem_gib']} GiB; {flags}",
-        f"- threads (torch.get_num_threads / n_threads): " + ", ".join(f"{k} {v}" for k, v in threads.items()),
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"- 1-minute load average before each tool (ideally ~0): "
+        "- threads (torch.get_num_threads / n_threads): " + ", ".join(f"{k} {v}" for k, v in threads.items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "- 1-minute load average before each tool (ideally ~0): "
         + ", ".join(f"{k} {v:.2f}" for k, v in args.loads.items()),
-        f"- model: SmolLM2-135M-Instruct (Q4_1 GGUF dequantized; engine/transformers/vLLM bf16, llama.cpp f16)",
+        "- model: SmolLM2-135M-Instruct (Q4_1 GGUF dequantized; engine/transformers/vLLM bf16, llama.cpp f16)",
         f"- metric: N*OUT / wall time of the whole batch, median of {args.repeats} run(s) after one warm-up; "
         "greedy, EOS ignored, random token prompts",
         "",

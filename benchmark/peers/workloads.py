@@ -68,10 +68,15 @@ def parse_workloads(specs: str) -> list[Workload]:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
-                        help="comma-separated NxIN/OUT specs (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
-                        help="timed runs per workload; the median is reported (default: %(default)s)")
+    parser.add_argument(
+        "--workloads", default=",".join(DEFAULT_WORKLOADS), help="comma-separated NxIN/OUT specs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=DEFAULT_REPEATS,
+        help="timed runs per workload; the median is reported (default: %(default)s)",
+    )
 
 
 def max_tokens_per_seq(workloads: list[Workload]) -> int:
@@ -99,8 +104,10 @@ def measure(workload: Workload, repeats: int, vocab_size: int, run_batch, log=No
         if r != WARMUP_RUN:
             runs.append({"elapsed_s": round(elapsed, 4), "tok_s": round(workload.output_tokens / elapsed, 2)})
         if log:
-            log(f"{workload.name} {'warm-up' if r == WARMUP_RUN else f'run {r}'}: "
-                f"{elapsed:.2f} s, {workload.output_tokens / elapsed:.1f} tok/s")
+            log(
+                f"{workload.name} {'warm-up' if r == WARMUP_RUN else f'run {r}'}: "
+                f"{elapsed:.2f} s, {workload.output_tokens / elapsed:.1f} tok/s"
+            )
     return runs
 
 

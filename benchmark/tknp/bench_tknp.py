@@ -37,24 +37,45 @@ import requests
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab, max positions
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+    ),
     # JackFram/llama-160m (a Llama-2-style draft model): 12 heads, so TP 2 and 4 fit
-    "llama-160m": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072),
+    "llama-160m": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+    ),
 }
 
 
 def make_model(shape: str, out_dir: str, initializer_range: float = 0.02) -> str:
     import torch
     import transformers
-
     from sglang.srt.model_loader import default_model_path, load_tokenizer
 
-    config = transformers.LlamaConfig(**SHAPES[shape], tie_word_embeddings=True, rms_norm_eps=1e-5,
-                                      initializer_range=initializer_range)
+    config = transformers.LlamaConfig(
+        **SHAPES[shape], tie_word_embeddings=True, rms_norm_eps=1e-5, initializer_range=initializer_range
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -89,7 +110,10 @@ def rss_of_children(pid: int) -> list[int]:
 
 
 def run_batch(url: str, prompts: list[list[int]], max_new_tokens: int) -> float:
-    body = lambda ids: {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}
+    body = lambda ids: {
+        "input_ids": ids,
+        "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True},
+    }
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
         for r in pool.map(lambda ids: requests.post(url + "/generate", json=body(ids), timeout=3600), prompts):
@@ -101,11 +125,29 @@ def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
     tknp, _, tp = config.partition("x")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_dir, "--port", str(port),
-           "--tknp-size", tknp, "--tp-size", tp or "1", "--dtype", args.dtype, "--log-level", "warning",
-           # cache_aware sends a repeated prompt back to the rank that cached it (round_robin would
-           # place it by arrival order, which concurrent clients shuffle)
-           "--load-balance-method", "cache_aware", "--context-length", str(args.context_len + args.output_len + 8)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        model_dir,
+        "--port",
+        str(port),
+        "--tknp-size",
+        tknp,
+        "--tp-size",
+        tp or "1",
+        "--dtype",
+        args.dtype,
+        "--log-level",
+        "warning",
+        # cache_aware sends a repeated prompt back to the rank that cached it (round_robin would
+        # place it by arrival order, which concurrent clients shuffle)
+        "--load-balance-method",
+        "cache_aware",
+        "--context-length",
+        str(args.context_len + args.output_len + 8),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while True:
@@ -179,10 +221,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(args.shape, tmp)
         results = [measure(model_dir, c, args) for c in args.configs.split(",")]
-    print(f"shape={args.shape} dtype={args.dtype} requests={args.num_requests} context={args.context_len} output={args.output_len}")
-    print(f"{'config':>12} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} {'decode tok/s':>12} {'comm share':>10}")
+    print(
+        f"shape={args.shape} dtype={args.dtype} requests={args.num_requests} context={args.context_len} output={args.output_len}"
+    )
+    print(
+        f"{'config':>12} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} {'decode tok/s':>12} {'comm share':>10}"
+    )
     for r in results:
-        print(f"{_label(r['config']):>12} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} {r['decode_tok_s']:>12} {r['comm_share']:>10.1%}")
+        print(
+            f"{_label(r['config']):>12} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} {r['decode_tok_s']:>12} {r['comm_share']:>10.1%}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

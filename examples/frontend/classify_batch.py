@@ -1,6 +1,6 @@
 """select() as a classifier over a batch of inputs, run concurrently with run_batch.
 
-    .venv/bin/python examples/frontend/classify_batch.py [--url http://127.0.0.1:30000]
+.venv/bin/python examples/frontend/classify_batch.py [--url http://127.0.0.1:30000]
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Fork: ask for three tips in parallel branches, then combine them in the main conversation.
 
-    .venv/bin/python examples/frontend/parallel_tips.py [--url http://127.0.0.1:30000]
+.venv/bin/python examples/frontend/parallel_tips.py [--url http://127.0.0.1:30000]
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """A chat program, run once, then a multi-turn conversation.
 
-    make serve                                   # in another terminal
-    .venv/bin/python examples/frontend/quick_start.py [--url http://127.0.0.1:30000]
+make serve                                   # in another terminal
+.venv/bin/python examples/frontend/quick_start.py [--url http://127.0.0.1:30000]
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Streaming: print a story as the server generates it.
 
-    .venv/bin/python examples/frontend/stream_story.py [--url http://127.0.0.1:30000]
+.venv/bin/python examples/frontend/stream_story.py [--url http://127.0.0.1:30000]
 """
 
 import argparse

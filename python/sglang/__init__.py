@@ -7,10 +7,25 @@ language (`sgl.function`, `sgl.gen`, ...) never imports torch.
 __version__ = "0.1.0"
 
 _FRONTEND_API = (
-    "function", "gen", "gen_int", "gen_string", "select",
-    "system", "user", "assistant", "system_begin", "system_end", "user_begin", "user_end",
-    "assistant_begin", "assistant_end",
-    "set_default_backend", "get_default_backend", "flush_cache", "get_server_info", "Runtime",
+    "function",
+    "gen",
+    "gen_int",
+    "gen_string",
+    "select",
+    "system",
+    "user",
+    "assistant",
+    "system_begin",
+    "system_end",
+    "user_begin",
+    "user_end",
+    "assistant_begin",
+    "assistant_end",
+    "set_default_backend",
+    "get_default_backend",
+    "flush_cache",
+    "get_server_info",
+    "Runtime",
 )
 _CHOICES = ("token_length_normalized", "greedy_token_selection", "unconditional_likelihood_normalized")
 

@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     run(engine, prompts[:2], 4, progress=False)  # warm-up
     engine.flush_cache()
     r = run(engine, prompts, args.output_len)
-    print(f"requests={args.num_prompts} input={args.input_len} output={args.output_len} dtype={engine.model_config.dtype}")
+    print(
+        f"requests={args.num_prompts} input={args.input_len} output={args.output_len} dtype={engine.model_config.dtype}"
+    )
     print(f"elapsed {r['elapsed_s']:.2f} s | input {r['input_tok_s']:.1f} tok/s | output {r['output_tok_s']:.1f} tok/s")
     engine.shutdown()
 

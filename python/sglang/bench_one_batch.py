@@ -62,7 +62,11 @@ def run_once(runner: ModelRunner, bench: BenchArgs, profile: bool = False) -> di
         return time.perf_counter() - start
 
     prefill = step([ScheduledReq(r, bench.input_len, True) for r in reqs])
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else contextlib.nullcontext() as prof:
+    with (
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        if profile
+        else contextlib.nullcontext() as prof
+    ):
         decodes = [step([ScheduledReq(r, 1, True) for r in reqs]) for _ in range(bench.output_len - 1)]
     if profile:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
@@ -83,8 +87,13 @@ def run_once(runner: ModelRunner, bench: BenchArgs, profile: bool = False) -> di
 def build_runner(cfg: ModelConfig, server_args: ServerArgs) -> ModelRunner:
     """A runner per the (resolved) flags, CUDA graphs included unless --disable-cuda-graph."""
     return ModelRunner(
-        cfg, server_args.device, server_args.attention_backend, server_args.mem_fraction_static,
-        server_args.max_total_tokens, server_args.max_running_requests, page_size=server_args.page_size,
+        cfg,
+        server_args.device,
+        server_args.attention_backend,
+        server_args.mem_fraction_static,
+        server_args.max_total_tokens,
+        server_args.max_running_requests,
+        page_size=server_args.page_size,
         cuda_graph_max_bs=None if server_args.disable_cuda_graph else server_args.cuda_graph_max_bs,
     )
 
@@ -99,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     server_args = ServerArgs.from_cli_args(args).resolve()
     bench = BenchArgs(args.batch_size, args.input_len, args.output_len, args.seed)
-    cfg = ModelConfig.from_path(resolve_model_path(server_args.model_path), server_args.dtype, server_args.context_length, server_args.device)
+    cfg = ModelConfig.from_path(
+        resolve_model_path(server_args.model_path), server_args.dtype, server_args.context_length, server_args.device
+    )
     runner = build_runner(cfg, server_args)
     for _ in range(args.warmup):
         run_once(runner, dataclasses.replace(bench, output_len=min(bench.output_len, 4)))

@@ -107,7 +107,7 @@ class Client:
                 if not line:
                     continue
                 now = time.perf_counter()
-                payload = line[len("data:"):].strip() if line.startswith("data:") else line
+                payload = line[len("data:") :].strip() if line.startswith("data:") else line
                 if payload == "[DONE]":
                     return
                 event = json.loads(payload)  # anything else (a ping, a comment) fails the request
@@ -168,12 +168,25 @@ def request_body(args: argparse.Namespace, model: str, req: BenchRequest) -> tup
         body = {"text": req.prompt, "sampling_params": params, "stream": stream}
         path = "/generate"
     elif args.backend == "sglang-oai":
-        body = {"model": model, "prompt": req.prompt, "best_of": 1, "max_tokens": req.output_len, "stream": stream,
-                "temperature": 0.0, "ignore_eos": not args.disable_ignore_eos}
+        body = {
+            "model": model,
+            "prompt": req.prompt,
+            "best_of": 1,
+            "max_tokens": req.output_len,
+            "stream": stream,
+            "temperature": 0.0,
+            "ignore_eos": not args.disable_ignore_eos,
+        }
         path = "/v1/completions"
     else:
-        body = {"model": model, "messages": [{"role": "user", "content": req.prompt}], "stream": stream,
-                "max_completion_tokens": req.output_len, "temperature": 0.0, "ignore_eos": not args.disable_ignore_eos}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": req.prompt}],
+            "stream": stream,
+            "max_completion_tokens": req.output_len,
+            "temperature": 0.0,
+            "ignore_eos": not args.disable_ignore_eos,
+        }
         path = "/v1/chat/completions"
     if stream and args.backend != "sglang":
         body["stream_options"] = {"include_usage": True}
@@ -241,7 +254,9 @@ def _arrival_times(n: int, rate: float, seed: int) -> list[float]:
     return times
 
 
-def benchmark(client: Client, args: argparse.Namespace, model: str, reqs: list[BenchRequest]) -> tuple[list[RequestResult], float]:
+def benchmark(
+    client: Client, args: argparse.Namespace, model: str, reqs: list[BenchRequest]
+) -> tuple[list[RequestResult], float]:
     bar = tqdm(total=len(reqs), disable=args.disable_tqdm, desc="requests")
 
     def one(req: BenchRequest) -> RequestResult:
@@ -298,18 +313,29 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
 def print_report(args: argparse.Namespace, m: dict[str, Any], errors: list[str]) -> None:
     rate = "inf" if args.request_rate == float("inf") else f"{args.request_rate:g}"
     lines = [
-        ("Backend", args.backend), ("Request rate (req/s)", rate), ("Max concurrency", args.max_concurrency or "-"),
-        ("Successful requests", m["completed"]), ("Failed requests", m["failed"]),
+        ("Backend", args.backend),
+        ("Request rate (req/s)", rate),
+        ("Max concurrency", args.max_concurrency or "-"),
+        ("Successful requests", m["completed"]),
+        ("Failed requests", m["failed"]),
         ("Benchmark duration (s)", f"{m['duration']:.2f}"),
-        ("Total input tokens", m["total_input_tokens"]), ("Total generated tokens", m["total_output_tokens"]),
+        ("Total input tokens", m["total_input_tokens"]),
+        ("Total generated tokens", m["total_output_tokens"]),
         ("Request throughput (req/s)", f"{m['request_throughput']:.2f}"),
         ("Input token throughput (tok/s)", f"{m['input_throughput']:.2f}"),
         ("Output token throughput (tok/s)", f"{m['output_throughput']:.2f}"),
         ("Total token throughput (tok/s)", f"{m['total_throughput']:.2f}"),
         ("Concurrency", f"{m['concurrency']:.2f}"),
     ]
-    for name, label in (("e2e_latency", "E2E Latency"), ("ttft", "Time to First Token"), ("tpot", "Time per Output Token"), ("itl", "Inter-Token Latency")):
-        lines += [(f"{kind.capitalize()} {label} (ms)", f"{m[f'{kind}_{name}_ms']:.2f}") for kind in ("mean", "median", "p99")]
+    for name, label in (
+        ("e2e_latency", "E2E Latency"),
+        ("ttft", "Time to First Token"),
+        ("tpot", "Time per Output Token"),
+        ("itl", "Inter-Token Latency"),
+    ):
+        lines += [
+            (f"{kind.capitalize()} {label} (ms)", f"{m[f'{kind}_{name}_ms']:.2f}") for kind in ("mean", "median", "p99")
+        ]
     print("{s:{c}^60}".format(s=" Serving Benchmark Result ", c="="))
     for label, value in lines:
         print(f"{label:<42}{value!s:>18}")
@@ -405,8 +431,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print_report(args, metrics, [r.error for r in results if not r.success])
     if args.output_file:
         status, server_info = client.request("GET", "/server_info")
-        record = {**{k: v for k, v in vars(args).items() if k != "extra_request_body"}, **metrics,
-                  "server_info": server_info if status == 200 else None}
+        record = {
+            **{k: v for k, v in vars(args).items() if k != "extra_request_body"},
+            **metrics,
+            "server_info": server_info if status == 200 else None,
+        }
         record["request_rate"] = str(args.request_rate)
         with open(args.output_file, "a") as f:
             f.write(json.dumps(record) + "\n")

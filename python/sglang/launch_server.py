@@ -15,7 +15,9 @@ from sglang.srt.server_args import ServerArgs
 
 
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
-    parser = argparse.ArgumentParser(prog="python -m sglang.launch_server", description="SGLang-compatible server with token parallelism")
+    parser = argparse.ArgumentParser(
+        prog="python -m sglang.launch_server", description="SGLang-compatible server with token parallelism"
+    )
     ServerArgs.add_cli_args(parser)
     return ServerArgs.from_cli_args(parser.parse_args(argv))
 

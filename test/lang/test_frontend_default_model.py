@@ -2,9 +2,8 @@
 
 import pytest
 import requests
-from conftest import ServerProcess
-
 import sglang as sgl
+from conftest import ServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +36,18 @@ def test_chat_program_answers_like_the_chat_api(backend):
         s += sgl.assistant(sgl.gen("answer", max_tokens=12, temperature=0))
 
     state = qa.run(question="What is the capital of France?", backend=backend)
-    r = requests.post(backend.base_url + "/v1/chat/completions", timeout=120, json={
-        "model": "default", "max_tokens": 12, "temperature": 0,
-        "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                     {"role": "user", "content": "What is the capital of France?"}],
-    })
+    r = requests.post(
+        backend.base_url + "/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": "default",
+            "max_tokens": 12,
+            "temperature": 0,
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "What is the capital of France?"},
+            ],
+        },
+    )
     assert state["answer"] == r.json()["choices"][0]["message"]["content"]
     assert "Paris" in state["answer"]

@@ -7,7 +7,6 @@ import time
 
 import pytest
 import requests
-
 import sglang as sgl
 from sglang.lang.http_client import ServerError
 
@@ -19,8 +18,9 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 @pytest.fixture(scope="module")
 def runtime(make_tiny_model):
     model = make_tiny_model("llama", seed=3)
-    rt = sgl.Runtime(model_path=str(model), dtype="float32", max_total_tokens=4096, port=31000, log_level="warning",
-                     api_key=API_KEY)
+    rt = sgl.Runtime(
+        model_path=str(model), dtype="float32", max_total_tokens=4096, port=31000, log_level="warning", api_key=API_KEY
+    )
     sgl.set_default_backend(rt)
     yield rt
     sgl.set_default_backend(None)
@@ -35,7 +35,9 @@ def runtime(make_tiny_model):
 
 
 def _generate(rt, text, **params):
-    r = requests.post(rt.url + "/generate", json={"text": text, "sampling_params": {**GREEDY, **params}}, headers=AUTH, timeout=60)
+    r = requests.post(
+        rt.url + "/generate", json={"text": text, "sampling_params": {**GREEDY, **params}}, headers=AUTH, timeout=60
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -68,7 +70,7 @@ def test_gen_is_the_servers_continuation(runtime):
 
 def test_gen_stop_and_min_tokens(runtime):
     full = _generate(runtime, "Once upon a time", max_new_tokens=12)["text"]
-    stop = full[len(full) // 2:][:3]
+    stop = full[len(full) // 2 :][:3]
     assert stop.strip() and stop in full
 
     @sgl.function
@@ -76,7 +78,7 @@ def test_gen_stop_and_min_tokens(runtime):
         s += "Once upon a time"
         s += sgl.gen("x", max_tokens=12, stop=[stop], temperature=0)
 
-    assert prog.run()["x"] == full[:full.index(stop)]
+    assert prog.run()["x"] == full[: full.index(stop)]
 
 
 def test_structured_output_fails_clearly(runtime):
@@ -101,9 +103,19 @@ def test_structured_output_fails_clearly(runtime):
 
 def _choice_score(rt, prompt, choice):
     """Mean logprob of the tokens `prompt + choice` has beyond `prompt`'s own, from scratch."""
+
     def entries(text):
-        r = requests.post(rt.url + "/generate", json={"text": text, "sampling_params": {"max_new_tokens": 0},
-                                                      "return_logprob": True, "logprob_start_len": 0}, headers=AUTH, timeout=60)
+        r = requests.post(
+            rt.url + "/generate",
+            json={
+                "text": text,
+                "sampling_params": {"max_new_tokens": 0},
+                "return_logprob": True,
+                "logprob_start_len": 0,
+            },
+            headers=AUTH,
+            timeout=60,
+        )
         return r.json()["meta_info"]["input_token_logprobs"]
 
     base, full = [e[1] for e in entries(prompt)], entries(prompt + choice)
@@ -141,11 +153,16 @@ def test_roles_use_the_servers_chat_template(runtime, tokenizer_dir):
 
     state = chat.run(question="Name a colour.")
     messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
-    prompt = AutoTokenizer.from_pretrained(tokenizer_dir).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = AutoTokenizer.from_pretrained(tokenizer_dir).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     answer = _generate(runtime, prompt, max_new_tokens=4)["text"]
     assert state["answer"] == answer
     assert state.text() == prompt + answer + "<|im_end|>\n<|im_start|>user\nThanks<|im_end|>\n"
-    assert state.messages() == messages + [{"role": "assistant", "content": answer.lstrip()}, {"role": "user", "content": "Thanks"}]
+    assert state.messages() == messages + [
+        {"role": "assistant", "content": answer.lstrip()},
+        {"role": "user", "content": "Thanks"},
+    ]
 
 
 def test_fork_branches_continue_independently(runtime):
@@ -190,8 +207,9 @@ def test_run_batch_caches_the_shared_prefix_once(runtime):
     questions = ["Which planet is largest?", "What is the Sun?", "How many moons has Mars?", "Is Pluto a planet?"]
     assert sgl.flush_cache()
     states = qa.run_batch([{"question": q} for q in questions], num_threads=4, progress_bar=True)
-    prefix_tokens = _generate(runtime, "You answer questions about the solar system, briefly and correctly, in one line.\n",
-                              max_new_tokens=0)["meta_info"]["prompt_tokens"]
+    prefix_tokens = _generate(
+        runtime, "You answer questions about the solar system, briefly and correctly, in one line.\n", max_new_tokens=0
+    )["meta_info"]["prompt_tokens"]
     for q, state in zip(questions, states):
         assert state.get_meta_info("a")["cached_tokens"] >= prefix_tokens - 1  # every program reused it
         assert state["a"] == qa.run(question=q)["a"]

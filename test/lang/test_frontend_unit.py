@@ -5,7 +5,6 @@ import threading
 import time
 
 import pytest
-
 import sglang as sgl
 from sglang.lang.backend.base_backend import BaseBackend
 from sglang.lang.chat_template import JinjaChatTemplate
@@ -46,8 +45,11 @@ def _conversation(template, messages):
 @pytest.mark.parametrize("with_system", [True, False])
 def test_role_text_matches_the_whole_template(source, with_system):
     template = JinjaChatTemplate(source)
-    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-                {"role": "user", "content": "What is 2+2?"}]
+    messages = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What is 2+2?"},
+    ]
     if with_system:
         messages.insert(0, {"role": "system", "content": "Be brief."})
     expected = template.render(messages, add_generation_prompt=True)
@@ -236,8 +238,11 @@ def stub_server():
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append((self.path, self.headers.get("Authorization"), body))
             if body.get("stream"):
-                events = [{"text": "Hel", "meta_info": {}}, {"text": "Hello", "meta_info": {}},
-                          {"error": {"message": "scheduler died"}}]
+                events = [
+                    {"text": "Hel", "meta_info": {}},
+                    {"text": "Hello", "meta_info": {}},
+                    {"error": {"message": "scheduler died"}},
+                ]
                 sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
                 self._answer(200, sse, "text/event-stream")
             else:

@@ -3,15 +3,12 @@ keeps the real requests' logits, tokens and KV; and the graph runners (one rank,
 replayed through EagerGraphs, with FlashInferAttnBackend over the stand-in flashinfer module
 (re-planning into the graph wrappers' fixed buffers), give what eager forwards give."""
 
-
 import pytest
 import torch
-
 from conftest import run_ranks
-from test_tknp_forward import DECODE_STEPS, PROMPTS, _run_requests, _runner
-
 from sglang.srt.model_executor.cuda_graph_runner import bucket_for, capture_batch_sizes, pad_decode_batch
 from sglang.srt.model_executor.forward_batch import ForwardMode
+from test_tknp_forward import DECODE_STEPS, PROMPTS, _run_requests, _runner
 
 MAX_BS = 8  # _runner's max_running_requests
 FLASHINFER_BF16 = dict(dtype="bfloat16", attention_backend="flashinfer")
@@ -90,7 +87,6 @@ def test_graph_replay_matches_eager(make_tiny_model, fake_flashinfer, page_size)
 def _graph_rank_main(rank, tknp, tp, assignment, page_size, init_file, model_path):
     """This rank's results run eagerly, then with graphs, and the graphs' replay count."""
     from eager_graphs import EagerGraphs
-
     from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
     from sglang.srt.layers.tensor_parallel import TpGroup
     from sglang.srt.layers.tknp_attention import TknpComm
@@ -143,4 +139,6 @@ def test_graphs_across_ranks_match_eager(make_tiny_model, tmp_path, fake_flashin
         eager.update(mine_eager)  # TP replicas of a rank return the same requests
         graphed.update(mine_graphed)
     assert sorted(eager) == list(range(len(PROMPTS)))
-    assert_same_results(graphed, {i: (ids, torch.tensor(logits)) for i, (ids, logits) in eager.items()}, atol=LOGITS_ATOL)
+    assert_same_results(
+        graphed, {i: (ids, torch.tensor(logits)) for i, (ids, logits) in eager.items()}, atol=LOGITS_ATOL
+    )

@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 import transformers
-
 from sglang.srt.model_loader import default_model_path
 
 PROMPTS = ["The capital of France is", "Write a haiku about the sea.\n"]
@@ -26,7 +25,7 @@ def test_default_model_greedy_32_tokens_match_transformers(engine_factory, hf_mo
     for prompt, out in zip(PROMPTS, outs):
         ids = engine.tokenizer.encode(prompt)
         with torch.no_grad():
-            ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):]
+            ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids) :]
         assert out["output_ids"] == ref.tolist(), prompt
 
 

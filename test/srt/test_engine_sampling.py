@@ -56,9 +56,7 @@ def test_stop_token_ids_and_min_new_tokens(engine):
     out = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 16, "stop_token_ids": [stop_id]})
     assert out["output_ids"] == full[: first + 1]
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
-    held = engine.generate(
-        PROMPT, {**GREEDY, "max_new_tokens": 16, "stop_token_ids": [stop_id], "min_new_tokens": 10}
-    )
+    held = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 16, "stop_token_ids": [stop_id], "min_new_tokens": 10})
     assert len(held["output_ids"]) >= 10
     assert stop_id not in held["output_ids"][:10]
 
@@ -86,8 +84,12 @@ def test_frequency_penalty_reduces_repetition(engine):
 def test_prefill_only_request_returns_input_logprobs_matching_transformers(engine, model_path):
     ids = engine.tokenizer.encode(PROMPT)
     out = engine.generate(
-        input_ids=ids, sampling_params={"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0,
-        top_logprobs_num=2, return_text_in_logprobs=True,
+        input_ids=ids,
+        sampling_params={"max_new_tokens": 0},
+        return_logprob=True,
+        logprob_start_len=0,
+        top_logprobs_num=2,
+        return_text_in_logprobs=True,
     )
     meta = out["meta_info"]
     assert out["text"] == "" and meta["completion_tokens"] == 0
@@ -107,8 +109,11 @@ def test_prefill_only_request_returns_input_logprobs_matching_transformers(engin
 def test_logprob_window_and_output_logprobs(engine):
     ids = engine.tokenizer.encode(PROMPT)
     out = engine.generate(
-        input_ids=ids, sampling_params={**GREEDY, "max_new_tokens": 6}, return_logprob=True,
-        logprob_start_len=len(ids) - 3, top_logprobs_num=3,
+        input_ids=ids,
+        sampling_params={**GREEDY, "max_new_tokens": 6},
+        return_logprob=True,
+        logprob_start_len=len(ids) - 3,
+        top_logprobs_num=3,
     )
     meta = out["meta_info"]
     assert len(meta["input_token_logprobs"]) == 3 and meta["input_token_logprobs"][0][0] is None

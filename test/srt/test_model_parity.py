@@ -3,7 +3,6 @@
 import pytest
 import torch
 import transformers
-
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang.srt.model_executor.model_runner import ModelRunner
@@ -19,9 +18,16 @@ ARCHS = [
     pytest.param("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}, id="llama-mha-tied"),
     pytest.param(
         "llama",
-        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
-         "rope_theta": 500000.0},
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
+            "rope_theta": 500000.0,
+        },
         id="llama3-rope",
     ),
     pytest.param("mistral", {"sliding_window": None}, id="mistral"),
@@ -75,7 +81,10 @@ def test_prefill_logits_and_greedy_match_transformers(make_tiny_model, arch, ove
     # the plain-torch reference and the native kernels (sgl_kernel) alike
     for backend in ("torch_native", "cpu"):
         runner = _runner(path, backend)
-        assert runner.attn_backend.__class__.__name__ == {"torch_native": "TorchNativeAttnBackend", "cpu": "CpuAttnBackend"}[backend]
+        assert (
+            runner.attn_backend.__class__.__name__
+            == {"torch_native": "TorchNativeAttnBackend", "cpu": "CpuAttnBackend"}[backend]
+        )
         for prompt in PROMPTS:
             ids = tok.encode(prompt)
             with torch.no_grad():
@@ -89,7 +98,7 @@ def test_prefill_logits_and_greedy_match_transformers(make_tiny_model, arch, ove
     for prompt, out in zip(PROMPTS, outs):
         ids = tok.encode(prompt)
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :].tolist()
         assert out["output_ids"] == ref, prompt
         assert out["meta_info"]["completion_tokens"] == 16
     engine.shutdown()
@@ -98,7 +107,9 @@ def test_prefill_logits_and_greedy_match_transformers(make_tiny_model, arch, ove
 def test_cpu_kernels_match_torch_native_in_bfloat16(make_tiny_model):
     """bf16: the native kernels (attention, norms, rotary, bf16 linear where the CPU has it) against
     the plain-torch reference on the same weights, to bf16 tolerance (head_dim 64, GQA 2)."""
-    path = make_tiny_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    path = make_tiny_model(
+        "llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2
+    )
     tok = transformers.AutoTokenizer.from_pretrained(path)
     logits = {}
     for backend in ("torch_native", "cpu"):
@@ -133,8 +144,9 @@ def _has_bf16_linear() -> bool:
 def test_fused_decode_layer_gives_the_layer_by_layer_bits(make_tiny_model, arch, overrides):
     """sgl_kernel.decode_layer runs a decoder layer's ops in the Python layers' order: the same
     logits and KV cache, bit for bit, over several decode steps of a batch (bf16)."""
-    path = make_tiny_model(arch, hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                           num_key_value_heads=2, **overrides)
+    path = make_tiny_model(
+        arch, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, **overrides
+    )
     cfg = ModelConfig.from_path(str(path), dtype="bfloat16")
     runner = ModelRunner(cfg, "cpu", "cpu", 0.5, max_total_tokens=2048, max_running_requests=8)
     layers = list(runner.model.model.layers)
@@ -150,12 +162,20 @@ def test_fused_decode_layer_gives_the_layer_by_layer_bits(make_tiny_model, arch,
     for row, n in zip(rows, lens):  # prefill
         slots = runner.allocator.alloc(n)
         runner.req_to_token_pool.write(row, 0, slots)
-        runner.forward(ForwardBatch(
-            forward_mode=ForwardMode.EXTEND, input_ids=torch.randint(0, cfg.vocab_size, (n,), generator=g),
-            positions=torch.arange(n), out_cache_loc=slots, req_pool_indices=torch.tensor([row]),
-            seq_lens=torch.tensor([n]), seq_lens_cpu=[n], prefix_lens=[0], extend_lens=[n],
-            sample_indices=torch.tensor([n - 1]),
-        ))
+        runner.forward(
+            ForwardBatch(
+                forward_mode=ForwardMode.EXTEND,
+                input_ids=torch.randint(0, cfg.vocab_size, (n,), generator=g),
+                positions=torch.arange(n),
+                out_cache_loc=slots,
+                req_pool_indices=torch.tensor([row]),
+                seq_lens=torch.tensor([n]),
+                seq_lens_cpu=[n],
+                prefix_lens=[0],
+                extend_lens=[n],
+                sample_indices=torch.tensor([n - 1]),
+            )
+        )
     k_cache, v_cache = runner.kv_pool.get_kv_buffer(len(layers) - 1)
     for _ in range(3):
         slots = runner.allocator.alloc(len(lens))
@@ -166,9 +186,15 @@ def test_fused_decode_layer_gives_the_layer_by_layer_bits(make_tiny_model, arch,
 
         def decode() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             batch = ForwardBatch(
-                forward_mode=ForwardMode.DECODE, input_ids=ids, positions=torch.tensor(lens),
-                out_cache_loc=slots, req_pool_indices=torch.tensor(rows), seq_lens=torch.tensor(new_lens),
-                seq_lens_cpu=new_lens, prefix_lens=lens, extend_lens=[1] * len(lens),
+                forward_mode=ForwardMode.DECODE,
+                input_ids=ids,
+                positions=torch.tensor(lens),
+                out_cache_loc=slots,
+                req_pool_indices=torch.tensor(rows),
+                seq_lens=torch.tensor(new_lens),
+                seq_lens_cpu=new_lens,
+                prefix_lens=lens,
+                extend_lens=[1] * len(lens),
                 sample_indices=torch.arange(len(lens)),
             )
             logits = runner.forward(batch).next_token_logits.clone()

@@ -10,7 +10,6 @@ import sys
 import time
 
 import requests
-
 from conftest import ServerProcess, assert_same_generations
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -38,7 +37,12 @@ def _free_port_range(n: int) -> int:
 
 def _generate_all(server, prompts):
     def one(ids):
-        body = {"input_ids": ids, "sampling_params": {**GREEDY, "max_new_tokens": 12}, "return_logprob": True, "logprob_start_len": 0}
+        body = {
+            "input_ids": ids,
+            "sampling_params": {**GREEDY, "max_new_tokens": 12},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+        }
         return requests.post(server.url + "/generate", json=body, timeout=120).json()
 
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
@@ -56,9 +60,23 @@ def test_two_nodes_serve_like_one(make_tiny_model):
         one_node.stop()
 
     addr = f"127.0.0.1:{_free_port_range(3 + 2)}"  # the rendezvous, detokenizer, controller_in, 2 ranks
-    cluster = [*common, "--tknp-size", "2", "--nnodes", "2", "--dist-init-addr", addr, "--load-balance-method", "round_robin"]
-    node1 = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", *cluster, "--node-rank", "1", "--log-level", "info"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cluster = [
+        *common,
+        "--tknp-size",
+        "2",
+        "--nnodes",
+        "2",
+        "--dist-init-addr",
+        addr,
+        "--load-balance-method",
+        "round_robin",
+    ]
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "sglang.launch_server", *cluster, "--node-rank", "1", "--log-level", "info"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         node0 = ServerProcess([*cluster, "--node-rank", "0"])
         try:
@@ -84,10 +102,25 @@ def test_two_nodes_serve_like_one(make_tiny_model):
 def test_losing_another_node_fails_requests_on_node_0(make_tiny_model):
     model_path = str(make_tiny_model("llama", seed=5))
     addr = f"127.0.0.1:{_free_port_range(3 + 2)}"
-    cluster = ["--model-path", model_path, "--dtype", "float32", "--max-total-tokens", "2048", "--tknp-size", "2",
-               "--nnodes", "2", "--dist-init-addr", addr]
-    node1 = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", *cluster, "--node-rank", "1"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cluster = [
+        "--model-path",
+        model_path,
+        "--dtype",
+        "float32",
+        "--max-total-tokens",
+        "2048",
+        "--tknp-size",
+        "2",
+        "--nnodes",
+        "2",
+        "--dist-init-addr",
+        addr,
+    ]
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "sglang.launch_server", *cluster, "--node-rank", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     node0 = None
     try:
         node0 = ServerProcess([*cluster, "--node-rank", "0"])

@@ -13,7 +13,9 @@ def _post(server, path, **kwargs):
 
 
 def test_generate_single_and_batch(tiny_server):
-    r = _post(tiny_server, "/generate", json={"text": "Hello world", "sampling_params": {**GREEDY, "max_new_tokens": 5}})
+    r = _post(
+        tiny_server, "/generate", json={"text": "Hello world", "sampling_params": {**GREEDY, "max_new_tokens": 5}}
+    )
     assert r.status_code == 200
     out = r.json()
     meta = out["meta_info"]
@@ -21,28 +23,44 @@ def test_generate_single_and_batch(tiny_server):
     assert meta["finish_reason"] == {"type": "length", "length": 5}
     assert {"id", "prompt_tokens", "cached_tokens", "e2e_latency"} <= set(meta)
 
-    batch = _post(tiny_server, "/generate", json={
-        "text": ["Hello world", "Good morning"], "sampling_params": [{**GREEDY, "max_new_tokens": 5}, {**GREEDY, "max_new_tokens": 3}],
-    }).json()
+    batch = _post(
+        tiny_server,
+        "/generate",
+        json={
+            "text": ["Hello world", "Good morning"],
+            "sampling_params": [{**GREEDY, "max_new_tokens": 5}, {**GREEDY, "max_new_tokens": 3}],
+        },
+    ).json()
     assert isinstance(batch, list) and [b["meta_info"]["completion_tokens"] for b in batch] == [5, 3]
     assert batch[0]["output_ids"] == out["output_ids"]  # same greedy result alone or batched
 
-    ids = _post(tiny_server, "/generate", json={"input_ids": [[1, 2, 3], [4, 5]], "sampling_params": {**GREEDY, "max_new_tokens": 2}}).json()
+    ids = _post(
+        tiny_server,
+        "/generate",
+        json={"input_ids": [[1, 2, 3], [4, 5]], "sampling_params": {**GREEDY, "max_new_tokens": 2}},
+    ).json()
     assert [b["meta_info"]["prompt_tokens"] for b in ids] == [3, 2]
 
 
 def test_stream_is_cumulative_sse_ending_with_done(tiny_server):
-    r = _post(tiny_server, "/generate", json={"text": "Once upon", "sampling_params": {**GREEDY, "max_new_tokens": 6}, "stream": True}, stream=True)
+    r = _post(
+        tiny_server,
+        "/generate",
+        json={"text": "Once upon", "sampling_params": {**GREEDY, "max_new_tokens": 6}, "stream": True},
+        stream=True,
+    )
     assert r.headers["content-type"].startswith("text/event-stream")
-    lines = [l for l in r.iter_lines(decode_unicode=True) if l]
-    assert all(l.startswith("data: ") for l in lines), "no comments or keep-alives in the stream"
+    lines = [line for line in r.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in lines), "no comments or keep-alives in the stream"
     assert lines[-1] == "data: [DONE]"
-    chunks = [json.loads(l[6:]) for l in lines[:-1]]
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
     texts = [c["text"] for c in chunks]
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
     assert [c["meta_info"]["completion_tokens"] for c in chunks][-1] == 6
     assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
-    plain = _post(tiny_server, "/generate", json={"text": "Once upon", "sampling_params": {**GREEDY, "max_new_tokens": 6}}).json()
+    plain = _post(
+        tiny_server, "/generate", json={"text": "Once upon", "sampling_params": {**GREEDY, "max_new_tokens": 6}}
+    ).json()
     assert texts[-1] == plain["text"]
 
 
@@ -52,11 +70,17 @@ def test_select_style_scoring_requests(tiny_server):
     assert p["text"] == "" and p["meta_info"]["completion_tokens"] == 0
     prompt_tokens = p["meta_info"]["prompt_tokens"]
     start = max(prompt_tokens - 2, 0)
-    outs = _post(tiny_server, "/generate", json={
-        "text": ["The answer is yes", "The answer is no"],
-        "sampling_params": {"max_new_tokens": 0, "temperature": 0},
-        "return_logprob": True, "return_text_in_logprobs": True, "logprob_start_len": start,
-    }).json()
+    outs = _post(
+        tiny_server,
+        "/generate",
+        json={
+            "text": ["The answer is yes", "The answer is no"],
+            "sampling_params": {"max_new_tokens": 0, "temperature": 0},
+            "return_logprob": True,
+            "return_text_in_logprobs": True,
+            "logprob_start_len": start,
+        },
+    ).json()
     for out in outs:
         entries = out["meta_info"]["input_token_logprobs"]
         assert len(entries) == out["meta_info"]["prompt_tokens"] - start
@@ -67,12 +91,27 @@ def test_select_style_scoring_requests(tiny_server):
 
 def test_accepts_fields_sglang_clients_send(tiny_server):
     body = {
-        "text": "Hi", "lora_path": None, "return_routed_experts": False,
+        "text": "Hi",
+        "lora_path": None,
+        "return_routed_experts": False,
         "sampling_params": {
-            "max_new_tokens": 2, "min_new_tokens": 0, "n": 1, "stop": [], "stop_token_ids": [], "stop_regex": [],
-            "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "frequency_penalty": 0.0,
-            "presence_penalty": 0.0, "ignore_eos": False, "regex": None, "json_schema": None,
-            "skip_special_tokens": True, "spaces_between_special_tokens": True,
+            "max_new_tokens": 2,
+            "min_new_tokens": 0,
+            "n": 1,
+            "stop": [],
+            "stop_token_ids": [],
+            "stop_regex": [],
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": -1,
+            "min_p": 0.0,
+            "frequency_penalty": 0.0,
+            "presence_penalty": 0.0,
+            "ignore_eos": False,
+            "regex": None,
+            "json_schema": None,
+            "skip_special_tokens": True,
+            "spaces_between_special_tokens": True,
         },
     }
     assert _post(tiny_server, "/generate", json=body).status_code == 200
@@ -94,7 +133,10 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(tiny_server):
         r = _post(tiny_server, "/generate", **kwargs)
         assert r.status_code == 400, (kwargs, r.text)
         assert word in r.json()["error"]["message"], (word, r.text)
-    assert _post(tiny_server, "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 1}}).status_code == 200
+    assert (
+        _post(tiny_server, "/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 1}}).status_code
+        == 200
+    )
 
 
 def test_info_endpoints_and_flush(tiny_server):

@@ -3,7 +3,6 @@ the embedded default model (its chat template is real)."""
 
 import openai
 import pytest
-
 from conftest import ServerProcess
 
 
@@ -44,16 +43,24 @@ def test_chat_completion_and_usage(client, tokenizer):
     assert choice.finish_reason == "stop"
     rendered = tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True)
     assert r.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
-    assert r.usage.completion_tokens == len(tokenizer.encode(choice.message.content, add_special_tokens=False)) + 1  # + <|im_end|>
+    assert (
+        r.usage.completion_tokens == len(tokenizer.encode(choice.message.content, add_special_tokens=False)) + 1
+    )  # + <|im_end|>
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
 def test_chat_stream_one_finish_chunk_per_choice_and_usage(client):
     plain = client.chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=24)
-    chunks = list(client.chat.completions.create(
-        model="smollm2", messages=QUESTION, temperature=0, max_tokens=24, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="smollm2",
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     finishes = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
     assert len(finishes) == 1
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -62,14 +69,18 @@ def test_chat_stream_one_finish_chunk_per_choice_and_usage(client):
 
 
 def test_chat_n_and_max_completion_tokens(client):
-    r = client.chat.completions.create(model="smollm2", messages=QUESTION, n=3, temperature=1.0, max_completion_tokens=5, seed=7)
+    r = client.chat.completions.create(
+        model="smollm2", messages=QUESTION, n=3, temperature=1.0, max_completion_tokens=5, seed=7
+    )
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert all(c.finish_reason in ("length", "stop") for c in r.choices)
     assert r.usage.completion_tokens <= 15
 
 
 def test_completions_prompt_forms_echo_and_logprobs(client, tokenizer):
-    r = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2)
+    r = client.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2
+    )
     assert r.choices[0].text.startswith(" Paris")
     assert len(r.choices[0].logprobs.tokens) == 4 and all(len(t) >= 2 for t in r.choices[0].logprobs.top_logprobs)
     batch = client.completions.create(model="smollm2", prompt=["Hello", "Goodbye"], max_tokens=3, temperature=0)
@@ -77,7 +88,9 @@ def test_completions_prompt_forms_echo_and_logprobs(client, tokenizer):
     ids = tokenizer.encode("The capital of France is")
     by_ids = client.completions.create(model="smollm2", prompt=ids, max_tokens=4, temperature=0)
     assert by_ids.choices[0].text == r.choices[0].text
-    echo = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0, echo=True)
+    echo = client.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0, echo=True
+    )
     assert echo.choices[0].text == "The capital of France is" + r.choices[0].text
 
 

@@ -9,8 +9,14 @@ def test_engine_tknp_matches_plain_engine(engine_factory, make_tiny_model):
     params = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
     plain = engine_factory(model_path=path, dtype="float32", max_total_tokens=2048)
     expected = [o["output_ids"] for o in plain.generate(input_ids=prompts, sampling_params=params)]
-    with Engine(model_path=path, dtype="float32", max_total_tokens=2048, tknp_size=2,
-                load_balance_method="round_robin", log_level="warning") as engine:
+    with Engine(
+        model_path=path,
+        dtype="float32",
+        max_total_tokens=2048,
+        tknp_size=2,
+        load_balance_method="round_robin",
+        log_level="warning",
+    ) as engine:
         assert engine.scheduler is None, "no in-process scheduler: ranks run in their own processes"
         outs = engine.generate(input_ids=prompts, sampling_params=params)
         assert [o["output_ids"] for o in outs] == expected

@@ -45,21 +45,39 @@ def _run_requests(runner_forward, runner, prompts, rank_reqs):
                 results[idx] = (it.req.output_ids, out.next_token_logits[row].clone())
 
     # chunked prefill: the first 8 tokens of every prompt, then the rest with sampling
-    step([ScheduledReq(r, min(8, len(r.origin_input_ids) - 1), False) for r in reqs.values() if len(r.origin_input_ids) > 1])
+    step(
+        [
+            ScheduledReq(r, min(8, len(r.origin_input_ids) - 1), False)
+            for r in reqs.values()
+            if len(r.origin_input_ids) > 1
+        ]
+    )
     step([ScheduledReq(r, len(r.fill_ids) - r.kv_len, True) for r in reqs.values()])
     for _ in range(DECODE_STEPS):
         step([ScheduledReq(r, 1, True) for r in reqs.values()])
     return {i: (list(ids), logits) for i, (ids, logits) in results.items()}
 
 
-def _runner(model_path, hold_weights, tp=None, page_size=1, dtype="float32", attention_backend="torch_native", **graph_args):
+def _runner(
+    model_path, hold_weights, tp=None, page_size=1, dtype="float32", attention_backend="torch_native", **graph_args
+):
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.layers.tensor_parallel import TpGroup
     from sglang.srt.model_executor.model_runner import ModelRunner
 
     cfg = ModelConfig.from_path(model_path, dtype=dtype)
-    return ModelRunner(cfg, "cpu", attention_backend, 0.5, max_total_tokens=1024, max_running_requests=8,
-                       hold_weights=hold_weights, tp=tp or TpGroup(), page_size=page_size, **graph_args)
+    return ModelRunner(
+        cfg,
+        "cpu",
+        attention_backend,
+        0.5,
+        max_total_tokens=1024,
+        max_running_requests=8,
+        hold_weights=hold_weights,
+        tp=tp or TpGroup(),
+        page_size=page_size,
+        **graph_args,
+    )
 
 
 def _rank_main(rank, tknp, tp, all_to_all, page_size, init_file, model_path):
@@ -72,7 +90,9 @@ def _rank_main(rank, tknp, tp, all_to_all, page_size, init_file, model_path):
     state = init_distributed(RankLayout(tknp_size=tknp, tp_size=tp), rank, f"file://{init_file}", "gloo")
     runner = _runner(model_path, hold_weights=state.coords.tknp == 0, tp=TpGroup.of(state), page_size=page_size)
     param_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters() if not p.is_meta)
-    forward = TknpModelRunner(runner, TknpComm.of(state, use_all_to_all=all_to_all)).forward if tknp > 1 else runner.forward
+    forward = (
+        TknpModelRunner(runner, TknpComm.of(state, use_all_to_all=all_to_all)).forward if tknp > 1 else runner.forward
+    )
     # shifted so the root is idle in some steps (tknp 2, 3) or all of them (tknp 6)
     mine = [i for i in range(len(PROMPTS)) if (i + 1) % tknp == state.coords.tknp]
     results = _run_requests(forward, runner, PROMPTS, mine)
@@ -82,8 +102,15 @@ def _rank_main(rank, tknp, tp, all_to_all, page_size, init_file, model_path):
 
 @pytest.mark.parametrize(
     "tknp,tp,all_to_all,page_size",
-    [(2, 1, False, 1), (3, 1, True, 1), (6, 1, False, 1), (6, 1, True, 1), (1, 2, False, 1), (2, 2, True, 1),
-     (3, 1, False, 16)],
+    [
+        (2, 1, False, 1),
+        (3, 1, True, 1),
+        (6, 1, False, 1),
+        (6, 1, True, 1),
+        (1, 2, False, 1),
+        (2, 2, True, 1),
+        (3, 1, False, 16),
+    ],
     ids=["tknp2", "tknp3-a2a", "tknp6", "tknp6-a2a", "tp2", "tknp2xtp2-a2a", "tknp3-page16"],
 )
 def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, tp, all_to_all, page_size):
@@ -100,7 +127,9 @@ def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, t
     got = run_ranks(_rank_main, world, tknp, tp, all_to_all, page_size, str(tmp_path / "init"), model_path)
     # global rank = tknp_rank * tp + tp_rank: the first tp ranks are the root's shards
     root_bytes = [got[r][0] for r in range(tp)]
-    assert all(0 < b < full_bytes * (0.6 if tp > 1 else 1.01) for b in root_bytes), f"root shards {root_bytes} of {full_bytes}"
+    assert all(0 < b < full_bytes * (0.6 if tp > 1 else 1.01) for b in root_bytes), (
+        f"root shards {root_bytes} of {full_bytes}"
+    )
     assert all(got[r][0] == 0 for r in range(tp, world)), "only the root holds weights"
     # TP replicas of a TKNP rank return the same thing
     for r in range(world):

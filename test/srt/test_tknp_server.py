@@ -9,7 +9,6 @@ import time
 
 import pytest
 import requests
-
 from conftest import ServerProcess, assert_same_generations
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -38,9 +37,22 @@ def _workload():
             # Seeded sampling over a top-k set: a random tiny model's full distribution is nearly
             # uniform over 49k tokens, where last-bit logit differences between batch shapes
             # (matmul blocking, padded attention) can move an inverse-CDF draw to a neighbour.
-            params = {"temperature": 0.8, "top_k": 20, "top_p": 0.95, "sampling_seed": 1000 + i,
-                      "max_new_tokens": 48, "ignore_eos": True}
-        reqs.append({"input_ids": ids, "sampling_params": params, "return_logprob": True, "logprob_start_len": max(len(ids) - 4, 0)})
+            params = {
+                "temperature": 0.8,
+                "top_k": 20,
+                "top_p": 0.95,
+                "sampling_seed": 1000 + i,
+                "max_new_tokens": 48,
+                "ignore_eos": True,
+            }
+        reqs.append(
+            {
+                "input_ids": ids,
+                "sampling_params": params,
+                "return_logprob": True,
+                "logprob_start_len": max(len(ids) - 4, 0),
+            }
+        )
     return reqs
 
 
@@ -60,7 +72,9 @@ def test_parity_across_tknp_and_tp_sizes_with_retraction(model_path):
         # holds the largest one (98 prompt + 105 new tokens). Outputs this long keep each
         # rank's requests overlapping even when ranks outpace the requests' arrival (measured
         # at tknp 3: 7-12 retractions a run, against 0-7 with a third of the outputs).
-        server = _server(model_path, tknp, "--tp-size", str(tp), "--max-total-tokens", "205", "--chunked-prefill-size", "128")
+        server = _server(
+            model_path, tknp, "--tp-size", str(tp), "--max-total-tokens", "205", "--chunked-prefill-size", "128"
+        )
         try:
             results[tknp, tp] = _run_concurrently(server, _workload())
             info = requests.get(server.url + "/server_info").json()
@@ -77,7 +91,10 @@ def test_root_only_weights_capacity_and_observability(model_path):
     server = _server(model_path, 2, "--enable-metrics", "--load-balance-method", "round_robin")
     try:
         for i in range(4):
-            requests.post(server.url + "/generate", json={"input_ids": [5 + i] * 8, "sampling_params": {**GREEDY, "max_new_tokens": 3}})
+            requests.post(
+                server.url + "/generate",
+                json={"input_ids": [5 + i] * 8, "sampling_params": {**GREEDY, "max_new_tokens": 3}},
+            )
         info = requests.get(server.url + "/server_info").json()
         root, other = info["internal_states"]
         assert root["weight_bytes"] > 0 and other["weight_bytes"] == 0
@@ -106,14 +123,19 @@ def test_cache_aware_keeps_a_shared_prefix_on_one_rank(model_path):
     server = _server(model_path, 2, "--load-balance-method", "cache_aware", "--max-total-tokens", "8192")
     try:
         prefix = [300 + (i % 500) for i in range(512)]
-        shared = [{"input_ids": prefix + [1000 + i], "sampling_params": {**GREEDY, "max_new_tokens": 4}} for i in range(8)]
+        shared = [
+            {"input_ids": prefix + [1000 + i], "sampling_params": {**GREEDY, "max_new_tokens": 4}} for i in range(8)
+        ]
         first = requests.post(server.url + "/generate", json=shared[0]).json()
         assert first["meta_info"]["cached_tokens"] == 0
         rest = _run_concurrently(server, shared[1:])
         assert all(r["meta_info"]["cached_tokens"] >= 512 for r in rest)
         placements = requests.get(server.url + "/server_info").json()["placements"]
         assert sorted(placements) == [0, 8], "all 8 sharing requests on one rank"
-        unrelated = [{"input_ids": [2000 + 37 * i + j for j in range(40)], "sampling_params": {**GREEDY, "max_new_tokens": 30}} for i in range(6)]
+        unrelated = [
+            {"input_ids": [2000 + 37 * i + j for j in range(40)], "sampling_params": {**GREEDY, "max_new_tokens": 30}}
+            for i in range(6)
+        ]
         _run_concurrently(server, unrelated)
         placements = requests.get(server.url + "/server_info").json()["placements"]
         assert min(placements) >= 3, f"unrelated requests spread: {placements}"
@@ -127,7 +149,7 @@ def _rank_pids(server_pid):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/status") as f:
-                    ppid = int(next(l for l in f if l.startswith("PPid:")).split()[1])
+                    ppid = int(next(line for line in f if line.startswith("PPid:")).split()[1])
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
                     cmd = f.read()
             except (OSError, StopIteration):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-
 from sglang.srt import server_args as server_args_module
 from sglang.srt.server_args import ServerArgs
 
@@ -54,7 +53,9 @@ def test_default(flashinfer_installed, device: str, dtype: str, installed: bool,
         ("cuda", "float32", True, "it has no float32 kernels"),
     ],
 )
-def test_explicit_flashinfer_where_it_cannot_run(flashinfer_installed, device: str, dtype: str, installed: bool, reason: str):
+def test_explicit_flashinfer_where_it_cannot_run(
+    flashinfer_installed, device: str, dtype: str, installed: bool, reason: str
+):
     flashinfer_installed(installed)
     with pytest.raises(ValueError, match=f"--attention-backend flashinfer cannot run here: {reason}") as err:
         ServerArgs(device=device, dtype=dtype, attention_backend="flashinfer").resolve()

@@ -4,7 +4,6 @@ that CPU runs never build a graph runner."""
 import argparse
 
 import pytest
-
 from sglang.srt.model_executor.cuda_graph_runner import bucket_for, capture_batch_sizes
 from sglang.srt.server_args import ServerArgs
 
@@ -47,7 +46,9 @@ def test_cpu_runner_runs_eagerly(make_tiny_model):
     from sglang.srt.model_executor.model_runner import ModelRunner
 
     cfg = ModelConfig.from_path(str(make_tiny_model("llama")), dtype="float32")
-    runner = ModelRunner(cfg, "cpu", "torch_native", 0.5, max_total_tokens=64, max_running_requests=4, cuda_graph_max_bs=4)
+    runner = ModelRunner(
+        cfg, "cpu", "torch_native", 0.5, max_total_tokens=64, max_running_requests=4, cuda_graph_max_bs=4
+    )
     assert runner.cuda_graph_runner is None
     assert runner.req_to_token_pool.padding_row == 4
     assert not runner.req_to_token_pool.req_to_token[4].any()

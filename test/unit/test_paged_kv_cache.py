@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.mem_cache.kv_cache_manager import KVCacheManager
 from sglang.srt.mem_cache.memory_pool import (
@@ -237,8 +236,14 @@ def test_random_requests_keep_every_page_in_one_place(page_size):
         op = rng.random()
         if op < 0.3 and kv.req_to_token_pool.available_size():
             stem = rng.choice(stems)
-            req = make_req(f"r{step}", stem[: rng.randrange(1, len(stem) + 1)] + [rng.randrange(1, 50) for _ in range(rng.randrange(4))])
-            if kv.slots_needed(kv.prefix_match_len(req), len(req.fill_ids)) + kv.prefix_match_len(req) <= kv.available_size():
+            req = make_req(
+                f"r{step}",
+                stem[: rng.randrange(1, len(stem) + 1)] + [rng.randrange(1, 50) for _ in range(rng.randrange(4))],
+            )
+            if (
+                kv.slots_needed(kv.prefix_match_len(req), len(req.fill_ids)) + kv.prefix_match_len(req)
+                <= kv.available_size()
+            ):
                 assert kv.start(req) and req.prefix_len % page_size == 0
                 running.append(req)
         elif op < 0.75 and running:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from paged_attention_ref import paged_attention
 from sglang.srt.layers.attention.base import AttentionShape
 from sglang.srt.layers.attention.paged_metadata import PagedKVMetadata, build_paged_kv_metadata
@@ -43,7 +42,9 @@ class Batch:
     v: torch.Tensor
 
 
-def make_batch(reqs: list[tuple[int, int]], page_size: int, kv_dtype: torch.dtype = torch.float32, seed: int = 0) -> Batch:
+def make_batch(
+    reqs: list[tuple[int, int]], page_size: int, kv_dtype: torch.dtype = torch.float32, seed: int = 0
+) -> Batch:
     """A batch over a random KV pool whose requests own shuffled whole pages (page 0 unused), in
     shuffled req_to_token rows; prefix tokens already hold random k/v, as a cached prefix would."""
     gen = torch.Generator().manual_seed(seed)
@@ -106,8 +107,9 @@ def run_reference(batch: Batch, meta: PagedKVMetadata, layer: RadixAttention) ->
     """FlashInfer's semantics over the pool as torch_native left it (new k/v written)."""
     k_cache, v_cache = batch.forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
     paged = [c.view(-1, meta.page_size, NUM_KV_HEADS, HEAD_DIM) for c in (k_cache, v_cache)]
-    out = paged_attention(batch.q, *paged, meta.qo_indptr, meta.kv_indptr, meta.kv_indices,
-                          meta.kv_last_page_len, layer.scaling)
+    out = paged_attention(
+        batch.q, *paged, meta.qo_indptr, meta.kv_indptr, meta.kv_indices, meta.kv_last_page_len, layer.scaling
+    )
     return out.flatten(1)
 
 
@@ -117,10 +119,17 @@ def test_arrays_of_a_hand_built_batch():
     req_pool.write(2, 0, torch.tensor([12, 13, 14, 15, 28, 29]))
     req_pool.write(0, 0, torch.tensor([8, 9, 10, 11]))
     fb = ForwardBatch(
-        forward_mode=ForwardMode.EXTEND, input_ids=torch.zeros(5, dtype=torch.int64),
-        positions=torch.tensor([2, 3, 4, 5, 3]), out_cache_loc=torch.tensor([14, 15, 28, 29, 11]),
-        req_pool_indices=torch.tensor([2, 0]), seq_lens=torch.tensor([6, 4]), seq_lens_cpu=[6, 4],
-        prefix_lens=[2, 3], extend_lens=[4, 1], sample_indices=torch.tensor([3, 4]), req_to_token_pool=req_pool,
+        forward_mode=ForwardMode.EXTEND,
+        input_ids=torch.zeros(5, dtype=torch.int64),
+        positions=torch.tensor([2, 3, 4, 5, 3]),
+        out_cache_loc=torch.tensor([14, 15, 28, 29, 11]),
+        req_pool_indices=torch.tensor([2, 0]),
+        seq_lens=torch.tensor([6, 4]),
+        seq_lens_cpu=[6, 4],
+        prefix_lens=[2, 3],
+        extend_lens=[4, 1],
+        sample_indices=torch.tensor([3, 4]),
+        req_to_token_pool=req_pool,
     )
     meta = build_paged_kv_metadata(fb, page_size=4)
     assert meta.qo_indptr.tolist() == [0, 4, 5]
@@ -174,8 +183,10 @@ def test_flashinfer_backend_wiring_matches_torch_native(flashinfer_backend_for, 
         out = backend.forward(batch.q, batch.k, batch.v, layer, batch.forward_batch)
         torch.testing.assert_close(out, run_torch_native(native_batch, layer), atol=1e-5, rtol=1e-5)
         # k/v of the new tokens went into the pool, at the same slots torch_native wrote them
-        for mine, native in zip(batch.forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id),
-                                native_batch.forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)):
+        for mine, native in zip(
+            batch.forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id),
+            native_batch.forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id),
+        ):
             assert torch.equal(mine, native)
     used, unused = backend._decode_wrapper, backend._prefill_wrapper
     if case != "decode":
@@ -213,9 +224,15 @@ def test_flashinfer_backend_cuda_graph_path(flashinfer_backend_for, page_size: i
     padded = pad_decode_batch(fb, bucket, fb.req_to_token_pool.padding_row)
     zeros = lambda: torch.zeros(bucket, dtype=torch.int64)  # noqa: E731
     static = dataclasses.replace(
-        padded, input_ids=zeros(), positions=zeros(), out_cache_loc=zeros(),
-        req_pool_indices=torch.full((bucket,), fb.req_to_token_pool.padding_row), seq_lens=torch.ones(bucket, dtype=torch.int64),
-        seq_lens_cpu=[1] * bucket, prefix_lens=[0] * bucket, extend_lens=[1] * bucket,
+        padded,
+        input_ids=zeros(),
+        positions=zeros(),
+        out_cache_loc=zeros(),
+        req_pool_indices=torch.full((bucket,), fb.req_to_token_pool.padding_row),
+        seq_lens=torch.ones(bucket, dtype=torch.int64),
+        seq_lens_cpu=[1] * bucket,
+        prefix_lens=[0] * bucket,
+        extend_lens=[1] * bucket,
     )
     layer = make_layer()
     backend.init_forward_metadata_capture(static)

@@ -7,7 +7,6 @@ import dataclasses
 import datetime
 
 import pytest
-
 from sglang.srt.distributed import parallel_state as ps
 from sglang.srt.distributed.parallel_state import RankCoords, RankLayout
 

@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-
 from sglang.srt.mem_cache.memory_pool import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
 

@@ -6,7 +6,6 @@ from typing import Any, Optional
 
 import pytest
 import torch
-
 from sglang.srt.layers import sampler as sampler_module
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.sampler import (
@@ -149,14 +148,10 @@ PENALTY_LOGITS = [1.0, -1.0, 2.0, 0.5, -2.0]
         ),
     ],
 )
-def test_penalties_match_hand_computation(
-    penalties: dict[str, float], expected: list[float]
-) -> None:
+def test_penalties_match_hand_computation(penalties: dict[str, float], expected: list[float]) -> None:
     logits = torch.tensor([PENALTY_LOGITS, PENALTY_LOGITS])
     params = [SamplingParams(), SamplingParams(**penalties)]  # row 0 has no penalty
-    info = make_info(
-        params, vocab_size=5, output_ids=[[0, 0, 1], [0, 0, 1]], input_ids=[[3], [3]]
-    )
+    info = make_info(params, vocab_size=5, output_ids=[[0, 0, 1], [0, 0, 1]], input_ids=[[3], [3]])
     processed = process_logits(logits, info)
     torch.testing.assert_close(processed[1], torch.tensor(expected))
     torch.testing.assert_close(processed[0], logits[0])
@@ -221,9 +216,7 @@ def test_uniforms_are_uniform() -> None:
 
 
 # u = 1 never comes from seeded_uniforms; it stands for u * total rounding up to the total.
-@pytest.mark.parametrize(
-    "u, expected", [(0.0, 1), (0.4999, 1), (0.5, 3), (1.0 - 2**-24, 3), (1.0, 3)]
-)
+@pytest.mark.parametrize("u, expected", [(0.0, 1), (0.4999, 1), (0.5, 3), (1.0 - 2**-24, 3), (1.0, 3)])
 def test_inverse_cdf_boundaries_skip_zero_probability(u: float, expected: int) -> None:
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0, 0.0]])
     chosen = inverse_cdf(probs, probs.cumsum(-1), None, torch.tensor([u]))
@@ -333,9 +326,7 @@ def sampled_frequencies(
 def test_empirical_distribution_matches_softmax(vary_step: bool) -> None:
     logits = torch.tensor([1.0, 0.5, 0.0, -0.5, 2.0, -1.0, 0.2, 1.5])
     temperature = 0.8
-    frequencies = sampled_frequencies(
-        logits, SamplingParams(temperature=temperature), 4000, vary_step
-    )
+    frequencies = sampled_frequencies(logits, SamplingParams(temperature=temperature), 4000, vary_step)
     expected = torch.softmax(logits / temperature, dim=-1)
     assert (frequencies - expected).abs().max() < 0.03
 
@@ -386,9 +377,7 @@ def test_candidate_sets_give_the_full_sort_draw(monkeypatch: pytest.MonkeyPatch)
     for step in range(4):
         steps = [step] * num_rows
         batched = sample(logits, params, seeds=rows, steps=steps).tolist()
-        alone = [
-            sample(logits[[r]], [params[r]], seeds=[r], steps=[step]).item() for r in rows
-        ]
+        alone = [sample(logits[[r]], [params[r]], seeds=[r], steps=[step]).item() for r in rows]
         assert batched == alone
         with monkeypatch.context() as patch:
             patch.setattr(sampler_module, "_first_num_candidates", lambda _, v: v)
@@ -497,7 +486,9 @@ def test_sampling_tables_follow_the_logits_device(case: str, monkeypatch: pytest
     reqs[1].output_ids = [1, 2]
     built: list[SamplingBatchInfo] = []
     original_build = SamplingBatchInfo.build
-    monkeypatch.setattr(SamplingBatchInfo, "build", lambda *a, **kw: built.append(original_build(*a, **kw)) or built[-1])
+    monkeypatch.setattr(
+        SamplingBatchInfo, "build", lambda *a, **kw: built.append(original_build(*a, **kw)) or built[-1]
+    )
     processor = OutputProcessor(None, {7}, VOCAB)
     logits = LogitsProcessorOutput(next_token_logits=torch.randn(3, VOCAB, device="meta"))
     try:

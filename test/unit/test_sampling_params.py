@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 VOCAB = 16

@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import sgl_kernel
 import torch
 import torch.nn.functional as F
-
-import sgl_kernel
 
 ops = sgl_kernel.ops
 ISAS = sgl_kernel.supported_isas()
@@ -146,7 +145,9 @@ def test_argmax_takes_row_strides():
         ops.argmax(x.bfloat16())
 
 
-@pytest.mark.parametrize("src,cache", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "src,cache", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)]
+)
 def test_store_kv(isa, src, cache):
     g = torch.Generator().manual_seed(0)
     k_cache = torch.zeros(40, 3, 64, dtype=cache)
@@ -205,7 +206,8 @@ def _attention_ref(q, k_cache, v_cache, req_to_token, rows, seq_lens, extend_len
 
 @pytest.mark.parametrize("q_dtype,kv_dtype", ATTN_DTYPES)
 @pytest.mark.parametrize(
-    "head_dim,heads,kv_heads", [(64, 3, 3), (64, 9, 3), (128, 8, 2), (128, 16, 2), (64, 24, 2), (16, 4, 2), (80, 4, 1), (256, 2, 2)]
+    "head_dim,heads,kv_heads",
+    [(64, 3, 3), (64, 9, 3), (128, 8, 2), (128, 16, 2), (64, 24, 2), (16, 4, 2), (80, 4, 1), (256, 2, 2)],
 )
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_decode_attention(isa, q_dtype, kv_dtype, head_dim, heads, kv_heads, page_size):
@@ -283,7 +285,9 @@ needs_bf16_linear = pytest.mark.skipif(
 
 @needs_bf16_linear
 @pytest.mark.parametrize("m", [0, 1, 3, 8, 13, 32])
-@pytest.mark.parametrize("n,k,bias", [(576, 576, False), (1536, 576, True), (100, 64, True), (48, 1536, False), (40, 70, True)])
+@pytest.mark.parametrize(
+    "n,k,bias", [(576, 576, False), (1536, 576, True), (100, 64, True), (48, 1536, False), (40, 70, True)]
+)
 def test_linear_matches_torch(m, n, k, bias):
     g = torch.Generator().manual_seed(m * n + k)
     x = torch.randn(m, k, generator=g).bfloat16()

@@ -14,7 +14,9 @@ def test_one_node_uses_ipc_files():
 
 
 def test_several_nodes_reach_node_0_over_tcp():
-    args = ServerArgs(device="cpu", tknp_size=2, tp_size=2, nnodes=2, node_rank=1, dist_init_addr="10.0.0.1:5000").resolve()
+    args = ServerArgs(
+        device="cpu", tknp_size=2, tp_size=2, nnodes=2, node_rank=1, dist_init_addr="10.0.0.1:5000"
+    ).resolve()
     assert list(args.node_ranks()) == [2, 3]
     ipc = socket_addresses(args, "/tmp/x")
     assert ipc["dist_init"] == "tcp://10.0.0.1:5000"

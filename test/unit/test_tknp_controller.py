@@ -1,21 +1,34 @@
 """TKNP placement decisions and load merging (no processes: the policy is a plain object)."""
 
 import pytest
-
 from sglang.srt.managers.io_struct import GetLoadReqOutput, TokenizedGenerateReqInput
 from sglang.srt.managers.tknp_controller import ApproxPrefixTree, PlacementPolicy, merge_loads
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 
 def req(ids, max_new=16):
-    return TokenizedGenerateReqInput(rid="r", input_ids=list(ids), sampling_params=SamplingParams(max_new_tokens=max_new), seed=0)
+    return TokenizedGenerateReqInput(
+        rid="r", input_ids=list(ids), sampling_params=SamplingParams(max_new_tokens=max_new), seed=0
+    )
 
 
 def load(rank, used, pending=0, received=0, capacity=1000):
-    return GetLoadReqOutput(num_running_reqs=0, num_waiting_reqs=0, max_total_num_tokens=capacity,
-                            kv_tokens_free=capacity - used, kv_tokens_cached=0, kv_tokens_used=used,
-                            kv_tokens_pending=pending, num_received_reqs=received, max_running_requests=8, num_retractions=0, cache_hit_tokens=0, prompt_tokens=0,
-                            generation_tokens=0, tknp_rank=rank)
+    return GetLoadReqOutput(
+        num_running_reqs=0,
+        num_waiting_reqs=0,
+        max_total_num_tokens=capacity,
+        kv_tokens_free=capacity - used,
+        kv_tokens_cached=0,
+        kv_tokens_used=used,
+        kv_tokens_pending=pending,
+        num_received_reqs=received,
+        max_running_requests=8,
+        num_retractions=0,
+        cache_hit_tokens=0,
+        prompt_tokens=0,
+        generation_tokens=0,
+        tknp_rank=rank,
+    )
 
 
 def test_approx_tree_matches_longest_placed_prefix():
@@ -34,12 +47,12 @@ def test_round_robin_cycles():
 
 def test_shortest_queue_weighs_load_by_capacity():
     policy = PlacementPolicy("shortest_queue", [1000, 4000])
-    policy.update(load(0, 100, capacity=1000))   # 10% used
-    policy.update(load(1, 800, capacity=4000))   # 20% used
+    policy.update(load(0, 100, capacity=1000))  # 10% used
+    policy.update(load(1, 800, capacity=4000))  # 20% used
     assert policy.place(req([1] * 10)) == 0
     # the placed request's tokens count until the next report: 100 + 10 + 16 + 500 more
     assert policy.place(req([2] * 500)) == 0  # rank 0 at 12.6% still lighter than 20%
-    assert policy.place(req([3] * 10)) == 1   # now rank 0 is at 62.6%
+    assert policy.place(req([3] * 10)) == 1  # now rank 0 is at 62.6%
 
 
 def test_a_report_forgets_only_the_requests_it_counted():

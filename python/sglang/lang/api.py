@@ -90,17 +90,34 @@ def gen(
     """Generate text into variable `name`. Unset arguments take the defaults given to run().
     With `choices`, this is `select`."""
     if choices:
-        return SglSelect(name, choices, 0.0 if temperature is None else temperature, choices_method or token_length_normalized)
+        return SglSelect(
+            name, choices, 0.0 if temperature is None else temperature, choices_method or token_length_normalized
+        )
     if regex is not None:
         re.compile(regex)  # a malformed pattern fails here, not on the server
-    return SglGen(name, {
-        "max_new_tokens": max_tokens, "min_new_tokens": min_tokens, "stop": stop, "stop_token_ids": stop_token_ids,
-        "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p,
-        "frequency_penalty": frequency_penalty, "presence_penalty": presence_penalty, "ignore_eos": ignore_eos,
-        "return_logprob": return_logprob, "logprob_start_len": logprob_start_len,
-        "top_logprobs_num": top_logprobs_num, "return_text_in_logprobs": return_text_in_logprobs,
-        "dtype": dtype, "regex": regex, "json_schema": json_schema_str(json_schema),
-    })
+    return SglGen(
+        name,
+        {
+            "max_new_tokens": max_tokens,
+            "min_new_tokens": min_tokens,
+            "stop": stop,
+            "stop_token_ids": stop_token_ids,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "min_p": min_p,
+            "frequency_penalty": frequency_penalty,
+            "presence_penalty": presence_penalty,
+            "ignore_eos": ignore_eos,
+            "return_logprob": return_logprob,
+            "logprob_start_len": logprob_start_len,
+            "top_logprobs_num": top_logprobs_num,
+            "return_text_in_logprobs": return_text_in_logprobs,
+            "dtype": dtype,
+            "regex": regex,
+            "json_schema": json_schema_str(json_schema),
+        },
+    )
 
 
 def gen_int(name: Optional[str] = None, **kwargs: Any) -> SglExpr:

@@ -49,12 +49,19 @@ class FixedChatTemplate(ChatTemplate):
 
 
 BUILTIN_TEMPLATES = {
-    "default": FixedChatTemplate("default", {
-        "system": ("SYSTEM:", "\n"), "user": ("USER:", "\n"), "assistant": ("ASSISTANT:", "\n"),
-    }),
-    "chatml": FixedChatTemplate("chatml", {
-        role: (f"<|im_start|>{role}\n", "<|im_end|>\n") for role in ("system", "user", "assistant")
-    }, stop_str=("<|im_end|>",)),
+    "default": FixedChatTemplate(
+        "default",
+        {
+            "system": ("SYSTEM:", "\n"),
+            "user": ("USER:", "\n"),
+            "assistant": ("ASSISTANT:", "\n"),
+        },
+    ),
+    "chatml": FixedChatTemplate(
+        "chatml",
+        {role: (f"<|im_start|>{role}\n", "<|im_end|>\n") for role in ("system", "user", "assistant")},
+        stop_str=("<|im_end|>",),
+    ),
 }
 
 
@@ -79,7 +86,9 @@ class JinjaChatTemplate(ChatTemplate):
         self.stop_str = (suffix.strip(),) if suffix.strip() else ()
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token="")
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token=""
+        )
 
     def get_prefix_and_suffix(self, role: str, history: list[dict]) -> tuple[str, str]:
         return _split_role(self, role, tuple((m["role"], m["content"]) for m in history))
@@ -90,7 +99,7 @@ class JinjaChatTemplate(ChatTemplate):
         after = self.render(history + [{"role": role, "content": _SENTINEL}])
         if not after.startswith(before) or after.count(_SENTINEL) != 1:
             return None
-        prefix, suffix = after[len(before):].split(_SENTINEL)
+        prefix, suffix = after[len(before) :].split(_SENTINEL)
         return prefix, suffix
 
 

@@ -51,16 +51,30 @@ class ChoicesSamplingMethod:
 
 
 def _meta(normalized, inputs, outputs, **extra) -> dict[str, Any]:
-    return {"normalized_prompt_logprobs": normalized, "input_token_logprobs": inputs, "output_token_logprobs": outputs, **extra}
+    return {
+        "normalized_prompt_logprobs": normalized,
+        "input_token_logprobs": inputs,
+        "output_token_logprobs": outputs,
+        **extra,
+    }
 
 
 class TokenLengthNormalized(ChoicesSamplingMethod):
     """The choice whose tokens have the highest mean logprob (the default)."""
 
-    def __call__(self, *, choices, normalized_prompt_logprobs, input_token_logprobs, output_token_logprobs,
-                 unconditional_token_logprobs=None) -> ChoicesDecision:
+    def __call__(
+        self,
+        *,
+        choices,
+        normalized_prompt_logprobs,
+        input_token_logprobs,
+        output_token_logprobs,
+        unconditional_token_logprobs=None,
+    ) -> ChoicesDecision:
         best = _first_best(normalized_prompt_logprobs)
-        return ChoicesDecision(choices[best], _meta(normalized_prompt_logprobs, input_token_logprobs, output_token_logprobs))
+        return ChoicesDecision(
+            choices[best], _meta(normalized_prompt_logprobs, input_token_logprobs, output_token_logprobs)
+        )
 
 
 class GreedyTokenSelection(ChoicesSamplingMethod):
@@ -70,8 +84,15 @@ class GreedyTokenSelection(ChoicesSamplingMethod):
     choice competes on its average rather than dropping out.
     """
 
-    def __call__(self, *, choices, normalized_prompt_logprobs, input_token_logprobs, output_token_logprobs,
-                 unconditional_token_logprobs=None) -> ChoicesDecision:
+    def __call__(
+        self,
+        *,
+        choices,
+        normalized_prompt_logprobs,
+        input_token_logprobs,
+        output_token_logprobs,
+        unconditional_token_logprobs=None,
+    ) -> ChoicesDecision:
         width = max(len(entries) for entries in input_token_logprobs)
         rows = []
         for entries in input_token_logprobs:
@@ -84,7 +105,9 @@ class GreedyTokenSelection(ChoicesSamplingMethod):
             alive = [i for i in alive if rows[i][pos] == top]
             if len(alive) == 1:
                 break
-        meta = _meta(normalized_prompt_logprobs, input_token_logprobs, output_token_logprobs, greedy_logprob_matrix=rows)
+        meta = _meta(
+            normalized_prompt_logprobs, input_token_logprobs, output_token_logprobs, greedy_logprob_matrix=rows
+        )
         return ChoicesDecision(choices[alive[0]], meta)
 
 
@@ -94,8 +117,15 @@ class UnconditionalLikelihoodNormalized(ChoicesSamplingMethod):
 
     requires_unconditional_logprobs = True
 
-    def __call__(self, *, choices, normalized_prompt_logprobs, input_token_logprobs, output_token_logprobs,
-                 unconditional_token_logprobs=None) -> ChoicesDecision:
+    def __call__(
+        self,
+        *,
+        choices,
+        normalized_prompt_logprobs,
+        input_token_logprobs,
+        output_token_logprobs,
+        unconditional_token_logprobs=None,
+    ) -> ChoicesDecision:
         if unconditional_token_logprobs is None:
             raise ValueError("unconditional_likelihood_normalized needs unconditional token logprobs")
         scores = []
@@ -104,9 +134,13 @@ class UnconditionalLikelihoodNormalized(ChoicesSamplingMethod):
                 raise ValueError(f"{len(cond)} conditional but {len(uncond)} unconditional logprobs for one choice")
             gains = [c - u for c, u in zip(_values(cond), _values(uncond))]
             scores.append(sum(gains) / len(gains) if gains else -math.inf)
-        meta = _meta(normalized_prompt_logprobs, input_token_logprobs, output_token_logprobs,
-                     unconditional_token_logprobs=unconditional_token_logprobs,
-                     normalized_unconditional_prompt_logprobs=scores)
+        meta = _meta(
+            normalized_prompt_logprobs,
+            input_token_logprobs,
+            output_token_logprobs,
+            unconditional_token_logprobs=unconditional_token_logprobs,
+            normalized_unconditional_prompt_logprobs=scores,
+        )
         return ChoicesDecision(choices[_first_best(scores)], meta)
 
 

@@ -80,8 +80,14 @@ def ssl_context_for(verify: Any) -> Optional[ssl.SSLContext]:
     return ssl.create_default_context(cafile=verify)
 
 
-def _open(url: str, body: Optional[dict], method: Optional[str], api_key: Optional[str], timeout: float,
-          ssl_context: Optional[ssl.SSLContext]):
+def _open(
+    url: str,
+    body: Optional[dict],
+    method: Optional[str],
+    api_key: Optional[str],
+    timeout: float,
+    ssl_context: Optional[ssl.SSLContext],
+):
     data = None if body is None else json.dumps(body).encode("utf-8")
     headers = {"Accept": "application/json"}
     if data is not None:

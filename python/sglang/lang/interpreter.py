@@ -33,8 +33,13 @@ from sglang.lang.ir import (
 class StreamExecutor:
     """The text, messages and variables of one program (or one fork branch), and its worker."""
 
-    def __init__(self, backend: Any, default_params: SglSamplingParams, chat_template: Optional[ChatTemplate] = None,
-                 stream: bool = False):
+    def __init__(
+        self,
+        backend: Any,
+        default_params: SglSamplingParams,
+        chat_template: Optional[ChatTemplate] = None,
+        stream: bool = False,
+    ):
         self.sid = uuid.uuid4().hex
         self.backend = backend
         self.default_params = default_params
@@ -135,7 +140,11 @@ class StreamExecutor:
             child.messages_ = list(self.messages_)
             child.variables = dict(self.variables)
             child.meta_info = dict(self.meta_info)
-            child.cur_role, child.cur_role_begin_pos, child.cur_role_suffix = self.cur_role, self.cur_role_begin_pos, self.cur_role_suffix
+            child.cur_role, child.cur_role_begin_pos, child.cur_role_suffix = (
+                self.cur_role,
+                self.cur_role_begin_pos,
+                self.cur_role_suffix,
+            )
             child.fork_start_text_pos = len(self.text_)
             children.append(child)
         return children
@@ -233,7 +242,7 @@ class StreamExecutor:
     def _execute_role_end(self, role: str) -> None:
         if self.cur_role != role:
             raise ValueError(f"the {role!r} role ends but {self.cur_role!r} is the open role")
-        content = self.text_[self.cur_role_begin_pos:].lstrip()
+        content = self.text_[self.cur_role_begin_pos :].lstrip()
         self._append(self.cur_role_suffix)
         self.messages_.append({"role": role, "content": content})
         self.cur_role = None

@@ -83,18 +83,21 @@ class ProgramState:
             yield self.text() if var_name is None else self.get_var(var_name)
             return
         if var_name is None:
+
             def current() -> str:
                 return exe.text_
 
             def complete() -> bool:
                 return exe.is_finished
         else:
+
             def current() -> str:
                 value = exe.variables.get(var_name, "")
                 return value if isinstance(value, str) else ""
 
             def complete() -> bool:
                 return var_name in exe.variables and not exe._pending[var_name]
+
         seen = 0
         while True:
             exe.wait_for_change(lambda: len(current()) > seen or complete())
@@ -169,9 +172,11 @@ class ProgramStateGroup:
             raise errors[0]
         src = self.src_state.stream_executor
         if mode == "gather_variable":
-            names = dict.fromkeys(n for st in self.states for n in st.stream_executor.variables if n not in self._inherited)
+            names = dict.fromkeys(
+                n for st in self.states for n in st.stream_executor.variables if n not in self._inherited
+            )
             for name in names:
                 src.set_var(name, [s.stream_executor.variables.get(name) for s in self.states])
         else:
-            added = "".join(s.stream_executor.text_[s.stream_executor.fork_start_text_pos:] for s in self.states)
+            added = "".join(s.stream_executor.text_[s.stream_executor.fork_start_text_pos :] for s in self.states)
             self.src_state += added

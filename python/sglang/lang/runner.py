@@ -15,8 +15,15 @@ from sglang.lang.program_state import ProgramState
 _MIN_PREFIX_CHARS_TO_CACHE = 64
 
 
-def run_program(program: SglFunction, backend: Any, args: tuple, kwargs: dict, default_params: SglSamplingParams,
-                stream: bool, raise_errors: bool = True) -> ProgramState:
+def run_program(
+    program: SglFunction,
+    backend: Any,
+    args: tuple,
+    kwargs: dict,
+    default_params: SglSamplingParams,
+    stream: bool,
+    raise_errors: bool = True,
+) -> ProgramState:
     """Run one program. With `stream=True` it runs on its own thread and this returns at once."""
     state = ProgramState(StreamExecutor(backend, default_params, stream=stream))
     if stream:
@@ -44,8 +51,14 @@ def _run_function(program: SglFunction, state: ProgramState, args: tuple, kwargs
         raise exe.error_
 
 
-def run_program_batch(program: SglFunction, backend: Any, batch_kwargs: list[dict], default_params: SglSamplingParams,
-                      num_threads: Any, progress_bar: bool) -> list[ProgramState]:
+def run_program_batch(
+    program: SglFunction,
+    backend: Any,
+    batch_kwargs: list[dict],
+    default_params: SglSamplingParams,
+    num_threads: Any,
+    progress_bar: bool,
+) -> list[ProgramState]:
     """Run one program per argument set on a thread pool; a failed program's state holds its
     error (`state.error()`; reading its variables raises it)."""
     if not batch_kwargs:
@@ -65,7 +78,9 @@ def run_program_batch(program: SglFunction, backend: Any, batch_kwargs: list[dic
 
         bar = tqdm.tqdm(total=len(batch_kwargs))
     with ThreadPoolExecutor(num_threads, thread_name_prefix="sgl-batch") as pool:
-        futures = [pool.submit(run_program, program, backend, (), kw, default_params, False, False) for kw in batch_kwargs]
+        futures = [
+            pool.submit(run_program, program, backend, (), kw, default_params, False, False) for kw in batch_kwargs
+        ]
         if bar is not None:
             for f in futures:
                 f.add_done_callback(lambda _: bar.update())

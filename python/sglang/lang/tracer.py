@@ -12,8 +12,8 @@ from typing import Any
 
 from sglang.lang.backend.base_backend import BaseBackend
 from sglang.lang.interpreter import StreamExecutor
-from sglang.lang.program_state import ProgramState
 from sglang.lang.ir import SglExpr, SglFunction, SglSamplingParams
+from sglang.lang.program_state import ProgramState
 
 
 class _StopTracing(Exception):

@@ -39,7 +39,9 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 
 @dataclass
 class ServerArgs:
-    model_path: Optional[str] = _opt(None, "HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    model_path: Optional[str] = _opt(
+        None, "HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+    )
     tokenizer_path: Optional[str] = _opt(None, "tokenizer directory (default: the model's)")
     host: str = _opt("127.0.0.1", "address to bind")
     port: int = _opt(30000, "port to bind")
@@ -47,21 +49,41 @@ class ServerArgs:
     context_length: Optional[int] = _opt(None, "maximum tokens per request (default: the model's)")
     device: str = _opt("auto", "device to run on", choices=DEVICES)
     tp_size: int = _opt(1, "tensor parallel size")
-    tknp_size: int = _opt(1, "token parallel size: attention ranks, each owning the KV of its requests; weights on the first only")
-    load_balance_method: str = _opt("cache_aware", "how the TKNP controller places requests on ranks", choices=LOAD_BALANCE_METHODS)
+    tknp_size: int = _opt(
+        1, "token parallel size: attention ranks, each owning the KV of its requests; weights on the first only"
+    )
+    load_balance_method: str = _opt(
+        "cache_aware", "how the TKNP controller places requests on ranks", choices=LOAD_BALANCE_METHODS
+    )
     dp_size: int = _opt(1, "data parallel size (only 1; use --tknp-size to scale KV capacity)")
-    nnodes: int = _opt(1, "hosts the ranks span; ranks are split evenly, node 0 holding the first ones and serving HTTP")
+    nnodes: int = _opt(
+        1, "hosts the ranks span; ranks are split evenly, node 0 holding the first ones and serving HTTP"
+    )
     node_rank: int = _opt(0, "this host's index among --nnodes (0 serves HTTP; the others run their ranks only)")
-    dist_init_addr: Optional[str] = _opt(None, "host:port of node 0 for --nnodes > 1: the ranks meet there, and the internal sockets use the ports after it")
+    dist_init_addr: Optional[str] = _opt(
+        None,
+        "host:port of node 0 for --nnodes > 1: the ranks meet there, and the internal sockets use the ports after it",
+    )
     mem_fraction_static: Optional[float] = _opt(None, "share of memory for weights and KV cache")
-    max_total_tokens: Optional[int] = _opt(None, "KV cache capacity in tokens, rounded down to whole pages (overrides mem-fraction-static)")
-    page_size: int = _opt(1, "tokens per KV cache page; the pool and the prefix cache work in whole pages (FlashInfer's paged KV cache)")
+    max_total_tokens: Optional[int] = _opt(
+        None, "KV cache capacity in tokens, rounded down to whole pages (overrides mem-fraction-static)"
+    )
+    page_size: int = _opt(
+        1, "tokens per KV cache page; the pool and the prefix cache work in whole pages (FlashInfer's paged KV cache)"
+    )
     max_running_requests: Optional[int] = _opt(None, "maximum requests decoding at once")
     chunked_prefill_size: Optional[int] = _opt(None, "prefill tokens per step; -1 disables chunking")
     schedule_policy: str = _opt("fcfs", "order in which waiting requests are admitted", choices=SCHEDULE_POLICIES)
     disable_radix_cache: bool = _opt(False, "disable prefix caching")
-    attention_backend: Optional[str] = _opt(None, "attention kernels (default: flashinfer on CUDA when installed; on CPU, cpu (sgl_kernel's native kernels) when built, else torch_native, the plain-torch reference)", choices=ATTENTION_BACKENDS)
-    cuda_graph_max_bs: Optional[int] = _opt(None, f"largest decode batch replayed from a CUDA graph (default: {_DEFAULT_CUDA_GRAPH_MAX_BS}); larger batches run eagerly")
+    attention_backend: Optional[str] = _opt(
+        None,
+        "attention kernels (default: flashinfer on CUDA when installed; on CPU, cpu (sgl_kernel's native kernels) when built, else torch_native, the plain-torch reference)",
+        choices=ATTENTION_BACKENDS,
+    )
+    cuda_graph_max_bs: Optional[int] = _opt(
+        None,
+        f"largest decode batch replayed from a CUDA graph (default: {_DEFAULT_CUDA_GRAPH_MAX_BS}); larger batches run eagerly",
+    )
     disable_cuda_graph: bool = _opt(False, "run every forward eagerly (CUDA graphs are never used on CPU)")
     random_seed: Optional[int] = _opt(None, "seed for requests that do not set sampling_seed")
     api_key: Optional[str] = _opt(None, "require 'Authorization: Bearer <key>' on every endpoint but /health")
@@ -76,16 +98,27 @@ class ServerArgs:
         _check(self.port > 0 and self.port < 65536, "--port must be in 1..65535", self.port)
         _check(self.tp_size >= 1, "--tp-size must be >= 1", self.tp_size)
         _check(self.tknp_size >= 1, "--tknp-size must be >= 1", self.tknp_size)
-        _check(self.load_balance_method in LOAD_BALANCE_METHODS,
-               f"--load-balance-method must be one of {', '.join(LOAD_BALANCE_METHODS)}", self.load_balance_method)
+        _check(
+            self.load_balance_method in LOAD_BALANCE_METHODS,
+            f"--load-balance-method must be one of {', '.join(LOAD_BALANCE_METHODS)}",
+            self.load_balance_method,
+        )
         if self.dp_size != 1:
             if self.tknp_size > 1:
-                raise ValueError(f"--tknp-size {self.tknp_size} and --dp-size {self.dp_size} are mutually exclusive; set one of them to 1")
-            raise ValueError(f"--dp-size must be 1 (data parallelism is not supported; use --tknp-size), got {self.dp_size}")
+                raise ValueError(
+                    f"--tknp-size {self.tknp_size} and --dp-size {self.dp_size} are mutually exclusive; set one of them to 1"
+                )
+            raise ValueError(
+                f"--dp-size must be 1 (data parallelism is not supported; use --tknp-size), got {self.dp_size}"
+            )
         self._check_nodes()
         _check(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}", self.dtype)
         _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}", self.device)
-        _check(self.schedule_policy in SCHEDULE_POLICIES, f"--schedule-policy must be one of {', '.join(SCHEDULE_POLICIES)}", self.schedule_policy)
+        _check(
+            self.schedule_policy in SCHEDULE_POLICIES,
+            f"--schedule-policy must be one of {', '.join(SCHEDULE_POLICIES)}",
+            self.schedule_policy,
+        )
         for name in ("context_length", "max_total_tokens", "max_running_requests"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1", value)
@@ -94,11 +127,16 @@ class ServerArgs:
             self.cuda_graph_max_bs = _DEFAULT_CUDA_GRAPH_MAX_BS
         _check(self.cuda_graph_max_bs >= 1, "--cuda-graph-max-bs must be >= 1", self.cuda_graph_max_bs)
         if self.max_total_tokens is not None:
-            _check(self.max_total_tokens >= self.page_size,
-                   f"--max-total-tokens must hold at least one page of --page-size {self.page_size}", self.max_total_tokens)
+            _check(
+                self.max_total_tokens >= self.page_size,
+                f"--max-total-tokens must hold at least one page of --page-size {self.page_size}",
+                self.max_total_tokens,
+            )
         _check(self.watchdog_timeout > 0, "--watchdog-timeout must be > 0", self.watchdog_timeout)
         if self.mem_fraction_static is not None:
-            _check(0 < self.mem_fraction_static < 1, "--mem-fraction-static must be in (0, 1)", self.mem_fraction_static)
+            _check(
+                0 < self.mem_fraction_static < 1, "--mem-fraction-static must be in (0, 1)", self.mem_fraction_static
+            )
         if self.model_path is not None and self.model_path.startswith("~"):
             self.model_path = os.path.expanduser(self.model_path)
         if self.device == "auto":
@@ -106,9 +144,13 @@ class ServerArgs:
         if self.attention_backend is None:
             self.attention_backend = _default_attention_backend(self.device, self.dtype)
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}")
+            raise ValueError(
+                f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
         if self.attention_backend == "flashinfer" and (reason := _flashinfer_unusable(self.device, self.dtype)):
-            raise ValueError(f"--attention-backend flashinfer cannot run here: {reason}; use --attention-backend torch_native")
+            raise ValueError(
+                f"--attention-backend flashinfer cannot run here: {reason}; use --attention-backend torch_native"
+            )
         if self.mem_fraction_static is None:
             self.mem_fraction_static = _GPU_MEM_FRACTION if self.device == "cuda" else _CPU_MEM_FRACTION
         if self.chunked_prefill_size is None:
@@ -124,8 +166,11 @@ class ServerArgs:
         _check(0 <= self.node_rank < self.nnodes, f"--node-rank must be in 0..{self.nnodes - 1}", self.node_rank)
         if self.nnodes == 1:
             return
-        _check(self.world_size % self.nnodes == 0,
-               f"--tknp-size x --tp-size ({self.world_size} ranks) must split evenly over --nnodes", self.nnodes)
+        _check(
+            self.world_size % self.nnodes == 0,
+            f"--tknp-size x --tp-size ({self.world_size} ranks) must split evenly over --nnodes",
+            self.nnodes,
+        )
         if self.dist_init_addr is None:
             raise ValueError("--nnodes > 1 needs --dist-init-addr host:port (node 0's address, the same on every node)")
         self.dist_init_host_port()  # raises on a malformed address
@@ -135,7 +180,9 @@ class ServerArgs:
         after it."""
         host, _, port = (self.dist_init_addr or "").rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536 - 3 - self.world_size:
-            raise ValueError(f"--dist-init-addr must be host:port with a free port range after it, got {self.dist_init_addr!r}")
+            raise ValueError(
+                f"--dist-init-addr must be host:port with a free port range after it, got {self.dist_init_addr!r}"
+            )
         return host, int(port)
 
     @property
@@ -164,7 +211,9 @@ class ServerArgs:
             if f.type in ("bool", bool):
                 parser.add_argument(flag, action="store_true", help=help_text)
                 continue
-            parser.add_argument(flag, type=_arg_type(f), default=f.default, help=f"{help_text} (default: {f.default})", **meta)
+            parser.add_argument(
+                flag, type=_arg_type(f), default=f.default, help=f"{help_text} (default: {f.default})", **meta
+            )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
@@ -217,8 +266,10 @@ def _default_attention_backend(device: str, dtype: str) -> str:
 def sgl_kernel_built() -> bool:
     """Whether the sgl_kernel package and its library are installed (without loading it)."""
     spec = importlib.util.find_spec("sgl_kernel")
-    return spec is not None and spec.origin is not None and os.path.exists(
-        os.path.join(os.path.dirname(spec.origin), "libsgl_kernel_ops.so")
+    return (
+        spec is not None
+        and spec.origin is not None
+        and os.path.exists(os.path.join(os.path.dirname(spec.origin), "libsgl_kernel_ops.so"))
     )
 
 
@@ -240,6 +291,4 @@ def check_rank_layout(args: ServerArgs, model_config: Any) -> None:
         import torch
 
         num_devices = torch.cuda.device_count() * args.nnodes  # each node has its own, alike
-    args.rank_layout().validate(
-        model_config.num_attention_heads, model_config.num_key_value_heads, num_devices
-    )
+    args.rank_layout().validate(model_config.num_attention_heads, model_config.num_key_value_heads, num_devices)

@@ -26,7 +26,9 @@ class BaseBackend:
         """(new text, meta info so far) pieces as they are generated."""
         raise NotImplementedError
 
-    def select(self, s: Any, choices: list[str], temperature: float, choices_method: ChoicesSamplingMethod) -> ChoicesDecision:
+    def select(
+        self, s: Any, choices: list[str], temperature: float, choices_method: ChoicesSamplingMethod
+    ) -> ChoicesDecision:
         raise NotImplementedError
 
     def cache_prefix(self, prefix: str) -> None:

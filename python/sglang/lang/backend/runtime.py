@@ -36,7 +36,17 @@ class Runtime:
         self.endpoint: Optional[RuntimeEndpoint] = None
         self._api_key = server_args.get("api_key")
         self._log = tempfile.NamedTemporaryFile(prefix="sglang-runtime-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "sglang.launch_server", "--host", host, "--port", str(port), "--log-level", log_level]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--log-level",
+            log_level,
+        ]
         cmd += _flags(server_args)
         self._proc: Optional[subprocess.Popen] = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
@@ -54,7 +64,9 @@ class Runtime:
         deadline = time.monotonic() + launch_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self._proc.returncode} while starting:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"the server exited with code {self._proc.returncode} while starting:\n{self.log_tail()}"
+                )
             try:
                 timeout = max(1.0, min(30.0, deadline - time.monotonic()))
                 http_client.request(self.url + "/health_generate", api_key=self._api_key, timeout=timeout)

@@ -71,7 +71,9 @@ class RuntimeEndpoint(BaseBackend):
             yield text[seen:], event["meta_info"]
             seen = len(text)
 
-    def select(self, s: Any, choices: list[str], temperature: float, choices_method: ChoicesSamplingMethod) -> ChoicesDecision:
+    def select(
+        self, s: Any, choices: list[str], temperature: float, choices_method: ChoicesSamplingMethod
+    ) -> ChoicesDecision:
         """Score each choice by the server's logprobs of its tokens after the text so far.
 
         1. Prefill the text alone: its token count P (and its KV, cached for step 2).
@@ -88,23 +90,31 @@ class RuntimeEndpoint(BaseBackend):
             raise ValueError("select needs some text before it: the choices are scored as its continuations")
         prefill = self._call("/generate", {"text": text, "sampling_params": {"max_new_tokens": 0}})
         start = max(prefill["meta_info"]["prompt_tokens"] - _SELECT_LOOKBACK, 0)
-        outs = self._call_batch({
-            "text": [text + c for c in choices] + [text],
-            "sampling_params": {"max_new_tokens": 0, "temperature": 0},
-            "return_logprob": True, "return_text_in_logprobs": True, "logprob_start_len": start,
-        })
+        outs = self._call_batch(
+            {
+                "text": [text + c for c in choices] + [text],
+                "sampling_params": {"max_new_tokens": 0, "temperature": 0},
+                "return_logprob": True,
+                "return_text_in_logprobs": True,
+                "logprob_start_len": start,
+            }
+        )
         *scored, alone = outs
         prompt_ids = [e[1] for e in alone["meta_info"]["input_token_logprobs"]]
         input_token_logprobs = []
         for out in scored:
             entries = out["meta_info"]["input_token_logprobs"]
-            input_token_logprobs.append(entries[_first_difference(prompt_ids, [e[1] for e in entries]):])
+            input_token_logprobs.append(entries[_first_difference(prompt_ids, [e[1] for e in entries]) :])
         unconditional = None
         if choices_method.requires_unconditional_logprobs:
-            outs = self._call_batch({
-                "input_ids": [[e[1] for e in entries] for entries in input_token_logprobs],
-                "sampling_params": {"max_new_tokens": 0}, "return_logprob": True, "logprob_start_len": 0,
-            })
+            outs = self._call_batch(
+                {
+                    "input_ids": [[e[1] for e in entries] for entries in input_token_logprobs],
+                    "sampling_params": {"max_new_tokens": 0},
+                    "return_logprob": True,
+                    "logprob_start_len": 0,
+                }
+            )
             unconditional = [o["meta_info"]["input_token_logprobs"] for o in outs]
         return choices_method(
             choices=choices,

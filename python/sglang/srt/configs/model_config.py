@@ -65,14 +65,17 @@ def check_local_model_path(model_path: str) -> str:
         return path
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
-            raise ModelLoadError(f"model path '{model_path}' is a file but not a .gguf file; "
-                                 "give a Hugging Face model directory or a .gguf file")
+            raise ModelLoadError(
+                f"model path '{model_path}' is a file but not a .gguf file; "
+                "give a Hugging Face model directory or a .gguf file"
+            )
         return path
     if _HUB_ID_PATTERN.match(model_path):
         raise ModelLoadError(
             f"model path '{model_path}' is not a local directory or file; it looks like a Hugging Face "
             "Hub id, but only local paths are supported (this engine never downloads). Download it "
-            f"first, e.g. `huggingface-cli download {model_path} --local-dir DIR`, and pass DIR")
+            f"first, e.g. `huggingface-cli download {model_path} --local-dir DIR`, and pass DIR"
+        )
     raise ModelLoadError(f"model path '{model_path}' does not exist")
 
 
@@ -123,12 +126,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         assert self.architecture in SUPPORTED_ARCHITECTURES, self.architecture
         assert self.num_attention_heads % self.num_key_value_heads == 0, (
-            self.num_attention_heads, self.num_key_value_heads)
+            self.num_attention_heads,
+            self.num_key_value_heads,
+        )
         assert self.context_len > 0, self.context_len
 
     @classmethod
-    def from_path(cls, model_path: str, dtype: str = "auto", context_length: Optional[int] = None,
-                  device: str = "cpu") -> ModelConfig:
+    def from_path(
+        cls, model_path: str, dtype: str = "auto", context_length: Optional[int] = None, device: str = "cpu"
+    ) -> ModelConfig:
         path = check_local_model_path(model_path)
         is_gguf = path.endswith(".gguf")
         hf_config = _load_hf_config(path)
@@ -176,11 +182,15 @@ def _architecture(hf_config: PretrainedConfig, path: str) -> str:
     else:
         model_type = getattr(hf_config, "model_type", None)
         if model_type not in _ARCHITECTURE_BY_MODEL_TYPE:
-            raise ModelLoadError(f"'{path}' names no architecture and its model_type '{model_type}' is "
-                                 f"not one of {', '.join(_ARCHITECTURE_BY_MODEL_TYPE)}")
+            raise ModelLoadError(
+                f"'{path}' names no architecture and its model_type '{model_type}' is "
+                f"not one of {', '.join(_ARCHITECTURE_BY_MODEL_TYPE)}"
+            )
         architecture = _ARCHITECTURE_BY_MODEL_TYPE[model_type]
     if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ModelLoadError(f"unsupported architecture '{architecture}'; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ModelLoadError(
+            f"unsupported architecture '{architecture}'; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     return architecture
 
 
@@ -193,8 +203,12 @@ def _context_len(hf_config: PretrainedConfig, context_length: Optional[int]) -> 
     if context_length <= 0:
         raise ValueError(f"context length must be positive, got {context_length}")
     if max_positions is not None and context_length > max_positions:
-        logger.warning("context length %d exceeds the model's max_position_embeddings %d; "
-                       "outputs past %d tokens may be poor", context_length, max_positions, max_positions)
+        logger.warning(
+            "context length %d exceeds the model's max_position_embeddings %d; outputs past %d tokens may be poor",
+            context_length,
+            max_positions,
+            max_positions,
+        )
     return context_length
 
 
@@ -208,9 +222,11 @@ def _check_sliding_window(hf_config: PretrainedConfig, architecture: str, contex
     else:
         uses_window = architecture == "MistralForCausalLM"
     if uses_window and window is not None and window < context_len:
-        raise ModelLoadError(f"{architecture} uses sliding-window attention (window {window}), which this "
-                             f"engine does not implement; use a context length <= {window} "
-                             f"(now {context_len})")
+        raise ModelLoadError(
+            f"{architecture} uses sliding-window attention (window {window}), which this "
+            f"engine does not implement; use a context length <= {window} "
+            f"(now {context_len})"
+        )
 
 
 def _checkpoint_dtype(hf_config: PretrainedConfig) -> Optional[torch.dtype]:

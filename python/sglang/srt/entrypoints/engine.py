@@ -33,8 +33,10 @@ class Engine:
     def __init__(self, **kwargs: Any):
         args = ServerArgs.from_kwargs(**kwargs).resolve()
         if args.node_rank > 0:
-            raise ValueError("node_rank > 0 runs only that node's ranks: start it with `python -m sglang.launch_server "
-                             "--node-rank N ...`; the Engine runs on node 0")
+            raise ValueError(
+                "node_rank > 0 runs only that node's ranks: start it with `python -m sglang.launch_server "
+                "--node-rank N ...`; the Engine runs on node 0"
+            )
         configure_logging(args.log_level)
         self.server_args = args
         self.remote: Optional[_RemoteBackend] = None
@@ -53,7 +55,9 @@ class Engine:
         load = self.remote.get_load() if self.remote else self.scheduler.get_load()
         logger.info(
             "engine ready: %s, KV cache %d tokens, %d max running requests",
-            self.model_config.model_path, load.max_total_num_tokens, load.max_running_requests,
+            self.model_config.model_path,
+            load.max_total_num_tokens,
+            load.max_running_requests,
         )
 
     # ---- generation ----------------------------------------------------------------------

@@ -28,8 +28,8 @@ from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.entrypoints.openai.routes import mount_openai_routes
 from sglang.srt.entrypoints.openai.serving import validation_error_response
 from sglang.srt.entrypoints.subprocesses import Backend, run_other_node
-from sglang.srt.managers.tokenizer_manager import GenerateReqInput, TokenizerManager
 from sglang.srt.managers.scheduler_process import load_model_config_and_tokenizer
+from sglang.srt.managers.tokenizer_manager import GenerateReqInput, TokenizerManager
 from sglang.srt.server_args import ServerArgs, check_rank_layout
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ def json_response(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-def error_response(status: int, message: str, err_type: str = "invalid_request_error", param: Optional[str] = None) -> Response:
+def error_response(
+    status: int, message: str, err_type: str = "invalid_request_error", param: Optional[str] = None
+) -> Response:
     return json_response({"error": {"message": message, "type": err_type, "param": param, "code": status}}, status)
 
 
@@ -179,7 +181,9 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         if not state.args.enable_metrics:
-            return error_response(404, "metrics are disabled; start the server with --enable-metrics", "not_found_error")
+            return error_response(
+                404, "metrics are disabled; start the server with --enable-metrics", "not_found_error"
+            )
         return PlainTextResponse(_prometheus(await tm.get_load(), state.args.served_model_name))
 
     return app
@@ -207,7 +211,11 @@ def _generate_input(body: dict) -> GenerateReqInput:
         if fields.get(num) is not None and (not isinstance(fields[num], int) or isinstance(fields[num], bool)):
             raise ValueError(f"{num} must be an integer")
     text = fields.get("text")
-    if text is not None and not isinstance(text, str) and not (isinstance(text, list) and all(isinstance(t, str) for t in text)):
+    if (
+        text is not None
+        and not isinstance(text, str)
+        and not (isinstance(text, list) and all(isinstance(t, str) for t in text))
+    ):
         raise ValueError("text must be a string or a list of strings")
     return GenerateReqInput(**fields)
 
@@ -284,12 +292,20 @@ def launch_server(args: ServerArgs) -> int:
     backend = Backend(args).start()
     logger.info(
         "model %s (%s, %s, %s), KV cache %d tokens, max %d running requests",
-        model_config.architecture, model_config.model_path, str(model_config.dtype).replace("torch.", ""),
-        args.device, backend.info["max_total_num_tokens"], backend.info["max_running_requests"],
+        model_config.architecture,
+        model_config.model_path,
+        str(model_config.dtype).replace("torch.", ""),
+        args.device,
+        backend.info["max_total_num_tokens"],
+        backend.info["max_running_requests"],
     )
     tm = TokenizerManager(
-        tokenizer, model_config.vocab_size, model_config.context_len, args.random_seed,
-        served_model_name=args.served_model_name, chat_template=chat_template,
+        tokenizer,
+        model_config.vocab_size,
+        model_config.context_len,
+        args.random_seed,
+        served_model_name=args.served_model_name,
+        chat_template=chat_template,
     )
     tm.model_path = model_config.model_path
     state = ServerState(args, model_config, tm, backend)

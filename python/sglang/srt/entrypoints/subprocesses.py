@@ -112,8 +112,10 @@ class Backend:
         # every rank reported every rank's capacity; TP replicas of a TKNP rank agree on theirs,
         # so count each TKNP rank once (its TP rank 0)
         every = first["ranks"]
-        ranks = [dict(zip(("max_total_num_tokens", "max_running_requests"), every[group[0]]))
-                 for group in self.args.rank_layout().tp_group_ranks()]
+        ranks = [
+            dict(zip(("max_total_num_tokens", "max_running_requests"), every[group[0]]))
+            for group in self.args.rank_layout().tp_group_ranks()
+        ]
         if head:
             capacities = [info["max_total_num_tokens"] for info in ranks]
             self._spawn([("controller", run_tknp_controller_process, (capacities,))])
@@ -129,7 +131,9 @@ class Backend:
         pipes = {}
         for name, target, extra in targets:
             reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=target, args=(self.args, self.ipc, writer, *extra), name=f"sglang::{name}", daemon=True)
+            proc = ctx.Process(
+                target=target, args=(self.args, self.ipc, writer, *extra), name=f"sglang::{name}", daemon=True
+            )
             proc.start()
             writer.close()
             self.procs[name], pipes[name] = proc, reader
@@ -172,7 +176,9 @@ def run_other_node(args: ServerArgs) -> int:
     them exits (node 0 shut down, or a rank failed) or this process gets SIGTERM or SIGINT."""
     backend = Backend(args).start()
     ranks = args.node_ranks()
-    logger.info("node %d: ranks %d..%d running; node 0 (%s) serves", args.node_rank, ranks[0], ranks[-1], args.dist_init_addr)
+    logger.info(
+        "node %d: ranks %d..%d running; node 0 (%s) serves", args.node_rank, ranks[0], ranks[-1], args.dist_init_addr
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

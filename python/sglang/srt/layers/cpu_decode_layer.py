@@ -40,8 +40,12 @@ class CpuDecodeLayer:
         self.scale = attn.attn.scaling
         self.cos_sin = attn.rotary_emb._cos_sin_half
         self.weights = [
-            layer.input_layernorm.weight, kernels[0].packed, kernels[1].packed,
-            layer.post_attention_layernorm.weight, kernels[2].packed, kernels[3].packed,
+            layer.input_layernorm.weight,
+            kernels[0].packed,
+            kernels[1].packed,
+            layer.post_attention_layernorm.weight,
+            kernels[2].packed,
+            kernels[3].packed,
         ]
         self.biases = [k.bias for k in kernels]
         self.sizes = [attn.num_heads, attn.num_kv_heads, attn.head_dim] + [k.out_features for k in kernels]
@@ -87,8 +91,21 @@ class CpuDecodeLayer:
             residual = torch.empty_like(hidden)
         k_cache, v_cache = forward_batch.token_to_kv_pool.get_kv_buffer(self.layer_id)
         out = self.ops.decode_layer(
-            hidden, residual, not first, self.weights, self.biases, self.sizes, self.eps, self.scale,
-            positions, *self.cos_sin, k_cache, v_cache, forward_batch.out_cache_loc,
-            forward_batch.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
+            hidden,
+            residual,
+            not first,
+            self.weights,
+            self.biases,
+            self.sizes,
+            self.eps,
+            self.scale,
+            positions,
+            *self.cos_sin,
+            k_cache,
+            v_cache,
+            forward_batch.out_cache_loc,
+            forward_batch.req_to_token_pool.req_to_token,
+            forward_batch.req_pool_indices,
+            forward_batch.seq_lens,
         )
         return out, residual

@@ -92,9 +92,7 @@ class RotaryEmbedding(nn.Module):
             self.sin_cache[positions].unsqueeze(1).to(dtype),
         )
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim]
         assert positions is self._positions, "prepare(positions) comes first in every forward"
         if self._cos_sin is None:  # prepare chose the kernel

@@ -83,9 +83,7 @@ class Sampler:
         if logprobs is None:
             return SamplerOutput(next_token_ids, None, None)
         chosen_logprobs = logprobs.gather(1, next_token_ids.unsqueeze(1)).squeeze(1)
-        return SamplerOutput(
-            next_token_ids, chosen_logprobs, _top_logprobs(logprobs, top_logprobs_nums)
-        )
+        return SamplerOutput(next_token_ids, chosen_logprobs, _top_logprobs(logprobs, top_logprobs_nums))
 
 
 def process_logits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
@@ -124,11 +122,7 @@ def apply_penalties(x: torch.Tensor, penalties: PenaltyTensors) -> None:
     if penalties.output_ids is not None:
         ids = penalties.output_ids
         # Every output entry has count > 0, so each carries its row's presence penalty.
-        flat[ids] = (
-            flat[ids]
-            - penalties.frequency_penalties * penalties.output_counts
-            - penalties.presence_penalties
-        )
+        flat[ids] = flat[ids] - penalties.frequency_penalties * penalties.output_counts - penalties.presence_penalties
 
 
 def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -136,9 +130,7 @@ def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x if rows.shape[0] == x.shape[0] else x[rows]
 
 
-def _choose_greedy(
-    logits: torch.Tensor, info: SamplingBatchInfo, rows: torch.Tensor
-) -> torch.Tensor:
+def _choose_greedy(logits: torch.Tensor, info: SamplingBatchInfo, rows: torch.Tensor) -> torch.Tensor:
     # torch's CPU argmax runs on one thread at about 8 GB/s: a millisecond a step at 32 rows
     # of 49K logits, against sgl_kernel's vectorized and threaded one (same ties and NaNs)
     ops = sgl_kernel_ops() if logits.device.type == "cpu" else None
@@ -147,9 +139,7 @@ def _choose_greedy(
     return torch.argmax(logits, dim=-1)
 
 
-def _sample_unsorted(
-    logits: torch.Tensor, info: SamplingBatchInfo, rows: torch.Tensor
-) -> torch.Tensor:
+def _sample_unsorted(logits: torch.Tensor, info: SamplingBatchInfo, rows: torch.Tensor) -> torch.Tensor:
     """Token ids [N] for rows without top-k/top-p, from their processed logits [N, V]."""
     probs = torch.softmax(logits / info.temperatures[rows], dim=-1)
     if info.need_min_p:
@@ -160,9 +150,7 @@ def _sample_unsorted(
     return inverse_cdf(probs, probs.cumsum(dim=-1), None, uniforms)
 
 
-def _sample_sorted(
-    logits: torch.Tensor, info: SamplingBatchInfo, rows: torch.Tensor
-) -> torch.Tensor:
+def _sample_sorted(logits: torch.Tensor, info: SamplingBatchInfo, rows: torch.Tensor) -> torch.Tensor:
     """Token ids [R] for rows with top-k or top-p, from their processed logits [R, V]."""
     probs = torch.softmax(logits / info.temperatures[rows], dim=-1)
     vocab_size = probs.shape[1]
@@ -241,9 +229,7 @@ def sorted_candidates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return cand_probs, cand_ids.gather(1, order)
 
 
-def _num_kept(
-    cand_probs: torch.Tensor, cumulative: torch.Tensor, filters: _RowFilters
-) -> torch.Tensor:
+def _num_kept(cand_probs: torch.Tensor, cumulative: torch.Tensor, filters: _RowFilters) -> torch.Tensor:
     """[R] int64: how many of the sorted candidates [R, C] survive top-k, top-p and min-p.
 
     Top-p is over the top-k tokens renormalized (HF semantics); a token is kept while the
@@ -331,7 +317,4 @@ def _top_logprobs(
     k_max = min(max(top_logprobs_nums), logprobs.shape[1])
     values, token_ids = logprobs.topk(k_max, dim=-1)
     values, token_ids = values.tolist(), token_ids.tolist()
-    return [
-        (values[row][:k], token_ids[row][:k]) if k > 0 else None
-        for row, k in enumerate(top_logprobs_nums)
-    ]
+    return [(values[row][:k], token_ids[row][:k]) if k > 0 else None for row, k in enumerate(top_logprobs_nums)]

@@ -155,7 +155,9 @@ def _vocab_rows(loaded: torch.Tensor, start: int, length: int) -> torch.Tensor:
 
 def _copy(param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
     if param.shape != loaded.shape:
-        raise ValueError(f"checkpoint tensor '{name}' has shape {tuple(loaded.shape)}, expected {tuple(param.shape)} on this TP rank")
+        raise ValueError(
+            f"checkpoint tensor '{name}' has shape {tuple(loaded.shape)}, expected {tuple(param.shape)} on this TP rank"
+        )
     param.data.copy_(loaded)
 
 

@@ -52,7 +52,9 @@ class TknpComm:
         ranks = next(g for g in state.layout.tknp_group_ranks() if state.global_rank in g)
         if use_all_to_all is None:
             use_all_to_all = state.backend == "nccl"
-        return cls(state.tknp_group, ranks, state.coords.tknp, state.tknp_cpu_group, torch.device(device), use_all_to_all)
+        return cls(
+            state.tknp_group, ranks, state.coords.tknp, state.tknp_cpu_group, torch.device(device), use_all_to_all
+        )
 
     @property
     def size(self) -> int:
@@ -130,7 +132,9 @@ class TknpAttentionBackend(AttentionBackend):
         if self.comm.use_all_to_all:
             # the root keeps its own partition: it sends 0 rows to itself and receives none
             sends = [0] + self.sizes[1:]
-            self.comm.all_to_all_rows(_pack_qkv(q[self.sizes[0]:], k[self.sizes[0]:], v[self.sizes[0]:]), sends, [0] * self.comm.size)
+            self.comm.all_to_all_rows(
+                _pack_qkv(q[self.sizes[0] :], k[self.sizes[0] :], v[self.sizes[0] :]), sends, [0] * self.comm.size
+            )
             local, local_seconds = self._local(q_parts, k_parts, v_parts, layer)
             empty = q.new_empty((0, width))
             outs = [self.comm.all_to_all_rows(empty, [0] * self.comm.size, sends)]
@@ -141,7 +145,9 @@ class TknpAttentionBackend(AttentionBackend):
                 if self.sizes[r]
             ]
             local, local_seconds = self._local(q_parts, k_parts, v_parts, layer)
-            outs = [self.comm.recv((self.sizes[r], width), q.dtype, r) for r in range(1, self.comm.size) if self.sizes[r]]
+            outs = [
+                self.comm.recv((self.sizes[r], width), q.dtype, r) for r in range(1, self.comm.size) if self.sizes[r]
+            ]
             for work in pending:
                 work.wait()
         self.comm_seconds += time.perf_counter() - start - local_seconds
@@ -175,7 +181,11 @@ def serve_attention_layers(
             packed = comm.all_to_all_rows(torch.empty((0, width), dtype=dtype, device=comm.device), nothing, from_root)
         else:
             packed = comm.recv((num_tokens, width), dtype, 0)
-        out = inner.forward(*_unpack_qkv(packed, layer), layer, local_batch) if num_tokens else packed[:, : layer.num_heads * layer.head_dim]
+        out = (
+            inner.forward(*_unpack_qkv(packed, layer), layer, local_batch)
+            if num_tokens
+            else packed[:, : layer.num_heads * layer.head_dim]
+        )
         if comm.use_all_to_all:
             comm.all_to_all_rows(out, from_root, nothing)
         else:

@@ -140,8 +140,18 @@ class BatchStrOut:
 _WIRE_TYPES = {
     cls.__name__: cls
     for cls in (
-        TokenizedGenerateReqInput, AbortReq, FlushCacheReq, FlushCacheReqOutput, GetLoadReq,
-        GetLoadReqOutput, LoadReport, Tick, ReqOutput, BatchTokenIDOut, ReqStrOutput, BatchStrOut,
+        TokenizedGenerateReqInput,
+        AbortReq,
+        FlushCacheReq,
+        FlushCacheReqOutput,
+        GetLoadReq,
+        GetLoadReqOutput,
+        LoadReport,
+        Tick,
+        ReqOutput,
+        BatchTokenIDOut,
+        ReqStrOutput,
+        BatchStrOut,
         SamplingParams,
     )
 }

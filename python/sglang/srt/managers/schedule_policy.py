@@ -13,6 +13,7 @@ from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.mem_cache.kv_cache_manager import KVCacheManager
 from sglang.srt.mem_cache.memory_pool import slots_needed
 from sglang.srt.server_args import SCHEDULE_POLICIES
+
 _LPM_MAX_QUEUE = 128
 
 

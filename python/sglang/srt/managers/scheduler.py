@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Any, Optional
 
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.managers.io_struct import (
     AbortReq,
     FlushCacheReq,
@@ -30,7 +31,6 @@ from sglang.srt.managers.io_struct import (
 from sglang.srt.managers.output_processor import OutputProcessor
 from sglang.srt.managers.schedule_batch import FinishReason, Req, ScheduleBatch, ScheduledReq
 from sglang.srt.managers.schedule_policy import PrefillBudget, SchedulePolicy
-from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.mem_cache.kv_cache_manager import KVCacheManager
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 from sglang.srt.model_executor.model_runner import ModelRunner
@@ -130,9 +130,15 @@ class Scheduler:
         )
         need = self.kv.slots_needed(0, len(req.origin_input_ids) + 1)
         if need > self.kv.total_tokens:
-            self._finish(req, FinishReason("abort", message=(
-                f"the prompt needs {need} KV slots but this rank's KV cache holds {self.kv.total_tokens} tokens"
-            )))
+            self._finish(
+                req,
+                FinishReason(
+                    "abort",
+                    message=(
+                        f"the prompt needs {need} KV slots but this rank's KV cache holds {self.kv.total_tokens} tokens"
+                    ),
+                ),
+            )
             return
         self.waiting.append(req)
 
@@ -182,9 +188,15 @@ class Scheduler:
             needed = self.kv.slots_needed(matched, req.fill_len)
             if self.kv.available_size() - matched - budget.reserved < needed:
                 if not self.running and not items:
-                    self._finish(req, FinishReason("abort", message=(
-                        f"the request needs {req.fill_len} KV slots; this rank's KV cache holds {self.kv.total_tokens}"
-                    )))
+                    self._finish(
+                        req,
+                        FinishReason(
+                            "abort",
+                            message=(
+                                f"the request needs {req.fill_len} KV slots; this rank's KV cache holds {self.kv.total_tokens}"
+                            ),
+                        ),
+                    )
                     continue
                 break
             if not self.kv.start(req):

@@ -20,8 +20,8 @@ import logging
 import os
 import sys
 import threading
-from collections import deque
 import time
+from collections import deque
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -51,7 +51,9 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
 
 def load_model_config_and_tokenizer(args: ServerArgs) -> tuple[ModelConfig, Any]:
     """The model's config and tokenizer, per the (resolved) server args; nothing heavy."""
-    model_config = ModelConfig.from_path(resolve_model_path(args.model_path), args.dtype, args.context_length, args.device)
+    model_config = ModelConfig.from_path(
+        resolve_model_path(args.model_path), args.dtype, args.context_length, args.device
+    )
     return model_config, load_tokenizer(model_config.model_path, args.tokenizer_path)
 
 
@@ -148,7 +150,9 @@ def run_scheduler_process(
             raise
         # a peer process ended (the server shut down, or a rank on another node died): one line
         logger.debug("lockstep ended", exc_info=True)
-        logger.error("scheduler%d: lost contact with the other ranks (%s); exiting", global_rank, str(exc).splitlines()[0])
+        logger.error(
+            "scheduler%d: lost contact with the other ranks (%s); exiting", global_rank, str(exc).splitlines()[0]
+        )
         sys.exit(1)
 
 
@@ -179,9 +183,16 @@ def _init_distributed(args: ServerArgs, ipc: dict[str, str], global_rank: int) -
 
 
 class _SchedulerIO:
-    def __init__(self, scheduler: Scheduler, recv: Any, to_detokenizer: Any, replies: Any, watchdog: "_Watchdog", speaks: bool):
+    def __init__(
+        self, scheduler: Scheduler, recv: Any, to_detokenizer: Any, replies: Any, watchdog: "_Watchdog", speaks: bool
+    ):
         self.scheduler, self.recv, self.to_detokenizer, self.replies, self.watchdog = (
-            scheduler, recv, to_detokenizer, replies, watchdog)
+            scheduler,
+            recv,
+            to_detokenizer,
+            replies,
+            watchdog,
+        )
         self.speaks = speaks  # False on TP ranks other than 0: they stay silent
         self.parent = os.getppid()
         self.last_report = 0.0

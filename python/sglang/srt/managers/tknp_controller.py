@@ -224,7 +224,9 @@ class _Controller:
             raise TypeError(f"controller got an unknown message {type(msg).__name__}")
         self._tick()
         if isinstance(msg, (FlushCacheReq, GetLoadReq)):
-            self.to_tokenizer.send(encode(self._collect(FlushCacheReqOutput if isinstance(msg, FlushCacheReq) else GetLoadReqOutput)))
+            self.to_tokenizer.send(
+                encode(self._collect(FlushCacheReqOutput if isinstance(msg, FlushCacheReq) else GetLoadReqOutput))
+            )
 
     def _collect(self, reply_type: type) -> Any:
         replies = []

@@ -106,7 +106,9 @@ class TokenizerManager:
         prompts = obj.prompts()
         if not prompts:
             raise ValueError("text/input_ids must not be an empty batch")
-        params_list = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params] * len(prompts)
+        params_list = (
+            obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params] * len(prompts)
+        )
         if len(params_list) != len(prompts):
             raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
         rids = obj.rid if isinstance(obj.rid, list) else [obj.rid] * len(prompts)
@@ -150,7 +152,9 @@ class TokenizerManager:
     def _check_lengths(self, input_ids: list[int], params: SamplingParams, obj: GenerateReqInput) -> None:
         n = len(input_ids)
         if n >= self.context_len:
-            raise ValueError(f"the input ({n} tokens) is longer than the model's context length ({self.context_len} tokens)")
+            raise ValueError(
+                f"the input ({n} tokens) is longer than the model's context length ({self.context_len} tokens)"
+            )
         if n + params.max_new_tokens > self.context_len:
             raise ValueError(
                 f"requested {n + params.max_new_tokens} tokens ({n} input + {params.max_new_tokens} max_new_tokens), "
@@ -276,8 +280,10 @@ class TokenizerManager:
         for state in list(self.rid_to_state.values()):
             state.finished = True
             state.meta_info.update(
-                id=state.rid, finish_reason={"type": "abort", "message": reason},
+                id=state.rid,
+                finish_reason={"type": "abort", "message": reason},
                 prompt_tokens=state.meta_info.get("prompt_tokens", 0),
-                completion_tokens=len(state.output_ids), cached_tokens=state.meta_info.get("cached_tokens", 0),
+                completion_tokens=len(state.output_ids),
+                cached_tokens=state.meta_info.get("cached_tokens", 0),
             )
             state.queue.put_nowait(state)

@@ -204,9 +204,7 @@ class RadixCache:
         assert 0 < n < len(node.key) and n % self.page_size == 0
         parent = node.parent
         assert parent is not None
-        prefix = TreeNode(
-            node.key[:n], node.value[:n], parent, node.last_access_time, lock_ref=node.lock_ref
-        )
+        prefix = TreeNode(node.key[:n], node.value[:n], parent, node.last_access_time, lock_ref=node.lock_ref)
         prefix.children[self._child_key(node.key, n)] = node
         parent.children[self._child_key(node.key, 0)] = prefix
         node.key, node.value, node.parent = node.key[n:], node.value[n:], prefix
@@ -259,9 +257,7 @@ class RadixCache:
             return 0
         order = itertools.count()  # tie-breaker, so the heap never compares nodes
         heap = [
-            (node.last_access_time, next(order), node)
-            for node in self._walk()
-            if node.is_leaf() and node.lock_ref == 0
+            (node.last_access_time, next(order), node) for node in self._walk() if node.is_leaf() and node.lock_ref == 0
         ]
         heapq.heapify(heap)
         freed = 0

@@ -144,8 +144,19 @@ class CudaGraphRunner:
         self._sample_indices = torch.arange(max_bs, device=device)  # every row: callers pick the real ones
         # what an empty partition (TKNP) pads from
         self._empty = ForwardBatch(
-            ForwardMode.DECODE, zeros(0), zeros(0), zeros(0), zeros(0), zeros(0), [], [], [], zeros(0),
-            req_to_token_pool=req_to_token_pool, token_to_kv_pool=kv_pool, attn_backend=attn_backend,
+            ForwardMode.DECODE,
+            zeros(0),
+            zeros(0),
+            zeros(0),
+            zeros(0),
+            zeros(0),
+            [],
+            [],
+            [],
+            zeros(0),
+            req_to_token_pool=req_to_token_pool,
+            token_to_kv_pool=kv_pool,
+            attn_backend=attn_backend,
         )
         self._batches: dict[int, ForwardBatch] = {}
         self._replays: dict[int, Callable[[], None]] = {}
@@ -199,7 +210,8 @@ class CudaGraphRunner:
             torch.cuda.synchronize()
         logger.info(
             "captured graphs for decode batch sizes %s in %.1f s",
-            ", ".join(map(str, self.buckets)), time.perf_counter() - start,
+            ", ".join(map(str, self.buckets)),
+            time.perf_counter() - start,
         )
 
 

@@ -60,8 +60,16 @@ class ForwardBatch:
     def batch_size(self) -> int:
         return len(self.extend_lens)
 
-    _DEVICE_FIELDS = ("input_ids", "positions", "out_cache_loc", "req_pool_indices", "seq_lens",
-                      "sample_indices", "logprob_indices", "logprob_target_ids")
+    _DEVICE_FIELDS = (
+        "input_ids",
+        "positions",
+        "out_cache_loc",
+        "req_pool_indices",
+        "seq_lens",
+        "sample_indices",
+        "logprob_indices",
+        "logprob_target_ids",
+    )
 
     def to(self, device: torch.device | str) -> "ForwardBatch":
         """Moves the tensors to the model's device (the scheduler builds them on the CPU) in

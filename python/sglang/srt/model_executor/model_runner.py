@@ -91,7 +91,9 @@ class ModelRunner:
             num_layers = use_cpu_kernels(self.model)
             logger.info(
                 "sgl_kernel: %s kernels on %d threads in attention and %d layers",
-                cpu_kernels_isa(), sgl_kernel_ops().parallel_threads(), num_layers,
+                cpu_kernels_isa(),
+                sgl_kernel_ops().parallel_threads(),
+                num_layers,
             )
         self.memory_share = memory_share
         self.available_memory = available_memory
@@ -138,9 +140,12 @@ class ModelRunner:
         model.load_weights(weights)
         model.eval()
         logger.info(
-            "loaded %s (%s%s, %s) in %.1f s", cfg.architecture, _name(self.dtype),
+            "loaded %s (%s%s, %s) in %.1f s",
+            cfg.architecture,
+            _name(self.dtype),
             f", computed in {_name(self.compute_dtype)}" if self.compute_dtype != self.dtype else "",
-            self.device, time.perf_counter() - start,
+            self.device,
+            time.perf_counter() - start,
         )
         return model
 
@@ -156,7 +161,9 @@ class ModelRunner:
                 # TKNP ranks sharing one host's memory split the budget measured once, before any
                 # rank loaded weights; each pays for its own weights out of its share, so the root
                 # (the only rank with weights) gets the smallest KV pool.
-                before_weights = self.available_memory if self.available_memory is not None else available + weight_bytes
+                before_weights = (
+                    self.available_memory if self.available_memory is not None else available + weight_bytes
+                )
                 budget = (before_weights - total * (1 - mem_fraction)) * self.memory_share - weight_bytes
             if budget < per_token * max(16, self.page_size):
                 raise ValueError(

@@ -45,7 +45,9 @@ class _Header:
         if batch is None:
             return cls(0, 0, 0, 0, 0)
         n_lp = 0 if batch.logprob_indices is None else batch.logprob_indices.numel()
-        return cls(batch.input_ids.numel(), batch.batch_size, batch.sample_indices.numel(), n_lp, batch.input_top_logprobs_num)
+        return cls(
+            batch.input_ids.numel(), batch.batch_size, batch.sample_indices.numel(), n_lp, batch.input_top_logprobs_num
+        )
 
     def meta_len(self) -> int:
         return 2 * self.tokens + 2 * self.reqs + self.samples + 2 * self.logprobs
@@ -120,7 +122,9 @@ class TknpModelRunner:
             body = lambda batch: serve_attention_layers(  # noqa: E731
                 runner.attn_backend, self.layers, batch, self.comm, runner.compute_dtype
             )
-        graph_runner = CudaGraphRunner(body, runner.attn_backend, runner.req_to_token_pool, runner.kv_pool, max_bs, graphs)
+        graph_runner = CudaGraphRunner(
+            body, runner.attn_backend, runner.req_to_token_pool, runner.kv_pool, max_bs, graphs
+        )
         if self.comm.is_root:
             self.tknp_backend.comm_seconds = 0.0  # the captures' runs are not steps
         return graph_runner
@@ -170,10 +174,18 @@ class TknpModelRunner:
 
     # ---- non-root ranks ------------------------------------------------------------------
 
-    def _rank_forward(self, local: Optional[ForwardBatch], h: _Header, size: Optional[int]) -> Optional[LogitsProcessorOutput]:
+    def _rank_forward(
+        self, local: Optional[ForwardBatch], h: _Header, size: Optional[int]
+    ) -> Optional[LogitsProcessorOutput]:
         if local is not None:
             device = local.input_ids.device
-            parts = [local.input_ids, local.positions, torch.tensor(local.extend_lens, device=device), local.seq_lens, local.sample_indices]
+            parts = [
+                local.input_ids,
+                local.positions,
+                torch.tensor(local.extend_lens, device=device),
+                local.seq_lens,
+                local.sample_indices,
+            ]
             if h.logprobs:
                 parts += [local.logprob_indices, local.logprob_target_ids]
             self.comm.send(torch.cat(parts), 0)
@@ -203,7 +215,9 @@ class TknpModelRunner:
 
     # ---- the root ------------------------------------------------------------------------
 
-    def _root_forward(self, local: Optional[ForwardBatch], headers: list[_Header], size: Optional[int]) -> Optional[LogitsProcessorOutput]:
+    def _root_forward(
+        self, local: Optional[ForwardBatch], headers: list[_Header], size: Optional[int]
+    ) -> Optional[LogitsProcessorOutput]:
         batches = [local] + [self._recv_batch(r, h) for r, h in enumerate(headers) if r > 0]
         if size is not None:
             return self._scatter_logits(self._replay_root(batches, size), headers)

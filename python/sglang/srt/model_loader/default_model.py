@@ -24,14 +24,17 @@ def default_model_path() -> str:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise ModelLoadError(f"the default model needs the package '{DEFAULT_MODEL_PACKAGE}'; "
-                             f"run `{_INSTALL_HINT}, or pass --model-path")
+        raise ModelLoadError(
+            f"the default model needs the package '{DEFAULT_MODEL_PACKAGE}'; run `{_INSTALL_HINT}, or pass --model-path"
+        )
     for location in locations:
         path = os.path.join(location, DEFAULT_MODEL_FILE)
         if os.path.isfile(path):
             return path
-    raise ModelLoadError(f"package '{DEFAULT_MODEL_PACKAGE}' is installed at {locations[0]} but has no "
-                         f"{DEFAULT_MODEL_FILE}; reinstall it: `{_INSTALL_HINT}")
+    raise ModelLoadError(
+        f"package '{DEFAULT_MODEL_PACKAGE}' is installed at {locations[0]} but has no "
+        f"{DEFAULT_MODEL_FILE}; reinstall it: `{_INSTALL_HINT}"
+    )
 
 
 def resolve_model_path(model_path: Optional[str]) -> str:

@@ -38,8 +38,14 @@ def load_from_gguf(gguf_path: str, kind: ArtifactKind) -> Any:
         try:
             return _auto_class(kind).from_pretrained(entry, local_files_only=True)
         except Exception as e:  # only if someone edited the entry: writes are atomic
-            logger.warning("cannot read the cached GGUF %s in %s (%s: %s); converting the file "
-                           "instead (delete that directory to rebuild it)", kind, entry, type(e).__name__, e)
+            logger.warning(
+                "cannot read the cached GGUF %s in %s (%s: %s); converting the file "
+                "instead (delete that directory to rebuild it)",
+                kind,
+                entry,
+                type(e).__name__,
+                e,
+            )
             entry = None
     artifact = convert_from_gguf(gguf_path, kind)
     if entry is not None:

@@ -39,6 +39,7 @@ _STRING, _ARRAY = 8, 9
 @dataclass(frozen=True)
 class StringArray:
     """A metadata array of strings, not decoded: where it starts and how many it holds."""
+
     offset: int
     count: int
 
@@ -68,7 +69,7 @@ class GGUFFile:
 
     def raw_bytes(self, tensor: GGUFTensorInfo) -> np.ndarray:
         """The tensor's stored bytes, uint8 [rows, bytes per row] (a view of the memory map)."""
-        return self.data[tensor.offset:tensor.offset + tensor.num_bytes].reshape(math.prod(tensor.shape[:-1]), -1)
+        return self.data[tensor.offset : tensor.offset + tensor.num_bytes].reshape(math.prod(tensor.shape[:-1]), -1)
 
 
 class _Cursor:
@@ -93,7 +94,7 @@ class _Cursor:
     def string(self) -> str:
         length = self.scalar("Q")
         start = self._advance(length)
-        return bytes(self.buffer[start:start + length]).decode("utf-8", errors="replace")
+        return bytes(self.buffer[start : start + length]).decode("utf-8", errors="replace")
 
     def skip_strings(self, count: int) -> None:
         for _ in range(count):
@@ -102,8 +103,10 @@ class _Cursor:
     def check_room(self, count: int, min_size: int) -> None:
         """Fails at once on an array length that could not fit in the rest of the file."""
         if count * min_size > self.size - self.pos:
-            raise ValueError(f"claims an array of {count} elements at offset {self.pos}, more than "
-                             f"the {self.size - self.pos} bytes left can hold")
+            raise ValueError(
+                f"claims an array of {count} elements at offset {self.pos}, more than "
+                f"the {self.size - self.pos} bytes left can hold"
+            )
 
     def value(self, value_type: int) -> Any:
         if value_type in _SCALAR_FORMATS:
@@ -154,14 +157,17 @@ def _parse_header(cursor: _Cursor) -> tuple[int, dict[str, Any], list[GGUFTensor
     if version not in SUPPORTED_VERSIONS:
         swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
         detail = " (a big-endian file?)" if swapped in SUPPORTED_VERSIONS else ""
-        raise ValueError(f"has GGUF version {version}{detail}; we read versions "
-                         f"{', '.join(map(str, SUPPORTED_VERSIONS))}")
+        raise ValueError(
+            f"has GGUF version {version}{detail}; we read versions {', '.join(map(str, SUPPORTED_VERSIONS))}"
+        )
     num_tensors, num_metadata = cursor.scalar("Q"), cursor.scalar("Q")
     # Each metadata entry takes >= 12 bytes and each tensor info >= 24: corrupt counts fail here
     # rather than after a long loop.
     if num_metadata * 12 + num_tensors * 24 > cursor.size:
-        raise ValueError(f"claims {num_tensors} tensors and {num_metadata} metadata entries, "
-                         f"more than its {cursor.size} bytes can hold")
+        raise ValueError(
+            f"claims {num_tensors} tensors and {num_metadata} metadata entries, "
+            f"more than its {cursor.size} bytes can hold"
+        )
 
     metadata = {}
     for _ in range(num_metadata):
@@ -194,12 +200,14 @@ def _locate(info: tuple[str, tuple[int, ...], int, int], data_start: int, file_s
     except (ValueError, KeyError):
         raise ValueError(f"tensor '{name}' has unknown ggml type {ggml_type}") from None
     if dims[0] % block_size != 0:
-        raise ValueError(f"tensor '{name}' has rows of {dims[0]} values, not a multiple of its "
-                         f"block size {block_size}")
+        raise ValueError(f"tensor '{name}' has rows of {dims[0]} values, not a multiple of its block size {block_size}")
     num_bytes = math.prod(dims) // block_size * type_size
     offset = data_start + relative_offset
     if offset + num_bytes > file_size:
-        raise ValueError(f"tensor '{name}' lies at bytes [{offset}, {offset + num_bytes}), "
-                         f"past the end of the file ({file_size} bytes)")
-    return GGUFTensorInfo(name=name, shape=tuple(reversed(dims)), ggml_type=ggml_type, offset=offset,
-                          num_bytes=num_bytes)
+        raise ValueError(
+            f"tensor '{name}' lies at bytes [{offset}, {offset + num_bytes}), "
+            f"past the end of the file ({file_size} bytes)"
+        )
+    return GGUFTensorInfo(
+        name=name, shape=tuple(reversed(dims)), ggml_type=ggml_type, offset=offset, num_bytes=num_bytes
+    )

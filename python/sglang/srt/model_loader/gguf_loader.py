@@ -82,7 +82,7 @@ def unpermute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 def _scales(blocks: np.ndarray, start: int) -> np.ndarray:
     """float32 [N, 1]: the f16 stored at bytes [start, start + 2) of each block."""
-    return blocks[:, start:start + 2].view(np.float16).astype(np.float32)
+    return blocks[:, start : start + 2].view(np.float16).astype(np.float32)
 
 
 def _dequantize_q8_0(blocks: np.ndarray, out: np.ndarray) -> None:
@@ -132,7 +132,7 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.nd
     blocks = raw.reshape(-1, type_size)
     out = np.empty((blocks.shape[0], block_size), dtype=np.float32)
     for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-        _FAST_DEQUANTIZERS[qtype](blocks[start:start + _CHUNK_BLOCKS], out[start:start + _CHUNK_BLOCKS])
+        _FAST_DEQUANTIZERS[qtype](blocks[start : start + _CHUNK_BLOCKS], out[start : start + _CHUNK_BLOCKS])
     return out.reshape(shape)
 
 
@@ -150,8 +150,9 @@ def iter_gguf_weights(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[
         try:
             name = hf_name(tensor.name)
         except KeyError:
-            raise ModelLoadError(f"GGUF file '{path}' has tensor '{tensor.name}', which we cannot map "
-                                 "to a Hugging Face parameter") from None
+            raise ModelLoadError(
+                f"GGUF file '{path}' has tensor '{tensor.name}', which we cannot map to a Hugging Face parameter"
+            ) from None
         if name is None:
             continue
         raw = gguf_file.raw_bytes(tensor)
@@ -159,8 +160,9 @@ def iter_gguf_weights(path: str, hf_config: PretrainedConfig) -> Iterator[tuple[
             array = dequantize(raw, tensor.ggml_type, tensor.shape)
         except Exception as e:
             type_name = GGMLQuantizationType(tensor.ggml_type).name
-            raise ModelLoadError(f"cannot dequantize tensor '{tensor.name}' ({type_name}) "
-                                 f"of GGUF file '{path}': {type(e).__name__}: {e}") from e
+            raise ModelLoadError(
+                f"cannot dequantize tensor '{tensor.name}' ({type_name}) of GGUF file '{path}': {type(e).__name__}: {e}"
+            ) from e
         piece = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
         if piece in permute_heads:
             array = unpermute_rotary_rows(array, permute_heads[piece])

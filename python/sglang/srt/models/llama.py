@@ -107,7 +107,9 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: Any, max_position: int, biases: tuple[bool, bool], qk_norm: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary_emb = get_rope(head_dim, max_position, config)  # shared by every layer
         self.layers = nn.ModuleList(
@@ -149,7 +151,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
+    ) -> LogitsProcessorOutput:
         hidden = self.model(input_ids, positions, forward_batch)
         return self.logits_processor(hidden, self.lm_head_weight, forward_batch)
 
@@ -176,7 +180,9 @@ class LlamaForCausalLM(nn.Module):
                 if load_param is not None:
                     load_param(param, tensor, name)
                 elif param.shape != tensor.shape:
-                    raise ValueError(f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                    raise ValueError(
+                        f"checkpoint tensor '{name}' has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                    )
                 else:
                     param.data.copy_(tensor)
                 loaded.add(name)
@@ -188,7 +194,9 @@ class LlamaForCausalLM(nn.Module):
         keys = []
         for name, module in self.named_modules():
             if isinstance(module, MergedLinear):
-                keys += [f"{name}.{p}:{sid}" for p, _ in module.named_parameters(recurse=False) for sid in module.shards]
+                keys += [
+                    f"{name}.{p}:{sid}" for p, _ in module.named_parameters(recurse=False) for sid in module.shards
+                ]
             else:
                 keys += [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
         return keys

@@ -92,9 +92,7 @@ class SamplingBatchInfo:
     @property
     def needs_logit_processing(self) -> bool:
         """Whether the raw logits must be changed before choosing tokens."""
-        return (
-            self.penalties is not None or self.logit_bias is not None or self.banned is not None
-        )
+        return self.penalties is not None or self.logit_bias is not None or self.banned is not None
 
     @classmethod
     def build(
@@ -167,9 +165,7 @@ def _index_tensor(values: list[int], device: str | torch.device) -> torch.Tensor
     return torch.tensor(values, dtype=torch.int64, device=device)
 
 
-def _optional_index_tensor(
-    values: list[int], device: str | torch.device
-) -> Optional[torch.Tensor]:
+def _optional_index_tensor(values: list[int], device: str | torch.device) -> Optional[torch.Tensor]:
     return _index_tensor(values, device) if values else None
 
 
@@ -195,11 +191,7 @@ def _build_penalties(
     device: str | torch.device,
 ) -> Optional[PenaltyTensors]:
     repetition_rows = [row for row, p in enumerate(params) if p.repetition_penalty != 1.0]
-    count_rows = [
-        row
-        for row, p in enumerate(params)
-        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-    ]
+    count_rows = [row for row, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
     if not repetition_rows and not count_rows:
         return None
     table = torch.tensor(
@@ -211,8 +203,7 @@ def _build_penalties(
     if repetition_rows:
         rows, token_ids = _flatten_rows(
             repetition_rows * 2,
-            [input_ids[row] for row in repetition_rows]
-            + [output_ids[row] for row in repetition_rows],
+            [input_ids[row] for row in repetition_rows] + [output_ids[row] for row in repetition_rows],
             device,
         )
         seen_ids = rows * vocab_size + token_ids
@@ -242,9 +233,7 @@ def _occurrences(ids: torch.Tensor) -> torch.Tensor:
     return (num_at_most - torch.searchsorted(ordered, ids)).float()
 
 
-def _build_logit_bias(
-    params: list[SamplingParams], device: str | torch.device
-) -> Optional[SparseLogitBias]:
+def _build_logit_bias(params: list[SamplingParams], device: str | torch.device) -> Optional[SparseLogitBias]:
     rows: list[int] = []
     token_ids: list[int] = []
     values: list[float] = []
@@ -262,9 +251,7 @@ def _build_logit_bias(
     )
 
 
-def _build_banned(
-    banned_token_ids: list[Optional[list[int]]], device: str | torch.device
-) -> Optional[SparseLogitBias]:
+def _build_banned(banned_token_ids: list[Optional[list[int]]], device: str | torch.device) -> Optional[SparseLogitBias]:
     rows = [row for row, banned in enumerate(banned_token_ids) if banned]
     if not rows:
         return None

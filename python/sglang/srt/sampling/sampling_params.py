@@ -75,9 +75,7 @@ class SamplingParams:
         """Rejects features this engine does not implement yet."""
         for name in ("regex", "json_schema", "ebnf"):
             if getattr(self, name) is not None:
-                raise ValueError(
-                    f"{name}: structured output (regex/json_schema/ebnf) is not supported yet"
-                )
+                raise ValueError(f"{name}: structured output (regex/json_schema/ebnf) is not supported yet")
         stop_regex = self.stop_regex
         if stop_regex and any(stop_regex if isinstance(stop_regex, list) else [stop_regex]):
             raise ValueError("stop_regex is not supported yet")
@@ -96,9 +94,7 @@ class SamplingParams:
             self.top_k = 1
             self.temperature = 1.0
         if tokenizer is not None and self.stop:
-            self.stop_str_max_len = max(
-                len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stop
-            )
+            self.stop_str_max_len = max(len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stop)
 
     def verify(self, vocab_size: int) -> None:
         """Raises ValueError naming the first field outside its allowed range."""
@@ -129,9 +125,7 @@ class SamplingParams:
                 token_id,
             )
         for key in self.logit_bias or {}:
-            _check(
-                0 <= int(key) < vocab_size, f"logit_bias keys must be in [0, {vocab_size})", key
-            )
+            _check(0 <= int(key) < vocab_size, f"logit_bias keys must be in [0, {vocab_size})", key)
 
     def to_dict(self) -> dict[str, Any]:
         """The user-facing fields, JSON-serializable (stop_token_ids as a sorted list)."""
@@ -153,9 +147,7 @@ def _check(ok: bool, message: str, value: Any) -> None:
 
 
 def _type_error(name: str, expected: str, value: Any) -> ValueError:
-    return ValueError(
-        f"sampling parameter {name!r} must be {expected}, got {type(value).__name__} {value!r}"
-    )
+    return ValueError(f"sampling parameter {name!r} must be {expected}, got {type(value).__name__} {value!r}")
 
 
 def _as_int(name: str, value: Any) -> int:

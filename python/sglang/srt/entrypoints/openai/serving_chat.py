@@ -39,7 +39,13 @@ from sglang.srt.managers.tokenizer_manager import GenerateReqInput
 # "developer" is OpenAI's newer name for "system"; chat templates only know the latter.
 _TEMPLATE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 # apply_chat_template arguments that chat_template_kwargs must not override.
-_RESERVED_TEMPLATE_ARGS = {"conversation", "chat_template", "tokenize", "add_generation_prompt", "continue_final_message"}
+_RESERVED_TEMPLATE_ARGS = {
+    "conversation",
+    "chat_template",
+    "tokenize",
+    "add_generation_prompt",
+    "continue_final_message",
+}
 
 
 async def chat_completions(tm: Any, request: ChatCompletionRequest) -> Union[dict, AsyncIterator[bytes]]:
@@ -182,7 +188,11 @@ class _Chat(ResponseBuilder):
 
 
 def _stream_choice(
-    index: int, delta: dict, logprobs: Optional[ChatLogprobs] = None, finish_reason: Optional[str] = None, matched_stop: Any = None
+    index: int,
+    delta: dict,
+    logprobs: Optional[ChatLogprobs] = None,
+    finish_reason: Optional[str] = None,
+    matched_stop: Any = None,
 ) -> dict:
     """A ChatStreamChoice as a dict, built directly: this runs once per streamed token."""
     return {

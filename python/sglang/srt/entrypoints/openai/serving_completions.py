@@ -136,7 +136,11 @@ class _Completion(ResponseBuilder):
 
 
 def _stream_choice(
-    index: int, text: str, logprobs: Optional[CompletionLogprobs], finish_reason: Optional[str] = None, matched_stop: Any = None
+    index: int,
+    text: str,
+    logprobs: Optional[CompletionLogprobs],
+    finish_reason: Optional[str] = None,
+    matched_stop: Any = None,
 ) -> dict:
     """A CompletionChoice as a dict, built directly: this runs once per streamed token."""
     return {
@@ -153,7 +157,9 @@ def _pad(tops: Optional[list], length: int) -> list:
     return tops + [None] * (length - len(tops))
 
 
-def legacy_logprobs(tm: Any, entries: list, tops: list, num_top: int, text_offset: int) -> tuple[CompletionLogprobs, int]:
+def legacy_logprobs(
+    tm: Any, entries: list, tops: list, num_top: int, text_offset: int
+) -> tuple[CompletionLogprobs, int]:
     """OpenAI's legacy logprobs for engine entries [logprob, token_id, text], and the offset
     after the last token. Each top_logprobs dict holds the top-k plus the sampled token, as
     OpenAI documents; a prompt's first token has None for both its logprob and its top dict."""

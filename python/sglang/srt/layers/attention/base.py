@@ -41,7 +41,7 @@ class AttentionShape:
 
     @classmethod
     def of(cls, layers: Sequence["RadixAttention"], q_dtype: torch.dtype, kv_dtype: torch.dtype) -> "AttentionShape":
-        shapes = {(l.num_heads, l.num_kv_heads, l.head_dim, l.scaling) for l in layers}
+        shapes = {(a.num_heads, a.num_kv_heads, a.head_dim, a.scaling) for a in layers}
         assert len(shapes) == 1, f"attention layers of one model differ in shape: {sorted(shapes)}"
         return cls(*shapes.pop(), q_dtype, kv_dtype)
 

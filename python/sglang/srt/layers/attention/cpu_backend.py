@@ -82,12 +82,26 @@ class CpuAttnBackend(AttentionBackend):
         req_to_token = forward_batch.req_to_token_pool.req_to_token
         if meta.decode:
             self.ops.decode_attention(
-                out, q, k_cache, v_cache, req_to_token, forward_batch.req_pool_indices,
-                forward_batch.seq_lens, layer.scaling,
+                out,
+                q,
+                k_cache,
+                v_cache,
+                req_to_token,
+                forward_batch.req_pool_indices,
+                forward_batch.seq_lens,
+                layer.scaling,
             )
         else:
             self.ops.extend_attention(
-                out, q, k_cache, v_cache, req_to_token, forward_batch.req_pool_indices,
-                forward_batch.seq_lens, meta.extend_lens, meta.q_start, layer.scaling,
+                out,
+                q,
+                k_cache,
+                v_cache,
+                req_to_token,
+                forward_batch.req_pool_indices,
+                forward_batch.seq_lens,
+                meta.extend_lens,
+                meta.q_start,
+                layer.scaling,
             )
         return out.view(q.shape[0], -1)
