@@ -86,9 +86,6 @@ class ReqToTokenPool:
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
         self.req_to_token[row, start : start + len(slots)] = slots
 
-    def clear(self) -> None:
-        self._free_rows = list(range(self.size))
-
 
 class TokenToKVPoolAllocator:
     """Hands out KV pages 1..num_pages as the slots they hold; each page is freed exactly once.

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 class ForwardMode(IntEnum):
     EXTEND = auto()  # at least one request brings several new tokens (prefill or a chunk of one)
     DECODE = auto()  # every request brings exactly one token
-    IDLE = auto()  # no tokens (a TKNP rank with an empty partition)
 
     @staticmethod
     def of(extend_lens: list[int]) -> "ForwardMode":
