@@ -45,7 +45,6 @@ struct RopeArgs {
   DType dtype;
 };
 
-// out[t, i] = silu(x[t, i]) * x[t, width + i]
 // out[r] = the index of row r's largest value (torch.argmax's: the first of equal maxima, or the
 // first NaN of a row holding one); x float32 [rows, n].
 struct ArgmaxArgs {
@@ -54,6 +53,7 @@ struct ArgmaxArgs {
   int64_t* out;
 };
 
+// out[t, i] = silu(x[t, i]) * x[t, width + i]
 struct SiluAndMulArgs {
   void* out;
   int64_t out_stride;
@@ -135,7 +135,7 @@ struct KernelTable {
   void (*decode_merge)(const AttnArgs&, int64_t begin, int64_t end);  // (b, head)
   void (*extend_attention)(const AttnArgs&, const ExtendItem*, int64_t begin, int64_t end);
   // null where the ISA has no bf16 dot products (the caller falls back to torch)
-  void (*linear)(const LinearArgs&, int64_t begin, int64_t end);  // blocks of 2 x 16 outputs
+  void (*linear)(const LinearArgs&, int64_t begin, int64_t end);  // items of blocks_per_item x 16 outputs
 };
 
 }  // namespace sgl_kernel

@@ -113,7 +113,7 @@ void silu_and_mul_rows(const SiluAndMulArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-// ---------------------------------------------------------------- KV store
+// ---------------------------------------------------------------- argmax
 
 // Greedy sampling's argmax over the vocabulary: block maxima by vectors, the first block
 // holding the row's maximum scanned for its first occurrence; torch.argmax's single-threaded
@@ -162,6 +162,8 @@ void argmax_rows(const ArgmaxArgs& a, int64_t begin, int64_t end) {
     a.out[r] = idx;
   }
 }
+
+// ---------------------------------------------------------------- KV store
 
 template <typename S, typename C>
 void store_kv_tokens(const StoreKVArgs& a, int64_t begin, int64_t end) {

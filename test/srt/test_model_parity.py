@@ -42,6 +42,14 @@ def _runner(path, attention_backend: str) -> ModelRunner:
 
 
 def _prefill_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
+    row, slots, out = _prefill(runner, ids)
+    runner.allocator.free(slots)
+    runner.req_to_token_pool.free(row)
+    return out
+
+
+def _prefill(runner: ModelRunner, ids: list[int]) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Prefills one request: its req_to_token row, its KV slots (both still held) and all its logits."""
     n = len(ids)
     row = runner.req_to_token_pool.alloc()
     slots = runner.allocator.alloc(n)
@@ -59,10 +67,7 @@ def _prefill_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
         sample_indices=torch.tensor([n - 1]),
         return_all_logits=True,
     )
-    out = runner.forward(batch).all_logits
-    runner.allocator.free(slots)
-    runner.req_to_token_pool.free(row)
-    return out
+    return row, slots, runner.forward(batch).all_logits
 
 
 def _hf(path):
@@ -158,24 +163,7 @@ def test_fused_decode_layer_gives_the_layer_by_layer_bits(make_tiny_model, arch,
 
     g = torch.Generator().manual_seed(0)
     lens = [5, 17, 9]
-    rows = [runner.req_to_token_pool.alloc() for _ in lens]
-    for row, n in zip(rows, lens):  # prefill
-        slots = runner.allocator.alloc(n)
-        runner.req_to_token_pool.write(row, 0, slots)
-        runner.forward(
-            ForwardBatch(
-                forward_mode=ForwardMode.EXTEND,
-                input_ids=torch.randint(0, cfg.vocab_size, (n,), generator=g),
-                positions=torch.arange(n),
-                out_cache_loc=slots,
-                req_pool_indices=torch.tensor([row]),
-                seq_lens=torch.tensor([n]),
-                seq_lens_cpu=[n],
-                prefix_lens=[0],
-                extend_lens=[n],
-                sample_indices=torch.tensor([n - 1]),
-            )
-        )
+    rows = [_prefill(runner, torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist())[0] for n in lens]
     k_cache, v_cache = runner.kv_pool.get_kv_buffer(len(layers) - 1)
     for _ in range(3):
         slots = runner.allocator.alloc(len(lens))
