@@ -88,8 +88,8 @@ def _graph_rank_main(rank, tknp, tp, assignment, page_size, init_file, model_pat
     """This rank's results run eagerly, then with graphs, and the graphs' replay count."""
     from eager_graphs import EagerGraphs
     from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
+    from sglang.srt.distributed.tknp_comm import TknpComm
     from sglang.srt.layers.tensor_parallel import TpGroup
-    from sglang.srt.layers.tknp_attention import TknpComm
     from sglang.srt.model_executor.tknp_runner import TknpModelRunner
 
     torch.set_num_threads(1)

@@ -82,8 +82,8 @@ def _runner(
 
 def _rank_main(rank, tknp, tp, all_to_all, page_size, init_file, model_path):
     from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
+    from sglang.srt.distributed.tknp_comm import TknpComm
     from sglang.srt.layers.tensor_parallel import TpGroup
-    from sglang.srt.layers.tknp_attention import TknpComm
     from sglang.srt.model_executor.tknp_runner import TknpModelRunner
 
     torch.set_num_threads(1)

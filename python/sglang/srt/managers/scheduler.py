@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.managers.io_struct import (
@@ -34,7 +34,6 @@ from sglang.srt.managers.schedule_policy import PrefillBudget, SchedulePolicy
 from sglang.srt.mem_cache.kv_cache_manager import KVCacheManager
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 from sglang.srt.model_executor.model_runner import ModelRunner
-from sglang.srt.model_executor.tknp_runner import TknpModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +44,19 @@ _MIN_NEW_TOKEN_RATIO = 0.1
 _NEW_TOKEN_RATIO_DECAY = 0.001
 
 
+class Forward(Protocol):
+    """Runs one step's batch (None: this rank has nothing this step) and returns its logits:
+    the model runner's own forward, or under TKNP the group's collective one, which every rank
+    calls every step."""
+
+    def __call__(self, batch: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]: ...
+
+    @property
+    def comm_seconds(self) -> float:
+        """Time spent moving data between ranks (load reports; 0 where nothing is measured)."""
+        ...
+
+
 class Scheduler:
     def __init__(
         self,
@@ -53,13 +65,13 @@ class Scheduler:
         schedule_policy: str = "fcfs",
         chunked_prefill_size: Optional[int] = None,
         disable_radix_cache: bool = False,
-        tknp_runner: Optional[TknpModelRunner] = None,
+        forward: Optional[Forward] = None,
+        tknp_rank: int = 0,
     ):
+        """`forward` defaults to the runner's; `tknp_rank` names this rank in load reports."""
         self.runner = runner
-        # Under TKNP, forwards are the group's collective one (every rank calls it every step).
-        self.tknp_runner = tknp_runner
-        self._forward = tknp_runner.forward if tknp_runner is not None else runner.forward
-        self.tknp_rank = tknp_runner.comm.tknp_rank if tknp_runner is not None else 0
+        self._forward = forward if forward is not None else runner
+        self.tknp_rank = tknp_rank
         self.forward_seconds = 0.0
         self.kv = KVCacheManager(runner.req_to_token_pool, runner.allocator, runner.kv_pool, disable_radix_cache)
         self.policy = SchedulePolicy(schedule_policy, self.kv)
@@ -112,7 +124,7 @@ class Scheduler:
             generation_tokens=self.num_generation_tokens,
             weight_bytes=self.runner.plan.weight_bytes,
             forward_seconds=self.forward_seconds,
-            tknp_comm_seconds=self.tknp_runner.comm_seconds if self.tknp_runner is not None else 0.0,
+            tknp_comm_seconds=self._forward.comm_seconds,
             tknp_rank=self.tknp_rank,
         )
 

@@ -31,8 +31,8 @@ import zmq
 
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.distributed.parallel_state import ParallelState, init_distributed
+from sglang.srt.distributed.tknp_comm import TknpComm
 from sglang.srt.layers.tensor_parallel import TpGroup
-from sglang.srt.layers.tknp_attention import TknpComm
 from sglang.srt.managers.io_struct import BatchTokenIDOut, LoadReport, Tick, decode, encode
 from sglang.srt.managers.scheduler import Scheduler
 from sglang.srt.model_executor.model_runner import ModelRunner
@@ -81,16 +81,17 @@ def build_scheduler(
         # under TKNP a step spans the group's ranks, so the TKNP runner captures the graphs
         cuda_graph_max_bs=graph_max_bs if args.tknp_size == 1 else None,
     )
-    tknp_runner = None
+    forward = runner
     if args.tknp_size > 1:
-        tknp_runner = TknpModelRunner(runner, TknpComm.of(state, args.device), cuda_graph_max_bs=graph_max_bs)
+        forward = TknpModelRunner(runner, TknpComm.of(state, args.device), cuda_graph_max_bs=graph_max_bs)
     scheduler = Scheduler(
         runner,
         tokenizer,
         schedule_policy=args.schedule_policy,
         chunked_prefill_size=args.chunked_prefill_size,
         disable_radix_cache=args.disable_radix_cache,
-        tknp_runner=tknp_runner,
+        forward=forward,
+        tknp_rank=tknp_rank,
     )
     return scheduler, model_config, tokenizer
 

@@ -50,10 +50,40 @@ class ForwardBatch:
     attn_backend: Optional["AttentionBackend"] = None
     # Backend-specific metadata, set by attn_backend.init_forward_metadata and reused by every layer.
     attn_metadata: object = field(default=None, repr=False)
+    # A TKNP root's global batch only: how its rows split into the ranks' partitions.
+    tknp_partitions: Optional["TknpPartitions"] = field(default=None, repr=False)
 
     def __post_init__(self):
         assert len(self.prefix_lens) == len(self.extend_lens) == len(self.seq_lens_cpu)
         assert sum(self.extend_lens) == self.input_ids.numel() == self.positions.numel()
+
+    @classmethod
+    def without_kv(
+        cls,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: torch.Tensor,
+        seq_lens_cpu: list[int],
+        extend_lens: list[int],
+        sample_indices: torch.Tensor,
+        **optional: object,
+    ) -> "ForwardBatch":
+        """A batch whose KV lives on other ranks (what a TKNP root runs the dense layers for):
+        tokens, lengths and the rows to score, but no KV slots or pool rows."""
+        nothing = torch.empty(0, dtype=torch.int64, device=input_ids.device)
+        return cls(
+            forward_mode=ForwardMode.of(extend_lens),
+            input_ids=input_ids,
+            positions=positions,
+            out_cache_loc=nothing,
+            req_pool_indices=nothing,
+            seq_lens=seq_lens,
+            seq_lens_cpu=seq_lens_cpu,
+            prefix_lens=[s - e for s, e in zip(seq_lens_cpu, extend_lens)],
+            extend_lens=extend_lens,
+            sample_indices=sample_indices,
+            **optional,
+        )
 
     @property
     def batch_size(self) -> int:
@@ -79,3 +109,11 @@ class ForwardBatch:
             if value is not None and value.device != device:
                 setattr(self, name, value.to(device, non_blocking=True))
         return self
+
+
+@dataclass
+class TknpPartitions:
+    """How a TKNP root's global batch (every rank's partition, in rank order) splits."""
+
+    num_tokens: list[int]  # rows of each rank's partition
+    local: Optional[ForwardBatch]  # the root's own partition, on its pools (None when empty)

@@ -207,6 +207,12 @@ class ModelRunner:
             return None
         return self.cuda_graph_runner.bucket(batch.batch_size)
 
+    # A runner is its scheduler's Forward: one rank, nothing moves between ranks.
+    comm_seconds = 0.0
+
+    def __call__(self, batch: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
+        return self.forward(batch)
+
     def forward(self, batch: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
         if batch is None:
             return None

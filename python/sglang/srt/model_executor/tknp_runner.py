@@ -16,41 +16,30 @@ it from the headers), so the root's global batch is tknp_size equal partitions a
 scatter/gather has fixed split sizes: the root's graph holds the whole forward with the
 collectives inside, each non-root rank's graph its attention loop, and the collectives of the
 two pair up on replay as they did on capture. Batches, headers and logits still move eagerly.
+
+The messages' formats are in distributed/tknp_protocol.py, the transport in tknp_comm.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from sglang.srt.distributed.tknp_comm import TknpComm
+from sglang.srt.distributed.tknp_protocol import (
+    LogitsRows,
+    StepHeader,
+    pack_batch,
+    pack_logits,
+    unpack_batch,
+    unpack_logits,
+)
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
-from sglang.srt.layers.tknp_attention import TknpAttentionBackend, TknpComm, serve_attention_layers
+from sglang.srt.layers.tknp_attention import TknpAttentionBackend, serve_attention_layers
 from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner, GraphCapturer, graph_max_bs
-from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
+from sglang.srt.model_executor.forward_batch import ForwardBatch, TknpPartitions
 from sglang.srt.model_executor.model_runner import ModelRunner
-
-
-@dataclass
-class _Header:
-    tokens: int
-    reqs: int
-    samples: int
-    logprobs: int
-    top_k: int
-
-    @classmethod
-    def of(cls, batch: Optional[ForwardBatch]) -> "_Header":
-        if batch is None:
-            return cls(0, 0, 0, 0, 0)
-        n_lp = 0 if batch.logprob_indices is None else batch.logprob_indices.numel()
-        return cls(
-            batch.input_ids.numel(), batch.batch_size, batch.sample_indices.numel(), n_lp, batch.input_top_logprobs_num
-        )
-
-    def meta_len(self) -> int:
-        return 2 * self.tokens + 2 * self.reqs + self.samples + 2 * self.logprobs
 
 
 class TknpModelRunner:
@@ -78,21 +67,20 @@ class TknpModelRunner:
         """Root only: time its attention spent on scatter/gather, including waiting for ranks."""
         return self.tknp_backend.comm_seconds if self.comm.is_root else 0.0
 
+    def __call__(self, local: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
+        return self.forward(local)
+
     def forward(self, local: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
         """This rank's logits; None when its partition is empty this step."""
         if local is not None:
             self.runner.attach(local)
-        headers = self._exchange_headers(_Header.of(local))
+        headers = [StepHeader.unpack(f) for f in self.comm.all_gather_ints(StepHeader.of(local).pack())]
         if all(h.tokens == 0 for h in headers):
             return None
         size = self._graph_bucket(headers)
         if self.comm.is_root:
             return self._root_forward(local, headers, size)
         return self._rank_forward(local, headers[self.comm.tknp_rank], size)
-
-    def _exchange_headers(self, mine: _Header) -> list[_Header]:
-        fields = [mine.tokens, mine.reqs, mine.samples, mine.logprobs, mine.top_k]
-        return [_Header(*f) for f in self.comm.all_gather_header(fields)]
 
     # ---- CUDA graphs ---------------------------------------------------------------------
 
@@ -103,7 +91,7 @@ class TknpModelRunner:
         if max_bs is None or (graphs is None and self.comm.device.type != "cuda"):
             return None
         runner = self.runner
-        most_running = max(f[0] for f in self.comm.all_gather_header([runner.plan.max_running_requests]))
+        most_running = max(f[0] for f in self.comm.all_gather_ints([runner.plan.max_running_requests]))
         max_bs = graph_max_bs(max_bs, runner.attn_backend, most_running)
         if max_bs is None:
             return None
@@ -116,7 +104,6 @@ class TknpModelRunner:
             # lengths, and the dense layers never read these
             self._ones = torch.ones(rows, dtype=torch.int64, device=device)
             self._rows = torch.arange(rows, device=device)
-            self._nothing = torch.empty(0, dtype=torch.int64, device=device)
             body = self._root_graph_body
         else:
             body = lambda batch: serve_attention_layers(  # noqa: E731
@@ -129,32 +116,28 @@ class TknpModelRunner:
             self.tknp_backend.comm_seconds = 0.0  # the captures' runs are not steps
         return graph_runner
 
-    def _graph_bucket(self, headers: list[_Header]) -> Optional[int]:
+    def _graph_bucket(self, headers: list[StepHeader]) -> Optional[int]:
         """The bucket every partition pads to when this step replays graphs, else None."""
-        if self.graph_runner is None:
-            return None
-        if any(h.tokens != h.reqs or h.samples != h.reqs or h.logprobs for h in headers):
+        if self.graph_runner is None or not all(h.is_plain_decode for h in headers):
             return None
         return self.graph_runner.bucket(max(h.reqs for h in headers))
 
     def _root_graph_body(self, local: ForwardBatch) -> LogitsProcessorOutput:
-        """The root's forward of tknp_size partitions of `local.batch_size` rows each."""
+        """The root's forward of tknp_size partitions of `local.batch_size` rows each; the
+        graph runner has built the inner backend's metadata for `local`."""
         bs = local.batch_size
         rows = self.comm.size * bs
-        global_batch = ForwardBatch(
-            forward_mode=ForwardMode.DECODE,
-            input_ids=self._ids[:rows],
-            positions=self._positions[:rows],
-            out_cache_loc=self._nothing,
-            req_pool_indices=self._nothing,
-            seq_lens=self._ones[:rows],
-            seq_lens_cpu=[1] * rows,
-            prefix_lens=[0] * rows,
-            extend_lens=[1] * rows,
-            sample_indices=self._rows[:rows],
+        # only the partitions' owners attend, over their own lengths: the dense layers read none
+        global_batch = ForwardBatch.without_kv(
+            self._ids[:rows],
+            self._positions[:rows],
+            self._ones[:rows],
+            [1] * rows,
+            [1] * rows,
+            self._rows[:rows],
             attn_backend=self.tknp_backend,
+            tknp_partitions=TknpPartitions([bs] * self.comm.size, local),
         )
-        self.tknp_backend.begin(local, [bs] * self.comm.size)
         return self.runner.model(global_batch.input_ids, global_batch.positions, global_batch)
 
     def _replay_root(self, batches: list[Optional[ForwardBatch]], size: int) -> LogitsProcessorOutput:
@@ -175,20 +158,10 @@ class TknpModelRunner:
     # ---- non-root ranks ------------------------------------------------------------------
 
     def _rank_forward(
-        self, local: Optional[ForwardBatch], h: _Header, size: Optional[int]
+        self, local: Optional[ForwardBatch], h: StepHeader, size: Optional[int]
     ) -> Optional[LogitsProcessorOutput]:
         if local is not None:
-            device = local.input_ids.device
-            parts = [
-                local.input_ids,
-                local.positions,
-                torch.tensor(local.extend_lens, device=device),
-                local.seq_lens,
-                local.sample_indices,
-            ]
-            if h.logprobs:
-                parts += [local.logprob_indices, local.logprob_target_ids]
-            self.comm.send(torch.cat(parts), 0)
+            self.comm.send(pack_batch(local), 0)
         backend = self.runner.attn_backend
         if size is not None:  # an empty partition replays too: the graphs hold collectives
             self.graph_runner.replay(local, size)
@@ -199,62 +172,34 @@ class TknpModelRunner:
             serve_attention_layers(backend, self.layers, None, self.comm, self.runner.compute_dtype)
         return self._recv_logits(h) if local is not None else None
 
-    def _recv_logits(self, h: _Header) -> LogitsProcessorOutput:
-        if not (h.samples or h.logprobs):  # a prefill chunk that samples nothing: no message
+    def _recv_logits(self, h: StepHeader) -> LogitsProcessorOutput:
+        if not h.logits_len(self.vocab_size):  # a prefill chunk that samples nothing: no message
             return LogitsProcessorOutput(next_token_logits=torch.empty(0, self.vocab_size))
-        floats = self.comm.recv((h.samples * self.vocab_size + h.logprobs * (1 + h.top_k),), torch.float32, 0)
-        logits, rest = floats.split([h.samples * self.vocab_size, h.logprobs * (1 + h.top_k)])
-        out = LogitsProcessorOutput(next_token_logits=logits.view(h.samples, self.vocab_size))
-        if h.logprobs:
-            lps, top_vals = rest.split([h.logprobs, h.logprobs * h.top_k])
-            out.input_token_logprobs = lps
-            if h.top_k:
-                top_ids = self.comm.recv((h.logprobs, h.top_k), torch.int64, 0)
-                out.input_top_logprobs = (top_vals.view(h.logprobs, h.top_k), top_ids)
-        return out
+        floats = self.comm.recv((h.logits_len(self.vocab_size),), torch.float32, 0)
+        top_ids = self.comm.recv((h.logprobs, h.top_k), torch.int64, 0) if h.logprobs and h.top_k else None
+        return LogitsProcessorOutput(*unpack_logits(floats, top_ids, h, self.vocab_size))
 
     # ---- the root ------------------------------------------------------------------------
 
     def _root_forward(
-        self, local: Optional[ForwardBatch], headers: list[_Header], size: Optional[int]
+        self, local: Optional[ForwardBatch], headers: list[StepHeader], size: Optional[int]
     ) -> Optional[LogitsProcessorOutput]:
-        batches = [local] + [self._recv_batch(r, h) for r, h in enumerate(headers) if r > 0]
+        batches = [local] + [
+            unpack_batch(self.comm.recv((h.batch_len(),), torch.int64, r), h) if h.tokens else None
+            for r, h in enumerate(headers)
+            if r > 0
+        ]
         if size is not None:
             return self._scatter_logits(self._replay_root(batches, size), headers)
         global_batch = _concat([b for b in batches if b is not None])
         global_batch.attn_backend = self.tknp_backend
-        if local is not None:
-            self.runner.attn_backend.init_forward_metadata(local)
-        self.tknp_backend.begin(local, [h.tokens for h in headers])
+        global_batch.tknp_partitions = TknpPartitions([h.tokens for h in headers], local)
+        self.tknp_backend.init_forward_metadata(global_batch)
         out = self.runner.model(global_batch.input_ids, global_batch.positions, global_batch)
         return self._scatter_logits(out, headers)
 
-    def _recv_batch(self, r: int, h: _Header) -> Optional[ForwardBatch]:
-        if h.tokens == 0:
-            return None
-        meta = self.comm.recv((h.meta_len(),), torch.int64, r)
-        input_ids, positions, extend_lens, seq_lens, samples, lp_idx, lp_tgt = meta.split(
-            [h.tokens, h.tokens, h.reqs, h.reqs, h.samples, h.logprobs, h.logprobs]
-        )
-        extend = extend_lens.tolist()
-        seq = seq_lens.tolist()
-        return ForwardBatch(
-            forward_mode=ForwardMode.of(extend),
-            input_ids=input_ids,
-            positions=positions,
-            out_cache_loc=torch.empty(0, dtype=torch.int64),  # slots live on the owner rank
-            req_pool_indices=torch.empty(0, dtype=torch.int64),
-            seq_lens=seq_lens,
-            seq_lens_cpu=seq,
-            prefix_lens=[s - e for s, e in zip(seq, extend)],
-            extend_lens=extend,
-            sample_indices=samples,
-            logprob_indices=lp_idx if h.logprobs else None,
-            logprob_target_ids=lp_tgt if h.logprobs else None,
-            input_top_logprobs_num=h.top_k,
-        )
-
-    def _scatter_logits(self, out: LogitsProcessorOutput, headers: list[_Header]) -> Optional[LogitsProcessorOutput]:
+    def _scatter_logits(self, out: LogitsProcessorOutput, headers: list[StepHeader]) -> Optional[LogitsProcessorOutput]:
+        """Sends each rank the rows of its own requests; returns the root's."""
         logits = out.next_token_logits.split([h.samples for h in headers])
         n_lp = [h.logprobs for h in headers]
         lps = out.input_token_logprobs.split(n_lp) if out.input_token_logprobs is not None else None
@@ -263,26 +208,18 @@ class TknpModelRunner:
         for r, h in enumerate(headers):
             if h.tokens == 0:
                 continue
-            part = LogitsProcessorOutput(next_token_logits=logits[r])
+            part = LogitsRows(logits[r])
             if h.logprobs:
-                part.input_token_logprobs = lps[r]
-                if h.top_k:
-                    part.input_top_logprobs = (tops[0][r][:, : h.top_k], tops[1][r][:, : h.top_k])
+                top = (tops[0][r][:, : h.top_k], tops[1][r][:, : h.top_k]) if h.top_k else None
+                part = LogitsRows(logits[r], lps[r], top)
             if r == 0:
-                mine = part
-            elif h.samples or h.logprobs:
-                self._send_logits(part, h, r)
+                mine = LogitsProcessorOutput(*part)
+            elif h.logits_len(self.vocab_size):
+                floats, top_ids = pack_logits(part)
+                self.comm.send(floats, r)
+                if top_ids is not None:
+                    self.comm.send(top_ids, r)
         return mine
-
-    def _send_logits(self, part: LogitsProcessorOutput, h: _Header, r: int) -> None:
-        floats = [part.next_token_logits.flatten()]
-        if h.logprobs:
-            floats.append(part.input_token_logprobs)
-            if h.top_k:
-                floats.append(part.input_top_logprobs[0].flatten())
-        self.comm.send(torch.cat(floats).float(), r)
-        if h.logprobs and h.top_k:
-            self.comm.send(part.input_top_logprobs[1], r)
 
 
 def _concat(batches: list[ForwardBatch]) -> ForwardBatch:
@@ -295,18 +232,13 @@ def _concat(batches: list[ForwardBatch]) -> ForwardBatch:
     has_lp = any(b.logprob_indices is not None for b in batches)
     lp_idx = [b.logprob_indices + off for b, off in zip(batches, offsets) if b.logprob_indices is not None]
     lp_tgt = [b.logprob_target_ids for b in batches if b.logprob_target_ids is not None]
-    extend = [n for b in batches for n in b.extend_lens]
-    return ForwardBatch(
-        forward_mode=ForwardMode.of(extend),
-        input_ids=cat([b.input_ids for b in batches]),
-        positions=cat([b.positions for b in batches]),
-        out_cache_loc=torch.empty(0, dtype=torch.int64),
-        req_pool_indices=torch.empty(0, dtype=torch.int64),
-        seq_lens=cat([b.seq_lens for b in batches]),
-        seq_lens_cpu=[s for b in batches for s in b.seq_lens_cpu],
-        prefix_lens=[p for b in batches for p in b.prefix_lens],
-        extend_lens=extend,
-        sample_indices=cat([b.sample_indices + off for b, off in zip(batches, offsets)]),
+    return ForwardBatch.without_kv(
+        cat([b.input_ids for b in batches]),
+        cat([b.positions for b in batches]),
+        cat([b.seq_lens for b in batches]),
+        [s for b in batches for s in b.seq_lens_cpu],
+        [n for b in batches for n in b.extend_lens],
+        cat([b.sample_indices + off for b, off in zip(batches, offsets)]),
         logprob_indices=cat(lp_idx) if has_lp else None,
         logprob_target_ids=cat(lp_tgt) if has_lp else None,
         input_top_logprobs_num=max(b.input_top_logprobs_num for b in batches),

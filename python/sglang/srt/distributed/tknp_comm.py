@@ -1,0 +1,80 @@
+"""The transport between a TKNP root and its attention ranks.
+
+Everything a TKNP group exchanges goes through `TknpComm`: the step headers, each rank's batch,
+the per-layer q/k/v and attention outputs, and the logits (the messages' formats are in
+tknp_protocol.py). Today it runs on torch.distributed (gloo on CPU, NCCL on GPUs); a
+shared-memory transport for ranks on one host would sit beside it with the same methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from sglang.srt.distributed.parallel_state import ParallelState
+
+
+@dataclass
+class TknpComm:
+    """The links between a TKNP root and its ranks.
+
+    Data (q/k/v, attention outputs, batches, logits) moves on `group`, in tensors on `device`;
+    the step headers on `cpu_group` (gloo). Per attention layer the scatter/gather uses the
+    collective that suits the backend: NCCL runs `all_to_all_single` with split sizes (one
+    launch for every rank, every rank in it, empty partitions included); gloo runs
+    point-to-point sends, which let the root overlap its own attention with the sends and skip
+    empty partitions. Both modes run on gloo, so tests cover the NCCL path's logic on CPU.
+    """
+
+    group: Optional[dist.ProcessGroup]
+    group_ranks: list[int]  # global ranks, index = tknp_rank; [0] is the root
+    tknp_rank: int
+    cpu_group: Optional[dist.ProcessGroup]
+    device: torch.device
+    use_all_to_all: bool
+
+    @classmethod
+    def of(cls, state: "ParallelState", device: str = "cpu", use_all_to_all: Optional[bool] = None) -> "TknpComm":
+        """This process's TKNP group: the ranks that share its TP rank (TP rank r of the root
+        sends q/k/v of its heads to TP rank r of every attention rank)."""
+        ranks = next(g for g in state.layout.tknp_group_ranks() if state.global_rank in g)
+        if use_all_to_all is None:
+            use_all_to_all = state.backend == "nccl"
+        return cls(
+            state.tknp_group, ranks, state.coords.tknp, state.tknp_cpu_group, torch.device(device), use_all_to_all
+        )
+
+    @property
+    def size(self) -> int:
+        return len(self.group_ranks)
+
+    @property
+    def is_root(self) -> bool:
+        return self.tknp_rank == 0
+
+    def send(self, tensor: torch.Tensor, to: int) -> None:
+        dist.send(tensor.contiguous(), dst=self.group_ranks[to], group=self.group)
+
+    def isend(self, tensor: torch.Tensor, to: int) -> dist.Work:
+        return dist.isend(tensor.contiguous(), dst=self.group_ranks[to], group=self.group)
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, frm: int) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.recv(out, src=self.group_ranks[frm], group=self.group)
+        return out
+
+    def all_to_all_rows(self, rows: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """Rows [sum(send_counts), W] out, split by destination rank; [sum(recv_counts), W] back."""
+        out = rows.new_empty((sum(recv_counts), rows.shape[1]))
+        dist.all_to_all_single(out, rows.contiguous(), recv_counts, send_counts, group=self.group)
+        return out
+
+    def all_gather_ints(self, fields: list[int]) -> list[list[int]]:
+        """Every rank's `fields` (the same length on every rank), in rank order, over gloo."""
+        gathered = [torch.zeros(len(fields), dtype=torch.int64) for _ in range(self.size)]
+        dist.all_gather(gathered, torch.tensor(fields, dtype=torch.int64), group=self.cpu_group)
+        return [t.tolist() for t in gathered]
