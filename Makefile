@@ -14,7 +14,7 @@ KERNEL_LIB := sgl-kernel/python/sgl_kernel/libsgl_kernel_ops.so
 KERNEL_SRC := sgl-kernel/CMakeLists.txt $(wildcard sgl-kernel/csrc/*)
 KERNEL_STAMP := $(VENV)/.installed-sgl-kernel
 
-.PHONY: install install-test kernel serve lint test clean
+.PHONY: install install-test kernel serve lint test test-fast clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,10 @@ lint: $(TEST_STAMP)
 
 test: lint $(TEST_STAMP) $(KERNEL_STAMP)
 	$(PY) -m pytest test $(PYTEST_ARGS)
+
+# the unit tests only (under a minute on 2 cores): no engine on a model, no server, no ranks
+test-fast: $(TEST_STAMP) $(KERNEL_STAMP)
+	$(PY) -m pytest test -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) sgl-kernel/build $(KERNEL_LIB)

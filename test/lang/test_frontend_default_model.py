@@ -5,6 +5,8 @@ import requests
 import sglang as sgl
 from conftest import ServerProcess
 
+pytestmark = pytest.mark.slow  # a server process on the default model
+
 
 @pytest.fixture(scope="module")
 def backend():

@@ -10,6 +10,8 @@ import requests
 import sglang as sgl
 from sglang.lang.http_client import ServerError
 
+pytestmark = pytest.mark.slow  # a server process
+
 GREEDY = {"temperature": 0, "ignore_eos": True}
 API_KEY = "sk-frontend-test"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a server process, and bench_serving as a subprocess
+
 
 @pytest.mark.parametrize("backend", ["sglang", "sglang-oai", "sglang-oai-chat"])
 def test_bench_serving_counts_every_token(tiny_server, tmp_path, backend):

@@ -10,6 +10,8 @@ from sglang.srt.model_executor.cuda_graph_runner import bucket_for, capture_batc
 from sglang.srt.model_executor.forward_batch import ForwardMode
 from test_tknp_forward import DECODE_STEPS, PROMPTS, _run_requests, _runner
 
+pytestmark = pytest.mark.slow  # runners on a tiny model, and ranks as processes
+
 MAX_BS = 8  # _runner's max_running_requests
 FLASHINFER_BF16 = dict(dtype="bfloat16", attention_backend="flashinfer")
 # Padding changes how many rows the matmuls see, which may round differently; a 16-bit KV value

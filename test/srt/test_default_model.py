@@ -7,6 +7,8 @@ import torch
 import transformers
 from sglang.srt.model_loader import default_model_path
 
+pytestmark = pytest.mark.slow  # the 135M default model, in this engine and in transformers
+
 PROMPTS = ["The capital of France is", "Write a haiku about the sea.\n"]
 
 

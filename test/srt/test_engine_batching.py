@@ -2,6 +2,8 @@
 
 import pytest
 
+pytestmark = pytest.mark.slow  # engines on a tiny model
+
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 

@@ -3,6 +3,8 @@ prefill and retraction, prefix hits in whole pages, every page back after a flus
 
 import pytest
 
+pytestmark = pytest.mark.slow  # engines on a tiny model
+
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 

@@ -4,6 +4,8 @@ import pytest
 import torch
 import transformers
 
+pytestmark = pytest.mark.slow  # engines on a tiny model
+
 GREEDY = {"temperature": 0, "ignore_eos": True}
 PROMPT = "The quick brown fox jumps over the lazy dog. Then"
 

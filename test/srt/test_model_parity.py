@@ -7,6 +7,8 @@ from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang.srt.model_executor.model_runner import ModelRunner
 
+pytestmark = pytest.mark.slow  # tiny models in this engine and in transformers
+
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n",

@@ -9,8 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
 from conftest import ServerProcess, assert_same_generations
+
+pytestmark = pytest.mark.slow  # two server processes, one per node
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 

@@ -12,6 +12,8 @@ import pytest
 import requests
 from conftest import ServerProcess
 
+pytestmark = pytest.mark.slow  # server processes
+
 
 def _children(pid: int) -> list[int]:
     kids = []
@@ -62,6 +64,7 @@ def _socket_dirs() -> set[str]:
             "--attention-backend flashinfer cannot run here: it needs CUDA",
         ),
         (["--tknp-size", "2", "--dp-size", "2"], "mutually exclusive"),
+        (["--pp-size", "2"], "pipeline parallelism is not supported"),
         (["--tknp-size", "0"], "--tknp-size"),
         (["--load-balance-method", "random"], "--load-balance-method"),
         (["--tp-size", "2"], "--tp-size 2 must divide the number of attention heads (9)"),  # SmolLM2-135M

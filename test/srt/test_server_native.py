@@ -3,7 +3,10 @@
 import json
 import time
 
+import pytest
 import requests
+
+pytestmark = pytest.mark.slow  # a server process
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 

@@ -5,6 +5,8 @@ import openai
 import pytest
 from conftest import ServerProcess
 
+pytestmark = pytest.mark.slow  # a server process
+
 
 @pytest.fixture(scope="module")
 def server():

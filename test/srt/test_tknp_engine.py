@@ -1,5 +1,9 @@
 """sglang.Engine with --tknp-size 2: the same results as --tknp-size 1, through the processes."""
 
+import pytest
+
+pytestmark = pytest.mark.slow  # an engine whose ranks are processes
+
 
 def test_engine_tknp_matches_plain_engine(engine_factory, make_tiny_model):
     from sglang import Engine

@@ -6,6 +6,8 @@ import pytest
 import torch
 from conftest import run_ranks
 
+pytestmark = pytest.mark.slow  # ranks as processes
+
 PROMPTS = [[5 + 3 * i + j for j in range(n)] for i, n in enumerate([17, 9, 30, 1, 12])]
 DECODE_STEPS = 4
 

@@ -2,6 +2,7 @@
 weights, per-rank observability, idle ranks, and a dying rank."""
 
 import concurrent.futures as cf
+import math
 import os
 import signal
 import threading
@@ -10,6 +11,8 @@ import time
 import pytest
 import requests
 from conftest import ServerProcess, assert_same_generations
+
+pytestmark = pytest.mark.slow  # server processes with their ranks
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
@@ -24,15 +27,16 @@ def _server(model_path, tknp, *extra):
 
 
 def _workload():
-    """16+ requests: different lengths, shared prefixes, mixed sampling (greedy and seeded)."""
-    shared = [100 + i for i in range(96)]
+    """18 requests: prompts of 5..25 tokens (every third one shares a 20-token prefix), 60 or 61
+    new tokens each (ignore_eos: exactly that many), mixed sampling (greedy and seeded)."""
+    shared = [100 + i for i in range(20)]
     reqs = []
     for i in range(18):
         if i % 3 == 0:
             ids = shared + [7 + i, 8 + i]
         else:
-            ids = [200 + 11 * i + j for j in range(5 + 13 * (i % 5))]
-        params = {**GREEDY, "max_new_tokens": 60 + (i % 4) * 15}
+            ids = [200 + 11 * i + j for j in range(5 + 5 * (i % 5))]
+        params = {**GREEDY, "max_new_tokens": 60 + i % 2}
         if i % 4 == 1:
             # Seeded sampling over a top-k set: a random tiny model's full distribution is nearly
             # uniform over 49k tokens, where last-bit logit differences between batch shapes
@@ -42,7 +46,7 @@ def _workload():
                 "top_k": 20,
                 "top_p": 0.95,
                 "sampling_seed": 1000 + i,
-                "max_new_tokens": 48,
+                "max_new_tokens": 60 + i % 2,
                 "ignore_eos": True,
             }
         reqs.append(
@@ -56,6 +60,39 @@ def _workload():
     return reqs
 
 
+# KV slots per rank and prefill tokens per step of the parity test; why they force retraction
+# is checked by _check_retraction_is_forced.
+PARITY_KV_POOL = 123
+PARITY_CHUNK = 64
+
+
+def _check_retraction_is_forced(reqs: list[dict]) -> None:
+    """The arithmetic that makes every run of the parity workload retract, however fast the
+    ranks step: a rank retracts once it starts two requests in one step, which it does when two
+    requests reach it between two of its steps while it runs at most one request (all 18 are
+    sent at once; at least 6 go to one rank at tknp 3). To escape, a rank would have to receive
+    its requests one at a time, steps apart; the long outputs make it retract then too, but
+    that is not counted on. A request holds its prompt and every generated token but the last."""
+    from sglang.srt.managers.scheduler import _INIT_NEW_TOKEN_RATIO
+
+    prompts = [len(r["input_ids"]) for r in reqs]
+    new = [r["sampling_params"]["max_new_tokens"] for r in reqs]
+    pool = PARITY_KV_POOL
+    # any request fits alone, so none is aborted
+    assert max(p + n - 1 for p, n in zip(prompts, new)) <= pool
+    # Two requests started in one step cannot both finish: before the last decode of the shorter
+    # one they hold at least 2 * min(prompts) + 2 * (min(new) - 2) slots and need 2 more. (Two
+    # prompts sharing the 20-token prefix hold 24 slots between them, more than 2 * min(prompts).)
+    assert 2 * min(prompts) + 2 * (min(new) - 1) > pool
+    # Two requests that arrive together start together and both compute their whole prompt in
+    # that step (a prompt cut by the prefill budget could wait for its rest behind the decode
+    # reserve): the budget holds both prompts, and both fit even beside a request already
+    # running, whose decode reserve (new_token_ratio, at most its initial value, of its
+    # remaining tokens) and prompt they leave room for during its first steps.
+    assert 2 * max(prompts) <= PARITY_CHUNK
+    assert 3 * max(prompts) + 1 + math.ceil(_INIT_NEW_TOKEN_RATIO * max(new)) <= pool
+
+
 def _run_concurrently(server, reqs):
     with cf.ThreadPoolExecutor(len(reqs)) as pool:
         futures = [pool.submit(requests.post, server.url + "/generate", json=r, timeout=300) for r in reqs]
@@ -66,14 +103,19 @@ def test_parity_across_tknp_and_tp_sizes_with_retraction(model_path):
     """The oracle is --tknp-size 1: TKNP 2 and 3 must match it, and TP 2 x TKNP 2 must match
     TP 2 x TKNP 1 (4 processes). TP itself changes float rounding (row-parallel sums), so
     TP 2 is held to the same tokens and logprobs within 1e-4 of TP 1."""
+    _check_retraction_is_forced(_workload())
     results = {}
     for tknp, tp in ((1, 1), (2, 1), (3, 1), (1, 2), (2, 2)):
-        # A pool this small per rank forces retractions under 18 concurrent requests: it just
-        # holds the largest one (98 prompt + 105 new tokens). Outputs this long keep each
-        # rank's requests overlapping even when ranks outpace the requests' arrival (measured
-        # at tknp 3: 7-12 retractions a run, against 0-7 with a third of the outputs).
+        # The pool and workload force retraction on every run: see _check_retraction_is_forced.
         server = _server(
-            model_path, tknp, "--tp-size", str(tp), "--max-total-tokens", "205", "--chunked-prefill-size", "128"
+            model_path,
+            tknp,
+            "--tp-size",
+            str(tp),
+            "--max-total-tokens",
+            str(PARITY_KV_POOL),
+            "--chunked-prefill-size",
+            str(PARITY_CHUNK),
         )
         try:
             results[tknp, tp] = _run_concurrently(server, _workload())

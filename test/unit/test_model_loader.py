@@ -16,10 +16,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from sglang.srt.configs import model_config
+from sglang.srt.configs import gguf_cache, model_config
 from sglang.srt.configs.model_config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError, resolve_dtype
 from sglang.srt.environ import Environ
-from sglang.srt.model_loader import default_model_path, gguf_cache, iter_weights, load_tokenizer, resolve_model_path
+from sglang.srt.model_loader import default_model_path, iter_weights, load_tokenizer, resolve_model_path
 from sglang.srt.model_loader.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE
 from sglang.srt.model_loader.gguf_file import StringArray, read_gguf
 from sglang.srt.model_loader.gguf_loader import dequantize, hf_name, iter_gguf_weights, unpermute_rotary_rows

@@ -1,5 +1,6 @@
-"""Rank layout arithmetic (pure), start-up validation, the accessors before initialization, and
-one real 4-process gloo run (TKNP 2 x TP 2) whose all-reduces prove each group's membership."""
+"""Rank layout arithmetic (pure), start-up validation, a one-process world that needs no
+torch.distributed, and one real 4-process gloo run (TKNP 2 x TP 2) whose all-reduces prove each
+group's membership."""
 
 from __future__ import annotations
 
@@ -10,26 +11,26 @@ import pytest
 from sglang.srt.distributed import parallel_state as ps
 from sglang.srt.distributed.parallel_state import RankCoords, RankLayout
 
-SHAPES = [(1, 1, 1), (2, 1, 1), (3, 1, 1), (2, 1, 2), (2, 2, 2), (4, 1, 2)]  # (tknp, pp, tp)
+SHAPES = [(1, 1, 1), (1, 2, 1), (1, 3, 1), (1, 2, 2), (2, 2, 2), (1, 4, 2)]  # (dp, tknp, tp)
 
 
-@pytest.fixture(params=SHAPES, ids=lambda s: "tknp%d-pp%d-tp%d" % s)
+@pytest.fixture(params=SHAPES, ids=lambda s: "dp%d-tknp%d-tp%d" % s)
 def layout(request) -> RankLayout:
-    tknp, pp, tp = request.param
-    return RankLayout(tknp_size=tknp, pp_size=pp, tp_size=tp)
+    dp, tknp, tp = request.param
+    return RankLayout(dp_size=dp, tknp_size=tknp, tp_size=tp)
 
 
 def test_coords_round_trip(layout: RankLayout):
-    assert layout.world_size == layout.tknp_size * layout.pp_size * layout.tp_size
+    assert layout.world_size == layout.dp_size * layout.tknp_size * layout.tp_size
     for rank in range(layout.world_size):
         c = layout.coords(rank)
         assert layout.global_rank(c) == rank
-        assert rank == ((c.dp * layout.tknp_size + c.tknp) * layout.pp_size + c.pp) * layout.tp_size + c.tp
+        assert rank == (c.dp * layout.tknp_size + c.tknp) * layout.tp_size + c.tp
     with pytest.raises(ValueError):
         layout.coords(layout.world_size)
 
 
-@pytest.mark.parametrize("axis", ["tknp", "tp", "pp"])
+@pytest.mark.parametrize("axis", ["tknp", "tp"])
 def test_groups_partition_the_world(layout: RankLayout, axis: str):
     groups = getattr(layout, f"{axis}_group_ranks")()
     size = getattr(layout, f"{axis}_size")
@@ -47,18 +48,15 @@ def test_tp_varies_fastest_and_roots(layout: RankLayout):
     if layout.tp_size > 1:
         assert any({0, 1} <= set(g) for g in layout.tp_group_ranks())
         assert not any({0, 1} <= set(g) for g in layout.tknp_group_ranks())
-    for group in layout.tknp_group_ranks():
-        assert layout.is_tknp_root(group[0])
-        assert layout.coords(group[0]).tknp == 0
-        assert not any(layout.is_tknp_root(r) for r in group[1:])
+    for group in layout.tknp_group_ranks():  # the root (TKNP rank 0) comes first
+        assert [layout.coords(r).tknp for r in group] == list(range(layout.tknp_size))
 
 
 def test_known_layout_tknp2_tp2():
     layout = RankLayout(tknp_size=2, tp_size=2)
     assert layout.tknp_group_ranks() == [[0, 2], [1, 3]]
     assert layout.tp_group_ranks() == [[0, 1], [2, 3]]
-    assert layout.pp_group_ranks() == [[0], [1], [2], [3]]
-    assert layout.coords(3) == RankCoords(dp=0, tknp=1, pp=0, tp=1)
+    assert layout.coords(3) == RankCoords(dp=0, tknp=1, tp=1)
 
 
 def test_validate_accepts_a_good_layout():
@@ -69,7 +67,6 @@ def test_validate_accepts_a_good_layout():
 @pytest.mark.parametrize(
     "layout_kwargs, heads, kv_heads, devices, message",
     [
-        (dict(dp_size=2, tknp_size=2), 8, 8, None, "--tknp-size 2 and --dp-size 2 are mutually exclusive"),
         (dict(tp_size=3), 8, 8, None, "--tp-size 3 must divide the number of attention heads (8)"),
         (dict(tp_size=4), 8, 2, None, "--tp-size 4 must divide the number of KV heads (2)"),
         (dict(tknp_size=2, tp_size=2), 8, 2, 1, "--tknp-size 2 x --tp-size 2 needs 4 GPUs, 1 visible"),
@@ -82,13 +79,13 @@ def test_validate_errors_name_the_flag(layout_kwargs, heads, kv_heads, devices, 
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("flag", ["tknp", "tp", "pp", "dp"])
+@pytest.mark.parametrize("flag", ["tknp", "tp", "dp"])
 def test_sizes_below_one_are_rejected(flag: str):
     with pytest.raises(ValueError, match=f"--{flag}-size must be an integer >= 1"):
         RankLayout(**{f"{flag}_size": 0})
 
 
-def test_accessors_before_init_need_no_torch_distributed(monkeypatch):
+def test_one_process_world_needs_no_torch_distributed(monkeypatch):
     import torch.distributed as dist
 
     def forbidden(*args, **kwargs):
@@ -97,19 +94,16 @@ def test_accessors_before_init_need_no_torch_distributed(monkeypatch):
     for name in ("get_rank", "get_world_size", "is_initialized", "new_group", "init_process_group"):
         monkeypatch.setattr(dist, name, forbidden)
     ps.destroy_distributed()
-    assert ps.get_parallel_state() is None
-    assert (ps.get_tknp_rank(), ps.get_tknp_world_size(), ps.is_tknp_root()) == (0, 1, True)
-    assert ps.get_tknp_group() is None and ps.get_tknp_cpu_group() is None
-    assert (ps.get_tp_rank(), ps.get_tp_world_size(), ps.get_tp_group()) == (0, 1, None)
-    # A one-process world (--tknp-size 1) initializes without touching torch.distributed either.
     state = ps.init_distributed(RankLayout(), 0, "file:///nonexistent", "gloo")
     try:
-        assert state.tknp_group is None and ps.is_tknp_root() and ps.get_tknp_world_size() == 1
+        assert state.coords == RankCoords() and state.layout.world_size == 1
+        assert (state.tknp_group, state.tknp_cpu_group, state.tp_group, state.world_cpu_group) == (None,) * 4
         with pytest.raises(RuntimeError, match="called twice"):
             ps.init_distributed(RankLayout(), 0, "file:///nonexistent", "gloo")
     finally:
         ps.destroy_distributed()
-    assert ps.get_parallel_state() is None
+    ps.init_distributed(RankLayout(), 0, "file:///nonexistent", "gloo")  # destroy forgot it
+    ps.destroy_distributed()
 
 
 def _tknp2_tp2_worker(rank: int, init_method: str) -> None:
@@ -118,24 +112,24 @@ def _tknp2_tp2_worker(rank: int, init_method: str) -> None:
     import torch.distributed as dist
 
     layout = RankLayout(tknp_size=2, tp_size=2)
-    ps.init_distributed(layout, rank, init_method, "gloo", timeout=datetime.timedelta(seconds=30))
+    state = ps.init_distributed(layout, rank, init_method, "gloo", timeout=datetime.timedelta(seconds=30))
     try:
         tknp_rank, tp_rank = divmod(rank, 2)
-        assert ps.get_tknp_rank() == tknp_rank and ps.get_tknp_world_size() == 2
-        assert ps.is_tknp_root() == (tknp_rank == 0)
-        assert ps.get_tp_rank() == tp_rank and ps.get_tp_world_size() == 2
-        assert ps.get_tknp_cpu_group() is ps.get_tknp_group()  # gloo: one group serves both
+        assert state.coords == RankCoords(tknp=tknp_rank, tp=tp_rank)
+        assert state.tknp_cpu_group is state.tknp_group and state.tp_cpu_group is state.tp_group  # gloo: one each
+        assert state.world_cpu_group is None  # the default group is already gloo
         # TKNP groups are {0, 2} and {1, 3}; TP groups are {0, 1} and {2, 3}.
         total = torch.tensor([rank])
-        dist.all_reduce(total, group=ps.get_tknp_group())
+        dist.all_reduce(total, group=state.tknp_group)
         assert total.item() == {0: 2, 1: 4}[tp_rank], total.item()
         total = torch.tensor([rank])
-        dist.all_reduce(total, group=ps.get_tp_group())
+        dist.all_reduce(total, group=state.tp_group)
         assert total.item() == {0: 1, 1: 5}[tknp_rank], total.item()
     finally:
         ps.destroy_distributed()
 
 
+@pytest.mark.slow  # four forked ranks on gloo
 def test_four_processes_tknp2_tp2(tmp_path):
     import torch.multiprocessing as mp
 

@@ -89,11 +89,6 @@ def test_cache_aware_ignores_short_matches():
     assert a != b
 
 
-def test_unknown_method_is_rejected():
-    with pytest.raises(ValueError, match="--load-balance-method"):
-        PlacementPolicy("random", [1])
-
-
 def test_merge_loads_sums_counters_and_keeps_ranks():
     merged = merge_loads([load(1, 30, capacity=500), load(0, 10, capacity=400)], [3, 4])
     assert merged.max_total_num_tokens == 900 and merged.kv_tokens_used == 40

@@ -56,6 +56,7 @@ class ServerArgs:
         "cache_aware", "how the TKNP controller places requests on ranks", choices=LOAD_BALANCE_METHODS
     )
     dp_size: int = _opt(1, "data parallel size (only 1; use --tknp-size to scale KV capacity)")
+    pp_size: int = _opt(1, "pipeline parallel size (only 1: pipeline parallelism is not supported)")
     nnodes: int = _opt(
         1, "hosts the ranks span; ranks are split evenly, node 0 holding the first ones and serving HTTP"
     )
@@ -96,8 +97,7 @@ class ServerArgs:
     def resolve(self) -> "ServerArgs":
         """Concrete values for every auto/None setting, after validation; returns self."""
         _check(self.port > 0 and self.port < 65536, "--port must be in 1..65535", self.port)
-        _check(self.tp_size >= 1, "--tp-size must be >= 1", self.tp_size)
-        _check(self.tknp_size >= 1, "--tknp-size must be >= 1", self.tknp_size)
+        self.rank_layout()  # rejects a --tp-size or --tknp-size below 1
         _check(
             self.load_balance_method in LOAD_BALANCE_METHODS,
             f"--load-balance-method must be one of {', '.join(LOAD_BALANCE_METHODS)}",
@@ -111,6 +111,7 @@ class ServerArgs:
             raise ValueError(
                 f"--dp-size must be 1 (data parallelism is not supported; use --tknp-size), got {self.dp_size}"
             )
+        _check(self.pp_size == 1, "--pp-size must be 1 (pipeline parallelism is not supported)", self.pp_size)
         self._check_nodes()
         _check(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}", self.dtype)
         _check(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}", self.device)

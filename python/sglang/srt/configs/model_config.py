@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from sglang.srt.configs.gguf_cache import load_from_gguf
 from sglang.srt.utils import cpu_flags
 
 if TYPE_CHECKING:
@@ -167,8 +168,6 @@ def _load_hf_config(path: str) -> PretrainedConfig:
 
     try:
         if path.endswith(".gguf"):
-            from sglang.srt.model_loader.gguf_cache import load_from_gguf
-
             return load_from_gguf(path, "config")
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, struct errors...

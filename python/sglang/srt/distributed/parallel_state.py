@@ -1,20 +1,18 @@
-"""Rank layout and process groups for ExternalDP x TKNP x PP x TP.
+"""Rank layout and process groups for ExternalDP x TKNP x TP.
 
 Two halves:
 
 - `RankLayout` is pure arithmetic (no torch): which global rank sits at which
-  (dp, tknp, pp, tp) coordinate, which ranks form each group, and the start-up checks.
-  TP varies fastest:
-      global_rank = ((dp * tknp_size + tknp_rank) * pp_size + pp_rank) * tp_size + tp_rank
-  A TKNP group is the ranks that share (dp, pp, tp) and differ in tknp_rank; its root is
+  (dp, tknp, tp) coordinate, which ranks form each group, and the start-up checks that need
+  the model. TP varies fastest:
+      global_rank = (dp * tknp_size + tknp_rank) * tp_size + tp_rank
+  A TKNP group is the ranks that share (dp, tp) and differ in tknp_rank; its root is
   tknp_rank 0 (it holds the dense weights; the others hold only their KV pool).
 
 - `init_distributed` creates the torch.distributed process groups once per process and
-  keeps them in a `ParallelState`; the SGLang/vLLM-style accessors (`get_tknp_group()`,
-  `get_tp_rank()`, ...) read it. Ranks and sizes come from the layout, never from a
-  collective, and an axis of size 1 has no group (None). Before `init_distributed` (or
-  after `destroy_distributed`) the accessors describe a single process: rank 0, world
-  size 1, root, no group - so `--tknp-size 1` runs with no torch.distributed call at all.
+  returns them in a `ParallelState`, which the caller hands to whatever needs a group.
+  Ranks and sizes come from the layout, never from a collective, and an axis of size 1 has
+  no group (None), so `--tknp-size 1` runs with no torch.distributed call at all.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 # The axes in layout order, slowest first; TP varies fastest.
-_AXES = ("dp", "tknp", "pp", "tp")
+_AXES = ("dp", "tknp", "tp")
 
 
 @dataclass(frozen=True)
@@ -37,17 +35,15 @@ class RankCoords:
 
     dp: int = 0
     tknp: int = 0
-    pp: int = 0
     tp: int = 0
 
 
 @dataclass(frozen=True)
 class RankLayout:
-    """ExternalDP x TKNP x PP x TP, TP fastest. Sizes below 1 are rejected at construction."""
+    """ExternalDP x TKNP x TP, TP fastest. Sizes below 1 are rejected at construction."""
 
     dp_size: int = 1
     tknp_size: int = 1
-    pp_size: int = 1
     tp_size: int = 1
 
     def __post_init__(self) -> None:
@@ -58,7 +54,7 @@ class RankLayout:
 
     @property
     def world_size(self) -> int:
-        return self.dp_size * self.tknp_size * self.pp_size * self.tp_size
+        return self.dp_size * self.tknp_size * self.tp_size
 
     def _size(self, axis: str) -> int:
         return getattr(self, f"{axis}_size")
@@ -90,28 +86,17 @@ class RankLayout:
         return list(groups.values())
 
     def tknp_group_ranks(self) -> list[list[int]]:
-        """One group per (dp, pp, tp), ordered by tknp_rank: the first rank is the root."""
+        """One group per (dp, tp), ordered by tknp_rank: the first rank is the root."""
         return self._group_ranks("tknp")
 
     def tp_group_ranks(self) -> list[list[int]]:
         return self._group_ranks("tp")
-
-    def pp_group_ranks(self) -> list[list[int]]:
-        return self._group_ranks("pp")
-
-    def is_tknp_root(self, global_rank: int) -> bool:
-        return self.coords(global_rank).tknp == 0
 
     def validate(self, num_attention_heads: int, num_kv_heads: int, num_devices: Optional[int] = None) -> None:
         """Start-up checks, each failing with one line that names the flag.
 
         `num_devices` is the number of visible accelerators (CUDA); None skips that check (CPU).
         """
-        if self.tknp_size > 1 and self.dp_size > 1:
-            raise ValueError(
-                f"--tknp-size {self.tknp_size} and --dp-size {self.dp_size} are mutually exclusive; "
-                "set one of them to 1"
-            )
         if num_attention_heads % self.tp_size:
             raise ValueError(
                 f"--tp-size {self.tp_size} must divide the number of attention heads ({num_attention_heads})"
@@ -142,8 +127,6 @@ class ParallelState:
     tknp_cpu_group: Optional[ProcessGroup] = None
     tp_group: Optional[ProcessGroup] = None
     tp_cpu_group: Optional[ProcessGroup] = None
-    pp_group: Optional[ProcessGroup] = None
-    pp_cpu_group: Optional[ProcessGroup] = None
     # Every rank, over gloo, for the schedulers' lockstep (counts, has-work flags); None when
     # the default group is already gloo.
     world_cpu_group: Optional[ProcessGroup] = None
@@ -154,7 +137,7 @@ class ParallelState:
         self.coords = self.layout.coords(self.global_rank)
 
 
-# The one process-wide holder, set by init_distributed and cleared by destroy_distributed.
+# Kept only so that a second init_distributed fails and destroy_distributed knows what to tear down.
 _state: Optional[ParallelState] = None
 
 
@@ -165,7 +148,7 @@ def init_distributed(
     backend: str,
     timeout: Optional[datetime.timedelta] = None,
 ) -> ParallelState:
-    """Join the default process group and create every TP, PP and TKNP group of the layout.
+    """Join the default process group and create every TP and TKNP group of the layout.
 
     Every rank must call this with the same layout: torch.distributed requires all ranks to
     call new_group for every group in the same order, even groups they are not in. A world
@@ -185,11 +168,7 @@ def init_distributed(
         state.owns_default_group = True
         if backend != "gloo":
             state.world_cpu_group = dist.new_group(list(range(layout.world_size)), backend="gloo")
-        for axis, all_groups in (
-            ("tp", layout.tp_group_ranks()),
-            ("pp", layout.pp_group_ranks()),
-            ("tknp", layout.tknp_group_ranks()),
-        ):
+        for axis, all_groups in (("tp", layout.tp_group_ranks()), ("tknp", layout.tknp_group_ranks())):
             if len(all_groups[0]) == 1:
                 continue  # an axis of size 1: every rank skips it alike, so the order still agrees
             for ranks in all_groups:
@@ -211,64 +190,3 @@ def destroy_distributed() -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def get_parallel_state() -> Optional[ParallelState]:
-    return _state
-
-
-def _layout_and_coords() -> tuple[RankLayout, RankCoords]:
-    if _state is None:
-        return RankLayout(), RankCoords()
-    return _state.layout, _state.coords
-
-
-# SGLang/vLLM-style accessors. None of them makes a torch.distributed call.
-
-
-def get_tknp_group() -> Optional[ProcessGroup]:
-    return _state.tknp_group if _state is not None else None
-
-
-def get_tknp_cpu_group() -> Optional[ProcessGroup]:
-    return _state.tknp_cpu_group if _state is not None else None
-
-
-def get_tknp_rank() -> int:
-    return _layout_and_coords()[1].tknp
-
-
-def get_tknp_world_size() -> int:
-    return _layout_and_coords()[0].tknp_size
-
-
-def is_tknp_root() -> bool:
-    return get_tknp_rank() == 0
-
-
-def get_tp_group() -> Optional[ProcessGroup]:
-    return _state.tp_group if _state is not None else None
-
-
-def get_tp_cpu_group() -> Optional[ProcessGroup]:
-    return _state.tp_cpu_group if _state is not None else None
-
-
-def get_tp_rank() -> int:
-    return _layout_and_coords()[1].tp
-
-
-def get_tp_world_size() -> int:
-    return _layout_and_coords()[0].tp_size
-
-
-def get_pp_group() -> Optional[ProcessGroup]:
-    return _state.pp_group if _state is not None else None
-
-
-def get_pp_rank() -> int:
-    return _layout_and_coords()[1].pp
-
-
-def get_pp_world_size() -> int:
-    return _layout_and_coords()[0].pp_size

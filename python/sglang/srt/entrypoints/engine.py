@@ -21,8 +21,9 @@ import zmq.asyncio
 from sglang.srt.entrypoints.subprocesses import Backend
 from sglang.srt.managers.detokenizer_manager import DetokenizerManager
 from sglang.srt.managers.io_struct import AbortReq, BatchTokenIDOut
-from sglang.srt.managers.scheduler_process import build_scheduler, load_model_config_and_tokenizer
+from sglang.srt.managers.scheduler_builder import build_scheduler
 from sglang.srt.managers.tokenizer_manager import GenerateReqInput, ReqState, TokenizerManager
+from sglang.srt.model_loader import load_model_config_and_tokenizer
 from sglang.srt.server_args import ServerArgs, check_rank_layout
 from sglang.srt.utils import configure_logging
 
@@ -42,7 +43,9 @@ class Engine:
         self.remote: Optional[_RemoteBackend] = None
         if args.world_size > 1:
             self.scheduler = None
-            self.model_config, self.tokenizer = load_model_config_and_tokenizer(args)
+            self.model_config, self.tokenizer = load_model_config_and_tokenizer(
+                args.model_path, args.tokenizer_path, args.dtype, args.context_length, args.device
+            )
             check_rank_layout(args, self.model_config)
         else:
             self.scheduler, self.model_config, self.tokenizer = build_scheduler(args)

@@ -28,8 +28,8 @@ from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.entrypoints.openai.routes import mount_openai_routes
 from sglang.srt.entrypoints.openai.serving import validation_error_response
 from sglang.srt.entrypoints.subprocesses import Backend, run_other_node
-from sglang.srt.managers.scheduler_process import load_model_config_and_tokenizer
 from sglang.srt.managers.tokenizer_manager import GenerateReqInput, TokenizerManager
+from sglang.srt.model_loader import load_model_config_and_tokenizer
 from sglang.srt.server_args import ServerArgs, check_rank_layout
 
 logger = logging.getLogger(__name__)
@@ -282,7 +282,9 @@ async def _watchdog(state: ServerState) -> None:
 
 def launch_server(args: ServerArgs) -> int:
     """Runs the server until SIGINT/SIGTERM or a backend failure; returns the exit code."""
-    model_config, tokenizer = load_model_config_and_tokenizer(args)
+    model_config, tokenizer = load_model_config_and_tokenizer(
+        args.model_path, args.tokenizer_path, args.dtype, args.context_length, args.device
+    )
     args.served_model_name = args.served_model_name or model_config.model_path
     check_rank_layout(args, model_config)
     if args.node_rank > 0:

@@ -12,6 +12,7 @@ with the parent (PR_SET_PDEATHSIG), so a killed server leaves no orphans.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -23,13 +24,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
-from sglang.srt.managers.detokenizer_manager import run_detokenizer_process
-from sglang.srt.managers.scheduler_process import run_scheduler_process
-from sglang.srt.managers.tknp_controller import run_tknp_controller_process
 from sglang.srt.server_args import ServerArgs
 from sglang.srt.utils import device_memory
 
 logger = logging.getLogger(__name__)
+
+# Each backend process's entry point, imported only in that process: the HTTP process never
+# loads the model runner, the TKNP runner or the scheduler it starts.
+_SCHEDULER = "sglang.srt.managers.scheduler_process:run_scheduler_process"
+_DETOKENIZER = "sglang.srt.managers.detokenizer_manager:run_detokenizer_process"
+_CONTROLLER = "sglang.srt.managers.tknp_controller:run_tknp_controller_process"
+
+
+def _run_entry_point(target: str, *args: object) -> None:
+    module, name = target.split(":")
+    getattr(importlib.import_module(module), name)(*args)
 
 
 class BackendStartError(RuntimeError):
@@ -100,11 +109,10 @@ class Backend:
         # measured once, before any rank loads weights: ranks on one host split this budget
         available = device_memory(self.args.device)[0] if multi and self.args.device == "cpu" else None
         schedulers = [
-            (f"scheduler{r}" if multi else "scheduler", run_scheduler_process, (r, available))
-            for r in self.args.node_ranks()
+            (f"scheduler{r}" if multi else "scheduler", _SCHEDULER, (r, available)) for r in self.args.node_ranks()
         ]
         head = self.args.node_rank == 0  # node 0 serves: the detokenizer and controller live there
-        infos = self._spawn(schedulers + ([("detokenizer", run_detokenizer_process, ())] if head else []))
+        infos = self._spawn(schedulers + ([("detokenizer", _DETOKENIZER, ())] if head else []))
         first = infos[schedulers[0][0]]
         if not multi:
             self.info = {**first, "ranks": [first]}
@@ -118,7 +126,7 @@ class Backend:
         ]
         if head:
             capacities = [info["max_total_num_tokens"] for info in ranks]
-            self._spawn([("controller", run_tknp_controller_process, (capacities,))])
+            self._spawn([("controller", _CONTROLLER, (capacities,))])
         self.info = {
             "max_total_num_tokens": sum(info["max_total_num_tokens"] for info in ranks),
             "max_running_requests": sum(info["max_running_requests"] for info in ranks),
@@ -132,7 +140,10 @@ class Backend:
         for name, target, extra in targets:
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(
-                target=target, args=(self.args, self.ipc, writer, *extra), name=f"sglang::{name}", daemon=True
+                target=_run_entry_point,
+                args=(target, self.args, self.ipc, writer, *extra),
+                name=f"sglang::{name}",
+                daemon=True,
             )
             proc.start()
             writer.close()

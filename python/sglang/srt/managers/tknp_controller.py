@@ -102,8 +102,7 @@ class RankState:
 
 class PlacementPolicy:
     def __init__(self, method: str, capacities: list[int]):
-        if method not in LOAD_BALANCE_METHODS:
-            raise ValueError(f"--load-balance-method must be one of {', '.join(LOAD_BALANCE_METHODS)}, got {method!r}")
+        assert method in LOAD_BALANCE_METHODS, method  # ServerArgs.resolve rejects the others
         self.method = method
         self.ranks = [RankState(c) for c in capacities]
         self._next = 0

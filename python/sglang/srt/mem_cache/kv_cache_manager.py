@@ -13,11 +13,10 @@ tokens always start on a fresh page.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol, Sequence
 
 import torch
 
-from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.mem_cache.memory_pool import (
     MHATokenToKVPool,
     ReqToTokenPool,
@@ -26,7 +25,25 @@ from sglang.srt.mem_cache.memory_pool import (
     pages_of,
     slots_needed,
 )
-from sglang.srt.mem_cache.radix_cache import RadixCache
+from sglang.srt.mem_cache.radix_cache import RadixCache, TreeNode
+
+
+class KVCacheReq(Protocol):
+    """What the manager reads and writes on a request (managers.schedule_batch.Req has it all);
+    defined here so that mem_cache never imports the scheduler's package above it."""
+
+    rid: str
+    origin_input_ids: list[int]
+    # KV state, written by the manager; valid while the request holds a req_to_token row
+    req_pool_idx: Optional[int]
+    prefix_len: int
+    kv_len: int
+    last_node: Optional[TreeNode]
+
+    @property
+    def fill_ids(self) -> list[int]: ...
+
+    def max_prefix_len(self) -> int: ...
 
 
 class KVCacheManager:
@@ -62,11 +79,11 @@ class KVCacheManager:
     def used_tokens(self) -> int:
         return self.total_tokens - self.available_size()
 
-    def prefix_match_len(self, req: Req) -> int:
+    def prefix_match_len(self, req: KVCacheReq) -> int:
         """How many tokens of a waiting request the cache could serve now (for scheduling order)."""
         return len(self.tree.match_prefix(req.fill_ids[: req.max_prefix_len()]).indices)
 
-    def start(self, req: Req) -> bool:
+    def start(self, req: KVCacheReq) -> bool:
         """Gives a request its row and locks its prefix; False when no row is free."""
         row = self.req_to_token_pool.alloc()
         if row is None:
@@ -79,7 +96,7 @@ class KVCacheManager:
         self.req_to_token_pool.write(row, 0, match.indices)
         return True
 
-    def alloc_extend(self, reqs_and_lens: list[tuple[Req, int]]) -> Optional[torch.Tensor]:
+    def alloc_extend(self, reqs_and_lens: Sequence[tuple[KVCacheReq, int]]) -> Optional[torch.Tensor]:
         """Slots for `n` new tokens of each request, written into their rows; None if memory is short."""
         needed = sum(self.slots_needed(req.kv_len, req.kv_len + n) for req, n in reqs_and_lens)
         if self.allocator.available_size() < needed:
@@ -98,7 +115,7 @@ class KVCacheManager:
             offset += n
         return slots
 
-    def cache_prompt(self, req: Req) -> None:
+    def cache_prompt(self, req: KVCacheReq) -> None:
         """Shares a request's just-computed prompt through the prefix cache while it decodes,
         so requests arriving meanwhile with the same prefix reuse it."""
         n = self.tree.page_aligned(len(req.origin_input_ids))  # the tail's page stays the request's
@@ -114,7 +131,7 @@ class KVCacheManager:
         self.tree.dec_lock_ref(req.last_node)
         req.prefix_len, req.last_node = n, match.last_node
 
-    def release(self, req: Req) -> None:
+    def release(self, req: KVCacheReq) -> None:
         """Returns a request's row; its computed tokens go to the prefix cache (or are freed)."""
         if req.req_pool_idx is None:
             return
@@ -139,7 +156,7 @@ class KVCacheManager:
         self.allocator.clear()
         return True
 
-    def check_integrity(self, running: list[Req]) -> None:
+    def check_integrity(self, running: Sequence[KVCacheReq]) -> None:
         """free + owned by requests + cached == total, counted in pages, with no page counted
         twice; every running request's row keeps the page layout."""
         self.tree.check_integrity()  # first: it checks that nodes hold whole pages

@@ -1,7 +1,28 @@
 """Locating a checkpoint on local disk, its tokenizer, and its weights by Hugging Face name."""
 
-from sglang.srt.configs.model_config import ModelLoadError
+from typing import Any, Optional
+
+from sglang.srt.configs.model_config import ModelConfig, ModelLoadError
 from sglang.srt.model_loader.default_model import default_model_path, load_tokenizer, resolve_model_path
 from sglang.srt.model_loader.weights import iter_weights
 
-__all__ = ["ModelLoadError", "default_model_path", "iter_weights", "load_tokenizer", "resolve_model_path"]
+__all__ = [
+    "ModelLoadError",
+    "default_model_path",
+    "iter_weights",
+    "load_model_config_and_tokenizer",
+    "load_tokenizer",
+    "resolve_model_path",
+]
+
+
+def load_model_config_and_tokenizer(
+    model_path: Optional[str],
+    tokenizer_path: Optional[str] = None,
+    dtype: str = "auto",
+    context_length: Optional[int] = None,
+    device: str = "cpu",
+) -> tuple[ModelConfig, Any]:
+    """A model's config and tokenizer (None: the default model's); reads no weights."""
+    model_config = ModelConfig.from_path(resolve_model_path(model_path), dtype, context_length, device)
+    return model_config, load_tokenizer(model_config.model_path, tokenizer_path)

