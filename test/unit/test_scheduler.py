@@ -29,12 +29,6 @@ TO_EOS = 7  # a request whose last token is this one generates EOS next
 
 # Known scheduler bugs, reported and not fixed yet. Each mark's tests assert the right behaviour
 # and fail today; strict, so a test that starts passing fails until its mark is removed.
-FCFS_SKIPS_A_REQUEST = pytest.mark.xfail(
-    strict=True,
-    reason="Scheduler._schedule removes admitted requests from self.waiting while iterating over "
-    "policy.order(self.waiting), which for fcfs is that same list: each admission skips the next "
-    "waiting request for the step",
-)
 CHUNK_STARVED_BY_RESERVE = pytest.mark.xfail(
     strict=True,
     reason="a prefill continuation is charged the decode reserve of every running request, its "
@@ -187,7 +181,6 @@ def test_prefill_then_one_decode_token_per_step():
     h.assert_pool_back()
 
 
-@FCFS_SKIPS_A_REQUEST
 def test_decodes_come_first_then_new_prefills_in_arrival_order():
     h = Harness()
     h.add("a", 6)
@@ -320,7 +313,6 @@ def test_lockstep_forwards_an_empty_batch():
 # ---- retraction and new_token_ratio -------------------------------------------------------
 
 
-@FCFS_SKIPS_A_REQUEST
 def test_retraction_takes_the_newest_request_back_to_the_front_of_waiting():
     h = Harness(total_tokens=12)
     for rid in "abc":

@@ -191,7 +191,8 @@ class Scheduler:
             missing = req.fill_len - req.kv_len
             if missing > 1 or (missing == 1 and req.kv_len < len(req.origin_input_ids)):
                 self._add_prefill(items, req, budget)
-        for req in self.policy.order(self.waiting):
+        # a copy: admitting a request removes it from self.waiting, which fcfs orders in place
+        for req in list(self.policy.order(self.waiting)):
             if budget.tokens <= 0 or len(self.running) >= self.max_running_requests:
                 break
             # Starting a request locks its cached prefix, which then no longer counts as evictable;
