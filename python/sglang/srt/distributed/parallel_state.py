@@ -190,3 +190,14 @@ def destroy_distributed() -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def all_gather_ints(fields: list[int], world_size: int, group: Optional[ProcessGroup]) -> list[list[int]]:
+    """Every rank's `fields` (the same length on every rank) in group rank order, on a gloo
+    group: the small integer exchanges of the control plane (step headers, capacities, flags)."""
+    import torch
+    import torch.distributed as dist
+
+    gathered = [torch.zeros(len(fields), dtype=torch.int64) for _ in range(world_size)]
+    dist.all_gather(gathered, torch.tensor(fields, dtype=torch.int64), group=group)
+    return [t.tolist() for t in gathered]

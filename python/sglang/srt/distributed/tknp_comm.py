@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.distributed as dist
 
+from sglang.srt.distributed.parallel_state import all_gather_ints
+
 if TYPE_CHECKING:
     from sglang.srt.distributed.parallel_state import ParallelState
 
@@ -75,6 +77,4 @@ class TknpComm:
 
     def all_gather_ints(self, fields: list[int]) -> list[list[int]]:
         """Every rank's `fields` (the same length on every rank), in rank order, over gloo."""
-        gathered = [torch.zeros(len(fields), dtype=torch.int64) for _ in range(self.size)]
-        dist.all_gather(gathered, torch.tensor(fields, dtype=torch.int64), group=self.cpu_group)
-        return [t.tolist() for t in gathered]
+        return all_gather_ints(fields, self.size, self.cpu_group)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from sglang.srt.distributed.parallel_state import all_gather_ints
 from sglang.srt.managers.io_struct import Tick, decode
 
 IDLE_POLL_MS = 1000  # how often an idle leader checks that its parent is alive
@@ -74,9 +75,7 @@ class GlooLockstepGroup:
 
     def all_gather_ints(self, fields: list[int]) -> list[list[int]]:
         """Every rank's `fields`, in global rank order (start-up: every rank's capacity)."""
-        every = [torch.zeros(len(fields), dtype=torch.int64) for _ in range(self.world_size)]
-        dist.all_gather(every, torch.tensor(fields, dtype=torch.int64), group=self.group)
-        return [t.tolist() for t in every]
+        return all_gather_ints(fields, self.world_size, self.group)
 
 
 class Lockstep:
