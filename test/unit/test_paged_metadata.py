@@ -24,7 +24,7 @@ from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
 NUM_LAYERS = 2
 
-# (prefix_len, extend_len) per request. Lengths straddle page boundaries at page size 16
+# (kv_len, extend_len) per request. Lengths straddle page boundaries at page size 16
 # (16, 32: full last page; 17, 33: one token on a fresh page).
 CASES = {
     "prefill": [(0, 7), (0, 19), (0, 1), (0, 32)],
@@ -58,13 +58,13 @@ def make_batch(
     rows = torch.randperm(req_pool.size, generator=gen)[: len(reqs)]
     free_pages = (torch.randperm(num_pages, generator=gen) + 1).tolist()
     out_cache_loc, positions = [], []
-    for row, (prefix_len, extend_len) in zip(rows.tolist(), reqs):
-        seq_len = prefix_len + extend_len
+    for row, (kv_len, extend_len) in zip(rows.tolist(), reqs):
+        seq_len = kv_len + extend_len
         pages = torch.tensor([free_pages.pop() for _ in range(-(-seq_len // page_size))])
         slots = (pages.repeat_interleave(page_size) * page_size + torch.arange(page_size).repeat(len(pages)))[:seq_len]
         req_pool.write(row, 0, slots)
-        out_cache_loc.append(slots[prefix_len:])
-        positions.append(torch.arange(prefix_len, seq_len))
+        out_cache_loc.append(slots[kv_len:])
+        positions.append(torch.arange(kv_len, seq_len))
     extend_lens = [e for _, e in reqs]
     num_tokens = sum(extend_lens)
     fb = ForwardBatch(
@@ -75,7 +75,7 @@ def make_batch(
         req_pool_indices=rows,
         seq_lens=torch.tensor(seq_lens),
         seq_lens_cpu=seq_lens,
-        prefix_lens=[p for p, _ in reqs],
+        kv_lens=[p for p, _ in reqs],
         extend_lens=extend_lens,
         sample_indices=torch.tensor(extend_lens).cumsum(0) - 1,
         req_to_token_pool=req_pool,
@@ -126,7 +126,7 @@ def test_arrays_of_a_hand_built_batch():
         req_pool_indices=torch.tensor([2, 0]),
         seq_lens=torch.tensor([6, 4]),
         seq_lens_cpu=[6, 4],
-        prefix_lens=[2, 3],
+        kv_lens=[2, 3],
         extend_lens=[4, 1],
         sample_indices=torch.tensor([3, 4]),
         req_to_token_pool=req_pool,
@@ -231,7 +231,7 @@ def test_flashinfer_backend_cuda_graph_path(flashinfer_backend_for, page_size: i
         req_pool_indices=torch.full((bucket,), fb.req_to_token_pool.padding_row),
         seq_lens=torch.ones(bucket, dtype=torch.int64),
         seq_lens_cpu=[1] * bucket,
-        prefix_lens=[0] * bucket,
+        kv_lens=[0] * bucket,
         extend_lens=[1] * bucket,
     )
     layer = make_layer()

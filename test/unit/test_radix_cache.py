@@ -205,7 +205,9 @@ def test_randomized_operations_keep_counters_and_slots_consistent():
         if op < 0.35:  # admit a request: match, lock, allocate the rest (evicting if short)
             key = random_key()
             match = cache.match_prefix(key)
+            evictable_before, unlocked = cache.evictable_size(), cache.unlocked_len(match.last_node)
             cache.inc_lock_ref(match.last_node)
+            assert cache.evictable_size() == evictable_before - unlocked, "unlocked_len is what locking takes"
             need = len(key) - len(match.indices)
             if allocator.available_size() < need:
                 cache.evict(need - allocator.available_size())

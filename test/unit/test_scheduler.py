@@ -27,21 +27,6 @@ EOS = 2
 FILLER = 5  # what the fake model generates unless its script says otherwise
 TO_EOS = 7  # a request whose last token is this one generates EOS next
 
-# Known scheduler bugs, reported and not fixed yet. Each mark's tests assert the right behaviour
-# and fail today; strict, so a test that starts passing fails until its mark is removed.
-CHUNK_STARVED_BY_RESERVE = pytest.mark.xfail(
-    strict=True,
-    reason="a prefill continuation is charged the decode reserve of every running request, its "
-    "own included, which its admission was not: a request started with part of its prompt can wait "
-    "for the rest until the others finish, holding its slots",
-)
-LOCKED_PREFIX_COUNTED_TWICE = pytest.mark.xfail(
-    strict=True,
-    reason="admission subtracts a request's whole cached prefix from the available slots, though "
-    "the part another running request already locks is not in them: a request sharing a running "
-    "request's prompt waits for memory it does not need",
-)
-
 INIT_RATIO = scheduler_module._INIT_NEW_TOKEN_RATIO
 MIN_RATIO = scheduler_module._MIN_NEW_TOKEN_RATIO
 RATIO_DECAY = scheduler_module._NEW_TOKEN_RATIO_DECAY
@@ -177,7 +162,7 @@ def test_prefill_then_one_decode_token_per_step():
     assert h.finished["a"] == {"type": "length", "length": 3}
     decode = h.forward.batches[1]  # feeds the first generated token back at position 5
     assert decode.input_ids.tolist() == [FILLER] and decode.positions.tolist() == [5]
-    assert decode.seq_lens_cpu == [6] and decode.prefix_lens == [5]
+    assert decode.seq_lens_cpu == [6] and decode.kv_lens == [5]
     h.assert_pool_back()
 
 
@@ -268,7 +253,6 @@ def test_a_cached_prefix_is_not_recomputed():
     h.assert_pool_back()
 
 
-@LOCKED_PREFIX_COUNTED_TWICE
 def test_a_request_sharing_a_running_prompt_needs_only_its_own_slots():
     h = Harness(total_tokens=20)
     h.add("a", 10, max_new_tokens=6, first=10)
@@ -383,7 +367,6 @@ def test_paged_decode_takes_a_new_page_only_when_its_last_is_full():
     h.assert_pool_back()
 
 
-@CHUNK_STARVED_BY_RESERVE
 def test_a_request_started_with_part_of_its_prompt_gets_the_rest_next_step():
     h = Harness(total_tokens=32, chunked_prefill_size=4)
     h.add("a", 4, max_new_tokens=16)

@@ -83,7 +83,7 @@ def test_batch_round_trip(name):
     for field in ("input_ids", "positions", "seq_lens", "sample_indices"):
         assert torch.equal(getattr(got, field), getattr(batch, field)), field
     assert got.seq_lens_cpu == batch.seq_lens_cpu
-    assert got.prefix_lens == batch.prefix_lens
+    assert got.kv_lens == batch.kv_lens
     assert got.extend_lens == batch.extend_lens
     assert got.forward_mode == batch.forward_mode
     assert got.input_top_logprobs_num == batch.input_top_logprobs_num

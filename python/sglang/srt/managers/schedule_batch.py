@@ -131,7 +131,7 @@ class ScheduleBatch:
         """Token-level tensors of the step; KV slots for the new tokens come from the caller."""
         input_ids: list[int] = []
         positions: list[int] = []
-        prefix_lens, extend_lens, seq_lens, sample_rows = [], [], [], []
+        kv_lens, extend_lens, seq_lens, sample_rows = [], [], [], []
         logprob_rows: list[int] = []
         logprob_targets: list[int] = []
         top_k = 0
@@ -140,7 +140,7 @@ class ScheduleBatch:
             row0 = len(input_ids)
             input_ids += req.fill_slice(start, start + n)
             positions += range(start, start + n)
-            prefix_lens.append(start)
+            kv_lens.append(start)
             extend_lens.append(n)
             seq_lens.append(start + n)
             if item.samples:
@@ -162,7 +162,7 @@ class ScheduleBatch:
             req_pool_indices=as_long([it.req.req_pool_idx for it in self.items]),
             seq_lens=as_long(seq_lens),
             seq_lens_cpu=seq_lens,
-            prefix_lens=prefix_lens,
+            kv_lens=kv_lens,
             extend_lens=extend_lens,
             sample_indices=as_long(sample_rows),
             logprob_indices=as_long(logprob_rows) if logprob_rows else None,

@@ -181,9 +181,10 @@ class Scheduler:
 
     def _schedule(self) -> ScheduleBatch:
         items = self._schedule_decodes()
+        decoding = [it.req for it in items]
         budget = PrefillBudget(
             tokens=self.chunked_prefill_size or 1 << 62,
-            reserved=self._decode_slots([it.req for it in items]) + self._decode_reserve(),
+            reserved=self._decode_slots(decoding) + self._decode_reserve(decoding),
             page_size=self.kv.page_size,
         )
         # requests in the middle of a chunked prefill continue first
@@ -195,11 +196,12 @@ class Scheduler:
         for req in list(self.policy.order(self.waiting)):
             if budget.tokens <= 0 or len(self.running) >= self.max_running_requests:
                 break
-            # Starting a request locks its cached prefix, which then no longer counts as evictable;
-            # admit it only if its whole remaining prefill fits beside what is already promised.
-            matched = self.kv.prefix_match_len(req)
+            # Starting a request locks its cached prefix, whose part no running request locks yet
+            # then no longer counts as evictable; admit it only if its whole remaining prefill
+            # fits beside what is already promised.
+            matched, newly_locked = self.kv.prefix_match(req)
             needed = self.kv.slots_needed(matched, req.fill_len)
-            if self.kv.available_size() - matched - budget.reserved < needed:
+            if self.kv.available_size() - newly_locked - budget.reserved < needed:
                 if not self.running and not items:
                     self._finish(
                         req,
@@ -239,8 +241,12 @@ class Scheduler:
         """Slots one decode step of these requests takes: a new page for each whose last is full."""
         return sum(self.kv.slots_needed(r.kv_len, r.kv_len + 1) for r in decoding)
 
-    def _decode_reserve(self) -> int:
-        return int(self.new_token_ratio * sum(r.remaining_new_tokens() for r in self.running))
+    def _decode_reserve(self, decoding: list[Req]) -> int:
+        """Slots kept for the tokens decoding requests are still to generate. Requests still in
+        their prefill are left out, as they were when admitted: charging a partly prefilled
+        request its own future tokens could hold back the rest of its prompt (with the slots it
+        already has) until others finish; it joins the reserve once it decodes."""
+        return int(self.new_token_ratio * sum(r.remaining_new_tokens() for r in decoding))
 
     def _add_prefill(self, items: list[ScheduledReq], req: Req, budget: PrefillBudget) -> None:
         missing = req.fill_len - req.kv_len

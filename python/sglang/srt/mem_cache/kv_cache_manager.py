@@ -83,6 +83,13 @@ class KVCacheManager:
         """How many tokens of a waiting request the cache could serve now (for scheduling order)."""
         return len(self.tree.match_prefix(req.fill_ids[: req.max_prefix_len()]).indices)
 
+    def prefix_match(self, req: KVCacheReq) -> tuple[int, int]:
+        """(tokens of a waiting request the cache could serve now, how many of those `start`
+        would lock that no running request locks already): starting it takes the second out of
+        `available_size`, since locked slots cannot be evicted."""
+        match = self.tree.match_prefix(req.fill_ids[: req.max_prefix_len()])
+        return len(match.indices), self.tree.unlocked_len(match.last_node)
+
     def start(self, req: KVCacheReq) -> bool:
         """Gives a request its row and locks its prefix; False when no row is free."""
         row = self.req_to_token_pool.alloc()

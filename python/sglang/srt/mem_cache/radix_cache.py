@@ -235,6 +235,15 @@ class RadixCache:
             node.lock_ref += 1
             node = node.parent  # type: ignore[assignment]
 
+    def unlocked_len(self, node: TreeNode) -> int:
+        """Tokens on the path to `node` that no request locks: what `inc_lock_ref(node)` would
+        take out of the evictable size."""
+        n = 0
+        while node is not self.root and node.lock_ref == 0:
+            n += len(node.key)
+            node = node.parent  # type: ignore[assignment]
+        return n
+
     def dec_lock_ref(self, node: TreeNode) -> None:
         """Undo one `inc_lock_ref(node)`; nodes nobody else locks become evictable."""
         while node is not self.root:

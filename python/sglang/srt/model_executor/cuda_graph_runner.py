@@ -83,7 +83,7 @@ def pad_decode_batch(batch: ForwardBatch, size: int, padding_row: int) -> Forwar
         req_pool_indices=pad(batch.req_pool_indices, padding_row),
         seq_lens=pad(batch.seq_lens, 1),
         seq_lens_cpu=batch.seq_lens_cpu + [1] * num_pad,
-        prefix_lens=batch.prefix_lens + [0] * num_pad,
+        kv_lens=batch.kv_lens + [0] * num_pad,
         extend_lens=batch.extend_lens + [1] * num_pad,
         attn_metadata=None,
     )
@@ -190,7 +190,7 @@ class CudaGraphRunner:
             req_pool_indices=self._req_pool_indices[:size],
             seq_lens=self._seq_lens[:size],
             seq_lens_cpu=[1] * size,
-            prefix_lens=[0] * size,
+            kv_lens=[0] * size,
             extend_lens=[1] * size,
             sample_indices=self._sample_indices[:size],
             req_to_token_pool=self.req_to_token_pool,

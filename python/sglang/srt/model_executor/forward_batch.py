@@ -1,7 +1,7 @@
 """ForwardBatch: the tensors one model forward needs, built by the model runner from a batch.
 
 Token rows are laid out request after request: request i contributes `extend_lens[i]` rows,
-the tokens at positions `prefix_lens[i] .. seq_lens[i] - 1` of its sequence. A decode step is
+the tokens at positions `kv_lens[i] .. seq_lens[i] - 1` of its sequence. A decode step is
 the case `extend_lens[i] == 1` for every request; prefill chunks and decodes may share a batch.
 """
 
@@ -36,8 +36,8 @@ class ForwardBatch:
     req_pool_indices: torch.Tensor  # [B] int64 rows of req_to_token
     seq_lens: torch.Tensor  # [B] int64 tokens in the KV cache after this forward
     seq_lens_cpu: list[int]
-    prefix_lens: list[int]  # tokens already in the KV cache before this forward
-    extend_lens: list[int]  # new tokens this forward, seq_len - prefix_len
+    kv_lens: list[int]  # tokens already in the KV cache before this forward
+    extend_lens: list[int]  # new tokens this forward, seq_len - kv_len
     # Rows whose logits choose each request's next token (one per request that samples).
     sample_indices: torch.Tensor  # [S] int64
     # Rows whose log-softmax scores the next prompt token (input logprobs), and those tokens.
@@ -54,7 +54,7 @@ class ForwardBatch:
     tknp_partitions: Optional["TknpPartitions"] = field(default=None, repr=False)
 
     def __post_init__(self):
-        assert len(self.prefix_lens) == len(self.extend_lens) == len(self.seq_lens_cpu)
+        assert len(self.kv_lens) == len(self.extend_lens) == len(self.seq_lens_cpu)
         assert sum(self.extend_lens) == self.input_ids.numel() == self.positions.numel()
 
     @classmethod
@@ -79,7 +79,7 @@ class ForwardBatch:
             req_pool_indices=nothing,
             seq_lens=seq_lens,
             seq_lens_cpu=seq_lens_cpu,
-            prefix_lens=[s - e for s, e in zip(seq_lens_cpu, extend_lens)],
+            kv_lens=[s - e for s, e in zip(seq_lens_cpu, extend_lens)],
             extend_lens=extend_lens,
             sample_indices=sample_indices,
             **optional,

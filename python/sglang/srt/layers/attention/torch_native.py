@@ -49,11 +49,11 @@ class TorchNativeAttnBackend(AttentionBackend):
                 single_reqs.append(i)
                 single_rows.append(token_start)
             elif extend_len > 1:
-                prefix_len = seq_len - extend_len
+                kv_len = seq_len - extend_len
                 mask = None
-                if prefix_len > 0:
-                    # query j sits at position prefix_len + j and sees keys 0 .. prefix_len + j
-                    q_pos = torch.arange(prefix_len, seq_len).unsqueeze(1)
+                if kv_len > 0:
+                    # query j sits at position kv_len + j and sees keys 0 .. kv_len + j
+                    q_pos = torch.arange(kv_len, seq_len).unsqueeze(1)
                     mask = torch.arange(seq_len).unsqueeze(0) <= q_pos
                 slots = req_to_token[rows[i], :seq_len]
                 extends.append(_ExtendSegment(token_start, extend_len, slots, mask))
