@@ -39,3 +39,22 @@ def test_default_model_chat_template_and_eos(engine_factory):
     out = engine.generate(prompt, {"temperature": 0, "max_new_tokens": 64})
     assert "Paris" in out["text"]
     assert out["meta_info"]["finish_reason"]["type"] == "stop"  # <|im_end|> ends the turn
+
+
+def test_default_model_samples_with_its_recommended_parameters(engine_factory):
+    # the README's first request sets no temperature: the model card's 0.2 / 0.9 apply, not 1.0
+    engine = engine_factory()
+    assert engine.tokenizer_manager.served_model_name == "SmolLM2-135M-Instruct"
+    assert engine.tokenizer_manager.sampling_defaults == {"temperature": 0.2, "top_p": 0.9}
+    prompt = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
+    seeds = range(4)
+    omitted = engine.generate([prompt] * 4, [{"max_new_tokens": 16, "sampling_seed": s} for s in seeds])
+    recommended = {"temperature": 0.2, "top_p": 0.9, "max_new_tokens": 16}
+    explicit = engine.generate([prompt] * 4, [{**recommended, "sampling_seed": s} for s in seeds])
+    assert [o["output_ids"] for o in omitted] == [o["output_ids"] for o in explicit]
+    neutral = engine.generate(
+        [prompt] * 4, [{"temperature": 1.0, "max_new_tokens": 16, "sampling_seed": s} for s in seeds]
+    )
+    assert [o["output_ids"] for o in neutral] != [o["output_ids"] for o in omitted], "the request's value wins"

@@ -165,3 +165,31 @@ def test_a_non_streamed_request_gets_its_whole_text_once(tokenizer):
     outputs, _ = _generate(tokenizer, ids, stream=False, stop="peace")
     assert len(outputs) == 1
     assert _deltas(tokenizer, outputs) == ["Hi 😀 world "]
+
+
+class _BrokenOnNine:
+    """Token i decodes to chr(ord('a') + i), except 9, which raises."""
+
+    def decode(self, ids, **_):
+        if 9 in ids:
+            raise OverflowError("out of range integral type conversion attempted")
+        return "".join(chr(ord("a") + i) for i in ids)
+
+
+def _out(rid: str, ids: list[int], finished: bool = False) -> ReqOutput:
+    reason = {"type": "length", "length": 3} if finished else None
+    return ReqOutput(rid, ids, reason, prompt_tokens=1, completion_tokens=len(ids), cached_tokens=0)
+
+
+def test_a_request_that_cannot_be_decoded_is_aborted_and_the_others_go_on():
+    manager = DetokenizerManager(_BrokenOnNine())
+    first = manager.handle(BatchTokenIDOut([_out("bad", [9]), _out("ok", [0])])).outputs
+    assert first[0].out.rid == "bad" and first[0].text_delta == ""
+    reason = first[0].out.finished_reason
+    assert reason["type"] == "abort" and "internal error: OverflowError" in reason["message"]
+    assert first[1].text_delta == "a" and first[1].out.finished_reason is None
+    # the scheduler still runs "bad": its later outputs are dropped, the final one too
+    later = manager.handle(BatchTokenIDOut([_out("bad", [1]), _out("ok", [1, 2], finished=True)])).outputs
+    assert [o.out.rid for o in later] == ["ok"] and later[0].text_delta == "bc"
+    assert manager.handle(BatchTokenIDOut([_out("bad", [2], finished=True)])).outputs == []
+    assert not manager.states and not manager.failed

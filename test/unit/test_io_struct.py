@@ -25,10 +25,12 @@ from sglang.srt.managers.io_struct import (
 )
 from sglang.srt.sampling.sampling_params import SamplingParams
 
+# GenerateReqInput aside: the client's request, parsed from HTTP JSON, never crosses processes
 MESSAGE_TYPES = [
     cls
     for cls in vars(io_struct).values()
     if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == io_struct.__name__
+    if cls is not io_struct.GenerateReqInput
 ]
 WIRE_TYPES = MESSAGE_TYPES + [SamplingParams]  # sampling params travel inside requests
 
@@ -188,3 +190,23 @@ def test_unknown_types_are_refused_and_plain_dicts_stay_dicts():
     with pytest.raises(ValueError, match="unknown message type 'Popen'"):
         decode(b'{"__type__": "Popen", "args": ["sh"]}')
     assert decode(encode({"a": [1, None, 2.5]})) == {"a": [1, None, 2.5]}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"__type__": "Nope"},
+        {"__set__": 1},
+        {"__dict__": {"__type__": "Popen"}},
+        {"__type__": "AbortReq", "rid": "x", "nested": [{"__set__": [1, 2]}, {"plain": {"__dict__": 3}}]},
+    ],
+)
+def test_user_dicts_with_the_codec_markers_round_trip_unchanged(value):
+    """A client's custom_params once reached the codec's markers: {"__type__": "Nope"} failed to
+    decode and {"__set__": 1} decoded as a set, and either ended the scheduler."""
+    assert decode(encode(value)) == value
+    params = SamplingParams.from_dict({"custom_params": value})
+    msg = TokenizedGenerateReqInput(rid="r", input_ids=[1], sampling_params=params, seed=0)
+    got = decode(encode(msg))
+    assert got.sampling_params.custom_params == value
+    assert type(got.sampling_params.custom_params) is dict

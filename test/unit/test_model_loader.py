@@ -19,7 +19,13 @@ import torch
 from sglang.srt.configs import gguf_cache, model_config
 from sglang.srt.configs.model_config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelLoadError, resolve_dtype
 from sglang.srt.environ import Environ
-from sglang.srt.model_loader import default_model_path, iter_weights, load_tokenizer, resolve_model_path
+from sglang.srt.model_loader import (
+    default_model_path,
+    iter_weights,
+    load_model_config_and_tokenizer,
+    load_tokenizer,
+    resolve_model_path,
+)
 from sglang.srt.model_loader.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_PACKAGE
 from sglang.srt.model_loader.gguf_file import StringArray, read_gguf
 from sglang.srt.model_loader.gguf_loader import dequantize, hf_name, iter_gguf_weights, unpermute_rotary_rows
@@ -189,6 +195,15 @@ def test_eos_ids_include_generation_config(tmp_path: Path) -> None:
     assert ModelConfig.from_path(str(tmp_path)).eos_token_ids == {2, 7, 9}
 
 
+def test_generation_config_sampling_fields_are_the_defaults(tmp_path: Path) -> None:
+    LlamaConfig(**TINY).save_pretrained(tmp_path)
+    generation = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_length": 99, "min_p": None}
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    config = ModelConfig.from_path(str(tmp_path))
+    assert config.default_sampling_params == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    assert config.name == str(tmp_path)
+
+
 def test_mistral_sliding_window_shorter_than_context_is_refused(tmp_path: Path) -> None:
     MistralConfig(**{**TINY, "max_position_embeddings": 1024}, sliding_window=256).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="sliding-window.*<= 256"):
@@ -349,6 +364,13 @@ def test_gguf_config(gguf_config: ModelConfig) -> None:
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (9, 3, 64)
     assert c.tie_word_embeddings and c.context_len == 8192 and c.eos_token_ids == {2}
     assert c.dtype == torch.float32
+
+
+def test_the_embedded_model_has_its_name_and_recommended_sampling(gguf_config: ModelConfig) -> None:
+    assert gguf_config.default_sampling_params == {}, "a GGUF file carries no generation_config.json"
+    config, _ = load_model_config_and_tokenizer(None)  # from the cache gguf_config filled
+    assert config.name == "SmolLM2-135M-Instruct"
+    assert config.default_sampling_params == {"temperature": 0.2, "top_p": 0.9}  # its model card's
 
 
 def test_gguf_tokenizer(gguf_converted: tuple[ModelConfig, Any]) -> None:

@@ -500,3 +500,61 @@ def test_sampling_tables_follow_the_logits_device(case: str, monkeypatch: pytest
     (info,) = built
     tensors = _tensors(info)
     assert tensors and all(t.device.type == "meta" for t in tensors)
+
+
+# --- non-finite logits ------------------------------------------------------------------------
+# Validation keeps user parameters in float32's range; these build the tables directly, past it,
+# as the server did before: the sampler must still return a token of the vocabulary.
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(repetition_penalty=1e-300),  # rounds to 0: x / 0 = inf, 0 / 0 = NaN
+        SamplingParams(logit_bias={"1": 1e300, "2": 1e300}),  # inf on two tokens
+        SamplingParams(logit_bias={"1": float("nan")}),
+        SamplingParams(temperature=0.7, top_p=0.9, logit_bias={"3": float("inf")}),
+        SamplingParams(temperature=0.0, repetition_penalty=1e-300),
+    ],
+)
+def test_non_finite_processed_logits_still_give_a_token(params: SamplingParams) -> None:
+    logits = random_logits(4)
+    logits[:, 0] = 0.0  # a seen token at logit 0 becomes 0 / 0 under a zero penalty
+    info = make_info([params] * 4, input_ids=[[0, 1, 2, 5]] * 4, seeds=[1, 2, 3, 4])
+    processed = process_logits(logits, info)
+    assert not processed.isnan().any() and not (processed == float("inf")).any()
+    out = Sampler()(logits, info, return_logprob=True, top_logprobs_nums=[2] * 4)
+    assert ((out.next_token_ids >= 0) & (out.next_token_ids < VOCAB)).all()
+    assert torch.isfinite(out.next_token_logprobs).all()
+
+
+def test_plus_inf_keeps_only_the_inf_tokens_and_all_minus_inf_falls_back_to_raw_argmax() -> None:
+    logits = random_logits(2)
+    info = make_info(
+        [SamplingParams(logit_bias={"1": float("inf"), "2": float("inf")}), SamplingParams(temperature=0.0)],
+        banned=[None, list(range(VOCAB))],  # every token of row 1 banned
+        seeds=[7, 8],
+    )
+    processed = process_logits(logits, info)
+    assert torch.isfinite(processed[0, [1, 2]]).all()
+    assert (processed[0, [0] + list(range(3, VOCAB))] == float("-inf")).all()
+    tokens = Sampler()(logits, info).next_token_ids.tolist()
+    assert tokens[0] in (1, 2)
+    assert tokens[1] == int(logits[1].argmax())
+
+
+def test_inverse_cdf_keeps_nan_rows_in_range() -> None:
+    probs = torch.full((2, 4), float("nan"))
+    cumulative = probs.cumsum(dim=-1)
+    uniforms = torch.tensor([0.0, 0.99])
+    pos = inverse_cdf(probs, cumulative, None, uniforms)
+    assert ((pos >= 0) & (pos < 4)).all()
+    pos = inverse_cdf(probs, cumulative, torch.tensor([2, 3]), uniforms)
+    assert ((pos >= 0) & (pos < 4)).all()
+
+
+def test_nan_model_logits_still_give_a_token_of_the_vocabulary() -> None:
+    logits = torch.full((3, VOCAB), float("nan"))
+    params = [SamplingParams(), SamplingParams(top_p=0.5), SamplingParams(temperature=0.0)]
+    tokens = sample(logits, params)
+    assert ((tokens >= 0) & (tokens < VOCAB)).all()

@@ -80,6 +80,61 @@ def test_stop_regex_is_rejected_only_when_non_empty() -> None:
             SamplingParams.from_dict({"stop_regex": value})
 
 
+def _nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("top_k", 1e30, "int"),
+        ("sampling_seed", 1e30, "int"),
+        ("custom_params", "x", "JSON object"),
+        ("custom_params", _nested(900), "at most 32 levels"),
+        ("custom_params", {"a": [[[[_nested(30)]]]]}, "at most 32 levels"),  # lists count too
+        ("custom_params", {1: "a"}, "keys must be strings"),
+        ("custom_params", {"a": float("nan")}, "NaN"),
+        ("custom_params", {"a": 2**64}, "64 bits"),
+        ("custom_params", {"a": object()}, "JSON"),
+        ("stop", ["x"] * 65, "at most 64 strings"),
+        ("stop", ["x" * 1025], "at most 1024 characters"),
+    ],
+)
+def test_from_dict_rejects_unsafe_values(name: str, value: Any, expected: str) -> None:
+    with pytest.raises(ValueError, match=name) as excinfo:
+        SamplingParams.from_dict({name: value})
+    assert expected in str(excinfo.value)
+
+
+def test_from_dict_accepts_custom_params_up_to_the_depth_limit() -> None:
+    value = {"__type__": "Nope", "__set__": 1, "deep": _nested(31), "list": [1, 2.5, None, True, "s"]}
+    assert SamplingParams.from_dict({"custom_params": value}).custom_params == value
+
+
+def test_from_dict_clamps_logit_bias_to_the_openai_range() -> None:
+    params = SamplingParams.from_dict({"logit_bias": {"1": 1e300, "2": -1e300, "3": 5}})
+    assert params.logit_bias == {"1": 100.0, "2": -100.0, "3": 5.0}
+    params.verify(VOCAB)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"repetition_penalty": 1e-300, "max_new_tokens": 4},
+        {"temperature": float("inf")},
+        {"sampling_seed": 2**64 - 1},
+        {"top_k": 10**30},
+    ],
+)
+def test_values_that_once_crashed_the_scheduler_are_rejected(body: dict) -> None:
+    (name,) = [k for k in body if k != "max_new_tokens"]
+    with pytest.raises(ValueError, match=name):
+        SamplingParams.from_dict(body).verify(VOCAB)
+
+
 def test_to_dict_round_trips() -> None:
     params = SamplingParams.from_dict(
         {"temperature": 0.5, "stop": ["x"], "stop_token_ids": [3], "logit_bias": {"2": 1.5}}
@@ -107,8 +162,22 @@ def test_to_dict_round_trips() -> None:
         ("frequency_penalty", -2.5, "[-2, 2]"),
         ("presence_penalty", 2.5, "[-2, 2]"),
         ("presence_penalty", -2.5, "[-2, 2]"),
-        ("repetition_penalty", 0.0, "(0, 2]"),
-        ("repetition_penalty", 2.5, "(0, 2]"),
+        ("repetition_penalty", 0.0, "[0.01, 2]"),
+        ("repetition_penalty", 2.5, "[0.01, 2]"),
+        ("repetition_penalty", 1e-300, "[0.01, 2]"),  # rounds to 0 in float32
+        ("repetition_penalty", float("inf"), "[0.01, 2]"),
+        ("temperature", float("inf"), ">= 0"),
+        ("temperature", 1e39, ">= 0"),  # inf in float32
+        ("top_k", 10**30, "-1 or >= 1"),
+        ("sampling_seed", 2**64 - 1, "[0, 2**63)"),
+        ("sampling_seed", 2**63, "[0, 2**63)"),
+        ("sampling_seed", -1, "[0, 2**63)"),
+        ("stop", ["x"] * 65, "at most 64 strings"),
+        ("stop", "x" * 1025, "at most 1024 characters"),
+        ("stop_token_ids", list(range(1025)), "at most 1024 ids"),
+        ("logit_bias", {"1": 1e300}, "[-100, 100]"),
+        ("logit_bias", {"1": float("nan")}, "[-100, 100]"),
+        ("custom_params", [1], "a JSON object"),
         ("max_new_tokens", -1, ">= 0"),
         ("min_new_tokens", -1, "[0, max_new_tokens=128]"),
         ("min_new_tokens", 129, "[0, max_new_tokens=128]"),
@@ -127,7 +196,7 @@ def test_verify_rejects_out_of_range(name: str, value: Any, allowed: str) -> Non
 
 
 def test_verify_message_format() -> None:
-    with pytest.raises(ValueError, match=r"^temperature must be >= 0, got -1.0$"):
+    with pytest.raises(ValueError, match=r"^temperature must be >= 0 \(and at most 10000\), got -1.0$"):
         SamplingParams(temperature=-1.0).verify(VOCAB)
     with pytest.raises(ValueError, match=r"^top_p must be in \(0, 1\], got 1.5$"):
         SamplingParams(top_p=1.5).verify(VOCAB)
@@ -144,6 +213,11 @@ def test_verify_message_format() -> None:
         ("frequency_penalty", -2.0),
         ("presence_penalty", 2.0),
         ("repetition_penalty", 2.0),
+        ("repetition_penalty", 0.01),
+        ("sampling_seed", 0),
+        ("sampling_seed", 2**63 - 1),
+        ("stop", ["x" * 1024] * 64),
+        ("custom_params", {"__type__": "Nope", "__set__": 1}),
         ("max_new_tokens", 0),
         ("min_new_tokens", 128),
         ("stop_token_ids", [0, VOCAB - 1]),

@@ -13,11 +13,12 @@ from typing import Optional
 
 import pytest
 import torch
-from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
 from sglang.srt.managers import scheduler as scheduler_module
 from sglang.srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
+from sglang.srt.managers.output_processor import OutputProcessor
 from sglang.srt.managers.schedule_policy import PrefillBudget
-from sglang.srt.managers.scheduler import Scheduler
+from sglang.srt.managers.scheduler import Scheduler, SchedulerInvariantError
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 from sglang.srt.sampling.sampling_params import SamplingParams
@@ -432,3 +433,130 @@ def test_budget_take_counts_whole_pages_and_the_free_rest_of_the_last_one():
     budget = PrefillBudget(tokens=20, reserved=0, page_size=16)
     assert budget.take(kv_len=0, wanted=40, available=64) == 20
     assert (budget.tokens, budget.reserved) == (0, 32)
+
+
+# ---- failures inside one request's handling -------------------------------------------------
+
+
+def _is_internal_error(reason: dict, text: str) -> bool:
+    return reason["type"] == "abort" and "internal error" in reason["message"] and text in reason["message"]
+
+
+def test_a_sampling_failure_aborts_only_its_request_and_the_server_keeps_serving(monkeypatch):
+    h = Harness()
+    original = OutputProcessor.sample
+
+    def sample(self, batch, logits):
+        if any(it.req.rid == "bad" for it in batch.items if it.samples):
+            raise IndexError("index 49152 is out of bounds")
+        return original(self, batch, logits)
+
+    monkeypatch.setattr(OutputProcessor, "sample", sample)
+    h.add("a", 5, max_new_tokens=3)
+    h.add("bad", 4, max_new_tokens=3)
+    h.add("c", 6, max_new_tokens=3)
+    h.sched.waiting[-1].stream = True
+    assert h.step() == [("a", 5, True), ("bad", 4, True), ("c", 6, True)]
+    assert _is_internal_error(h.finished["bad"], "IndexError: index 49152 is out of bounds")
+    assert h.running == ["a", "c"]  # the others of the batch sampled alone, with their own tokens
+    h.run()
+    assert h.outputs == {"a": [FILLER] * 3, "bad": [], "c": [FILLER] * 3}
+    h.add("later", 3, max_new_tokens=2)
+    h.run()
+    assert h.outputs["later"] == [FILLER] * 2 and h.finished["later"]["type"] == "length"
+    h.assert_pool_back()
+
+
+def test_a_failure_nobody_isolated_aborts_the_batch_and_frees_its_slots(monkeypatch):
+    h = Harness(chunked_prefill_size=8)
+    h.add("a", 5, max_new_tokens=3)
+    h.add("b", 12, max_new_tokens=3)  # mid-prefill in the failing step: it fails too
+    monkeypatch.setattr(OutputProcessor, "process", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert h.step() == [("a", 5, True), ("b", 3, False)]
+    assert _is_internal_error(h.finished["a"], "RuntimeError: boom")
+    assert _is_internal_error(h.finished["b"], "RuntimeError: boom")
+    assert not h.sched.running and not h.sched.waiting
+    monkeypatch.undo()
+    h.add("later", 3, max_new_tokens=2)
+    h.run()
+    assert h.outputs["later"] == [FILLER] * 2
+    h.assert_pool_back()
+
+
+def test_a_stop_string_check_that_raises_aborts_only_its_request():
+    h = Harness()
+
+    def decode(ids, **_):
+        if 9 in ids:
+            raise ValueError("cannot decode")
+        return "".join(chr(ord("a") + i) for i in ids)
+
+    h.sched.output.tokenizer.decode = decode
+    h.forward.script[8] = 9  # bad's prompt ends with 8: its first token is 9
+    h.add("a", 4, max_new_tokens=3, stop=["zz"])
+    h.add_ids("bad", [20, 21, 8], max_new_tokens=3, stop=["zz"])
+    h.run()
+    assert _is_internal_error(h.finished["bad"], "ValueError: cannot decode")
+    assert h.outputs["a"] == [FILLER] * 3 and h.finished["a"]["type"] == "length"
+    h.assert_pool_back()
+
+
+def test_an_output_that_cannot_be_built_aborts_its_request(monkeypatch):
+    h = Harness()
+    original = OutputProcessor.make_output
+
+    def make_output(req):
+        if req.rid == "bad":
+            raise KeyError("logprobs")
+        return original(req)
+
+    monkeypatch.setattr(OutputProcessor, "make_output", staticmethod(make_output))
+    h.add("bad", 4, max_new_tokens=3)
+    h.add("a", 5, max_new_tokens=3)
+    for req in h.sched.waiting:
+        req.stream = True
+    h.run()
+    assert _is_internal_error(h.finished["bad"], "KeyError")
+    assert h.outputs["a"] == [FILLER] * 3
+    h.assert_pool_back()
+
+
+def test_a_request_the_scheduler_cannot_admit_is_answered_not_fatal():
+    h = Harness()
+    params = SamplingParams(max_new_tokens=2)
+    h.sched.handle(TokenizedGenerateReqInput(rid="empty", input_ids=[], sampling_params=params, seed=0))
+    h.add("a", 3, max_new_tokens=2)
+    h.run()
+    assert _is_internal_error(h.finished["empty"], "AssertionError")
+    assert h.outputs["a"] == [FILLER] * 2
+    h.assert_pool_back()
+
+
+def test_kv_allocation_failure_is_a_scheduler_bug_and_still_raises(monkeypatch):
+    h = Harness()
+    h.add("a", 3)
+    monkeypatch.setattr(h.sched.kv, "alloc_extend", lambda *_: None)
+    with pytest.raises(SchedulerInvariantError, match="scheduler bug"):
+        h.step()
+
+
+def test_prompt_top_logprobs_are_clamped_to_the_vocabulary():
+    h = Harness()
+    params = SamplingParams(max_new_tokens=1)
+    msg = TokenizedGenerateReqInput(
+        rid="a", input_ids=[1, 2, 3], sampling_params=params, seed=0, return_logprob=True, top_logprobs_num=100000
+    )
+    h.sched.handle(msg)
+    assert h.sched.waiting[0].top_logprobs_num == VOCAB
+
+    processor = LogitsProcessor(VOCAB)
+    batch = SimpleNamespace(
+        sample_indices=torch.tensor([2]),
+        return_all_logits=False,
+        logprob_indices=torch.tensor([0, 1]),
+        logprob_target_ids=torch.tensor([2, 3]),
+        input_top_logprobs_num=100000,
+    )
+    out = processor(torch.randn(3, 4), torch.randn(VOCAB, 4), batch)
+    values, ids = out.input_top_logprobs
+    assert values.shape == ids.shape == (2, VOCAB)

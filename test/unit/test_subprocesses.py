@@ -32,3 +32,42 @@ def test_environment_is_set_inside_and_restored_after(monkeypatch):
     with _environment({"SGLANG_TEST_KEPT": "inside", "SGLANG_TEST_NEW": "inside"}):
         assert os.environ["SGLANG_TEST_KEPT"] == os.environ["SGLANG_TEST_NEW"] == "inside"
     assert os.environ["SGLANG_TEST_KEPT"] == "before" and "SGLANG_TEST_NEW" not in os.environ
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_socket_dirs_of_dead_owners_are_removed(tmp_path):
+    from sglang.srt.entrypoints.subprocesses import _process_start_time, remove_stale_socket_dirs
+
+    me = os.getpid()
+    dead = tmp_path / f"sglang-tknp-{_dead_pid()}-0-abc"
+    reused = tmp_path / f"sglang-tknp-{me}-{_process_start_time(me) + 1}-abc"  # an earlier process with my pid
+    alive = tmp_path / f"sglang-tknp-{me}-{_process_start_time(me)}-abc"
+    unnamed = tmp_path / "sglang-tknp-abc123"  # no owner recorded: left alone
+    other = tmp_path / "something-else-1-0-x"
+    for d in (dead, reused, alive, unnamed, other):
+        d.mkdir()
+        (d / "scheduler").write_text("")
+    removed = remove_stale_socket_dirs(str(tmp_path))
+    assert sorted(removed) == sorted([str(dead), str(reused)])
+    assert not dead.exists() and not reused.exists()
+    assert alive.exists() and unnamed.exists() and other.exists()
+
+
+def test_socket_dir_names_its_owner(tmp_path, monkeypatch):
+    import tempfile
+
+    from sglang.srt.entrypoints.subprocesses import make_socket_dir, remove_stale_socket_dirs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = make_socket_dir()
+    assert os.path.basename(path).startswith(f"sglang-tknp-{os.getpid()}-")
+    assert remove_stale_socket_dirs() == [] and os.path.isdir(path)  # its owner is alive

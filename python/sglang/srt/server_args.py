@@ -22,6 +22,7 @@ from sglang.srt.layers.attention.registry import attention_backend_names
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
+SAMPLING_DEFAULTS = ("model", "openai")
 ATTENTION_BACKENDS = tuple(attention_backend_names())
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "cache_aware")
@@ -31,6 +32,12 @@ _GPU_MEM_FRACTION = 0.85
 _DEFAULT_CHUNKED_PREFILL = 8192
 # SGLang's default on most GPUs: decode batches up to this size replay captured graphs.
 _DEFAULT_CUDA_GRAPH_MAX_BS = 160
+# Below Kubernetes' default 30 s between SIGTERM and SIGKILL, so requests still running at the
+# deadline are aborted, and their clients answered, before the pod is killed.
+_DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT = 25.0
+# Room for a batch of long token-id prompts (a 128k-token prompt is ~1 MB of JSON) while one
+# request's parsed body stays a few hundred MB of Python objects at most.
+_DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -73,6 +80,10 @@ class ServerArgs:
         1, "tokens per KV cache page; the pool and the prefix cache work in whole pages (FlashInfer's paged KV cache)"
     )
     max_running_requests: Optional[int] = _opt(None, "maximum requests decoding at once")
+    max_queued_requests: Optional[int] = _opt(
+        None,
+        "most requests that may wait beyond --max-running-requests; more get HTTP 503 with Retry-After (default: no limit)",
+    )
     chunked_prefill_size: Optional[int] = _opt(None, "prefill tokens per step; -1 disables chunking")
     schedule_policy: str = _opt("fcfs", "order in which waiting requests are admitted", choices=SCHEDULE_POLICIES)
     disable_radix_cache: bool = _opt(False, "disable prefix caching")
@@ -88,11 +99,26 @@ class ServerArgs:
     disable_cuda_graph: bool = _opt(False, "run every forward eagerly (CUDA graphs are never used on CPU)")
     random_seed: Optional[int] = _opt(None, "seed for requests that do not set sampling_seed")
     api_key: Optional[str] = _opt(None, "require 'Authorization: Bearer <key>' on every endpoint but /health")
-    served_model_name: Optional[str] = _opt(None, "model name reported by the API (default: model path)")
+    max_request_bytes: int = _opt(
+        _DEFAULT_MAX_REQUEST_BYTES, "largest HTTP request body accepted, in bytes; a larger one gets HTTP 413"
+    )
+    served_model_name: Optional[str] = _opt(
+        None, "model name reported by the API (default: the model path; SmolLM2-135M-Instruct for the embedded one)"
+    )
+    sampling_defaults: str = _opt(
+        "model",
+        "defaults for the sampling parameters a request omits: 'model' takes the model's recommended ones "
+        "(generation_config.json), 'openai' the API's neutral ones (temperature 1, top_p 1)",
+        choices=SAMPLING_DEFAULTS,
+    )
     chat_template: Optional[str] = _opt(None, "chat template file (Jinja) overriding the tokenizer's")
     log_level: str = _opt("info", "logging level", choices=LOG_LEVELS)
     enable_metrics: bool = _opt(False, "serve Prometheus metrics at /metrics")
     watchdog_timeout: float = _opt(300.0, "seconds a forward may take before the server is declared stuck")
+    graceful_shutdown_timeout: float = _opt(
+        _DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT,
+        "on SIGTERM/SIGINT, seconds in-flight requests may run on before they are aborted and the server exits",
+    )
 
     def resolve(self) -> "ServerArgs":
         """Concrete values for every auto/None setting, after validation; returns self."""
@@ -124,6 +150,7 @@ class ServerArgs:
             value = getattr(self, name)
             _check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1", value)
         _check(self.page_size >= 1, "--page-size must be >= 1", self.page_size)
+        _check(self.max_request_bytes >= 1, "--max-request-bytes must be >= 1", self.max_request_bytes)
         if self.cuda_graph_max_bs is None:
             self.cuda_graph_max_bs = _DEFAULT_CUDA_GRAPH_MAX_BS
         _check(self.cuda_graph_max_bs >= 1, "--cuda-graph-max-bs must be >= 1", self.cuda_graph_max_bs)
@@ -134,6 +161,16 @@ class ServerArgs:
                 self.max_total_tokens,
             )
         _check(self.watchdog_timeout > 0, "--watchdog-timeout must be > 0", self.watchdog_timeout)
+        _check(
+            self.graceful_shutdown_timeout >= 0,
+            "--graceful-shutdown-timeout must be >= 0",
+            self.graceful_shutdown_timeout,
+        )
+        _check(
+            self.max_queued_requests is None or self.max_queued_requests >= 0,
+            "--max-queued-requests must be >= 0",
+            self.max_queued_requests,
+        )
         if self.mem_fraction_static is not None:
             _check(
                 0 < self.mem_fraction_static < 1, "--mem-fraction-static must be in (0, 1)", self.mem_fraction_static
@@ -293,3 +330,8 @@ def check_rank_layout(args: ServerArgs, model_config: Any) -> None:
 
         num_devices = torch.cuda.device_count() * args.nnodes  # each node has its own, alike
     args.rank_layout().validate(model_config.num_attention_heads, model_config.num_key_value_heads, num_devices)
+
+
+def sampling_defaults(args: ServerArgs, model_config: Any) -> dict[str, float]:
+    """What a request gets for the sampling parameters it omits, per --sampling-defaults."""
+    return dict(model_config.default_sampling_params) if args.sampling_defaults == "model" else {}

@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -123,6 +123,10 @@ class ModelConfig:
     is_gguf: bool
     tie_word_embeddings: bool
     eos_token_ids: set[int]
+    # The sampling parameters the model's authors recommend (generation_config.json's, or the
+    # published ones of the embedded default model): what a request gets for those it omits.
+    default_sampling_params: dict[str, float] = field(default_factory=dict)
+    name: str = ""  # how the server reports the model; its path unless known better
 
     def __post_init__(self) -> None:
         assert self.architecture in SUPPORTED_ARCHITECTURES, self.architecture
@@ -143,6 +147,7 @@ class ModelConfig:
         context_len = _context_len(hf_config, context_length)
         _check_sliding_window(hf_config, architecture, context_len)
         num_heads = hf_config.num_attention_heads
+        generation_config = _read_generation_config(path)
         return cls(
             model_path=path,
             hf_config=hf_config,
@@ -157,7 +162,10 @@ class ModelConfig:
             context_len=context_len,
             is_gguf=is_gguf,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            eos_token_ids=_eos_token_ids(hf_config, path),
+            eos_token_ids=_as_id_set(getattr(hf_config, "eos_token_id", None))
+            | _as_id_set(generation_config.get("eos_token_id")),
+            default_sampling_params=_sampling_defaults(generation_config),
+            name=path,
         )
 
 
@@ -237,17 +245,33 @@ def _checkpoint_dtype(hf_config: PretrainedConfig) -> Optional[torch.dtype]:
     return value if isinstance(value, torch.dtype) else None
 
 
-def _eos_token_ids(hf_config: PretrainedConfig, path: str) -> set[int]:
-    """EOS ids from config.json, plus generation_config.json's (often a longer list)."""
-    ids = _as_id_set(getattr(hf_config, "eos_token_id", None))
+def _read_generation_config(path: str) -> dict[str, Any]:
+    """A model directory's generation_config.json ({} when it has none); EOS ids there are often
+    a longer list than config.json's, and its sampling fields are the authors' defaults."""
     generation_config = os.path.join(path, "generation_config.json")
-    if os.path.isdir(path) and os.path.isfile(generation_config):
-        try:
-            with open(generation_config) as f:
-                ids |= _as_id_set(json.load(f).get("eos_token_id"))
-        except (OSError, ValueError, AttributeError) as e:
-            raise ModelLoadError(f"cannot read '{generation_config}': {e}") from e
-    return ids
+    if not (os.path.isdir(path) and os.path.isfile(generation_config)):
+        return {}
+    try:
+        with open(generation_config) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read '{generation_config}': {e}") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"'{generation_config}' is not a JSON object")
+    return data
+
+
+# generation_config.json fields that are sampling defaults, under the engine's names; as in
+# SGLang (`--sampling-defaults model`), only these, and only numbers.
+_SAMPLING_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _sampling_defaults(generation_config: dict[str, Any]) -> dict[str, float]:
+    return {
+        key: generation_config[key]
+        for key in _SAMPLING_DEFAULT_FIELDS
+        if isinstance(generation_config.get(key), (int, float)) and not isinstance(generation_config[key], bool)
+    }
 
 
 def _as_id_set(value: object) -> set[int]:

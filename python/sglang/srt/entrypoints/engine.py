@@ -20,11 +20,11 @@ import zmq.asyncio
 
 from sglang.srt.entrypoints.subprocesses import Backend
 from sglang.srt.managers.detokenizer_manager import DetokenizerManager
-from sglang.srt.managers.io_struct import AbortReq, BatchTokenIDOut
+from sglang.srt.managers.io_struct import AbortReq, BatchTokenIDOut, GenerateReqInput
 from sglang.srt.managers.scheduler_builder import build_scheduler
-from sglang.srt.managers.tokenizer_manager import GenerateReqInput, ReqState, TokenizerManager
+from sglang.srt.managers.tokenizer_manager import ReqState, TokenizerManager
 from sglang.srt.model_loader import load_model_config_and_tokenizer
-from sglang.srt.server_args import ServerArgs, check_rank_layout
+from sglang.srt.server_args import ServerArgs, check_rank_layout, sampling_defaults
 from sglang.srt.utils import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,12 @@ class Engine:
         else:
             self.scheduler, self.model_config, self.tokenizer = build_scheduler(args)
         self.tokenizer_manager = TokenizerManager(
-            self.tokenizer, self.model_config.vocab_size, self.model_config.context_len, args.random_seed
+            self.tokenizer,
+            self.model_config.vocab_size,
+            self.model_config.context_len,
+            args.random_seed,
+            served_model_name=args.served_model_name or self.model_config.name,
+            sampling_defaults=sampling_defaults(args, self.model_config),
         )
         self.detokenizer = DetokenizerManager(self.tokenizer)
         if args.world_size > 1:

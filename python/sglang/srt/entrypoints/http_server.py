@@ -4,6 +4,12 @@ Data flow: request -> FastAPI handler -> TokenizerManager (this process; validat
 -> ZMQ -> scheduler process -> ZMQ -> detokenizer process -> ZMQ -> TokenizerManager -> response.
 A watchdog task checks the backend processes: if one dies, /health turns 503, in-flight
 requests end with an error, and the server exits with a non-zero code.
+
+Shutdown (SIGTERM/SIGINT): uvicorn stops accepting connections, new requests on open ones get
+503, and in-flight requests run on for up to --graceful-shutdown-timeout seconds; then the rest
+are aborted (finish_reason {"type": "abort", "message": "the server is shutting down"}) so every
+client gets an answer, the backend processes are stopped, and the server exits 0. A signal during
+start-up stops what was started and exits 0 too.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import signal
 import socket
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Optional
@@ -25,14 +32,35 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from sglang import __version__
 from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.entrypoints.http_guards import (
+    ABORT_BODY_DOC,
+    ERROR_RESPONSES,
+    GENERATE_BODY_DOC,
+    GENERATE_RESPONSES,
+    INFO_RESPONSES,
+    PLAIN_TEXT,
+    TEXT_OK,
+    BodyLimitMiddleware,
+    JSONRoute,
+    dumps,
+    install_error_handlers,
+)
+from sglang.srt.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from sglang.srt.entrypoints.openai.routes import mount_openai_routes
-from sglang.srt.entrypoints.openai.serving import validation_error_response
+from sglang.srt.entrypoints.openai.serving import client_gone, collect, validation_error_response
 from sglang.srt.entrypoints.subprocesses import Backend, run_other_node
-from sglang.srt.managers.tokenizer_manager import GenerateReqInput, TokenizerManager
+from sglang.srt.managers.io_struct import GenerateReqInput, RequestError
+from sglang.srt.managers.tokenizer_manager import Overloaded, TokenizerManager
 from sglang.srt.model_loader import load_model_config_and_tokenizer
-from sglang.srt.server_args import ServerArgs, check_rank_layout
+from sglang.srt.server_args import ServerArgs, check_rank_layout, sampling_defaults
 
 logger = logging.getLogger(__name__)
+
+SHUTDOWN_MESSAGE = "the server is shutting down"
+# After the graceful deadline: how long the scheduler has to answer the aborts before the
+# requests are ended here, and uvicorn's own backstop beyond that for connections to close.
+_ABORT_GRACE_S = 2.0
+_UVICORN_GRACE_S = 5.0
 
 # Top-level /generate fields SGLang's clients send that this engine accepts and ignores when
 # they hold their neutral value; anything else unknown is ignored as SGLang's server does.
@@ -62,6 +90,7 @@ class ServerState:
     backend: Backend
     exit_code: int = 0
     server: Optional[uvicorn.Server] = None
+    metrics: Optional[ServerMetrics] = None  # with --enable-metrics
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -74,17 +103,18 @@ def build_app(state: ServerState) -> FastAPI:
         send.connect(state.backend.ipc["scheduler"])
         recv = ctx.socket(zmq.PULL)
         recv.bind(state.backend.ipc["tokenizer"])
-        tasks = [tm.attach(send, recv), asyncio.create_task(_watchdog(state))]
+        tasks = [tm.attach(send, recv), asyncio.create_task(_watchdog(state)), asyncio.create_task(_drain(state))]
         logger.info("ready: serving %s on http://%s:%d", state.args.served_model_name, state.args.host, state.args.port)
         yield
         for t in tasks:
             t.cancel()
-        ctx.destroy(linger=0)
-        # Here, not after uvicorn returns: uvicorn re-raises SIGTERM/SIGINT once it has shut down.
-        state.backend.shutdown()
+        ctx.destroy(linger=0)  # the backend processes are stopped by launch_server, after uvicorn
 
     app = FastAPI(lifespan=lifespan, title="sglang-tknp", version=__version__)
     app.state.server = state
+    app.router.route_class = JSONRoute  # for the routes mounted later too (the OpenAI ones)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.args.max_request_bytes)  # after the key check
+    install_error_handlers(app)
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
@@ -93,28 +123,34 @@ def build_app(state: ServerState) -> FastAPI:
             return error_response(401, "missing or invalid API key", "authentication_error")
         return await call_next(request)
 
+    @app.exception_handler(Overloaded)
+    async def on_overloaded(request: Request, exc: Overloaded):
+        return overloaded_response(exc)  # raised through the OpenAI handlers
+
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
         status, body = validation_error_response(exc)
         return json_response(body, status)
 
-    @app.get("/health")
+    dead = {503: {"description": "A backend process has died", **PLAIN_TEXT}}
+
+    @app.get("/health", responses={**TEXT_OK, **dead})
     async def health() -> Response:
         if tm.dead_reason:
             return PlainTextResponse(tm.dead_reason, status_code=503)
-        return Response(status_code=200)
+        return PlainTextResponse("")
 
-    @app.get("/health_generate")
+    @app.get("/health_generate", responses={**TEXT_OK, 401: ERROR_RESPONSES[401], **dead})
     async def health_generate() -> Response:
         if tm.dead_reason:
             return PlainTextResponse(tm.dead_reason, status_code=503)
         obj = GenerateReqInput(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
         async for _ in tm.generate_request(obj):
             pass
-        return Response(status_code=200)
+        return PlainTextResponse("")
 
-    @app.get("/get_model_info")
-    @app.get("/model_info")
+    @app.get("/get_model_info", responses=INFO_RESPONSES)
+    @app.get("/model_info", responses=INFO_RESPONSES)
     async def model_info() -> dict:
         return {
             "model_path": state.model_config.model_path,
@@ -123,10 +159,12 @@ def build_app(state: ServerState) -> FastAPI:
             "served_model_name": state.args.served_model_name,
             "architecture": state.model_config.architecture,
             "chat_template": tm.chat_template or getattr(tm.tokenizer, "chat_template", None),
+            # what a request gets for the sampling parameters it omits (--sampling-defaults)
+            "default_sampling_params": tm.sampling_defaults,
         }
 
-    @app.get("/get_server_info")
-    @app.get("/server_info")
+    @app.get("/get_server_info", responses=INFO_RESPONSES)
+    @app.get("/server_info", responses=INFO_RESPONSES)
     async def server_info() -> dict:
         load = dataclasses.asdict(await tm.get_load())
         ranks = load.pop("ranks") or [load]  # under TKNP: one entry per rank
@@ -141,13 +179,21 @@ def build_app(state: ServerState) -> FastAPI:
             "internal_states": ranks,
         }
 
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    @app.api_route(
+        "/flush_cache",
+        methods=["GET", "POST"],
+        responses={**TEXT_OK, 401: ERROR_RESPONSES[401], 400: {"description": "Requests are running", **PLAIN_TEXT}},
+    )
     async def flush_cache() -> Response:
         if await tm.flush_cache():
             return PlainTextResponse("Cache flushed.\n")
         return PlainTextResponse("Cache not flushed: requests are running.\n", status_code=400)
 
-    @app.post("/abort_request")
+    @app.post(
+        "/abort_request",
+        responses={**TEXT_OK, **{code: ERROR_RESPONSES[code] for code in (400, 401, 413)}},
+        openapi_extra=ABORT_BODY_DOC,
+    )
     async def abort_request(request: Request) -> Response:
         body = await _json_body(request)
         if isinstance(body, Response):
@@ -156,9 +202,9 @@ def build_app(state: ServerState) -> FastAPI:
         if not isinstance(rid, str):
             return error_response(400, "rid: a request id string is required", param="rid")
         await tm.abort_request(rid)
-        return Response(status_code=200)
+        return PlainTextResponse("")
 
-    @app.post("/generate")
+    @app.post("/generate", responses=GENERATE_RESPONSES, openapi_extra=GENERATE_BODY_DOC)
     async def generate(request: Request) -> Response:
         body = await _json_body(request)
         if isinstance(body, Response):
@@ -166,27 +212,42 @@ def build_app(state: ServerState) -> FastAPI:
         try:
             obj = _generate_input(body)
             stream = tm.generate_request(obj)
-            first = await anext(stream)  # validation errors surface here, before any byte is sent
+            if obj.stream:
+                first = await anext(stream)  # validation errors surface here, before any byte is sent
+            else:  # all results, unless the client leaves first: then its requests are aborted
+                results = await collect(stream, lambda: client_gone(request.receive))
         except ValueError as exc:
-            return error_response(400, str(exc))
+            return error_response(400, str(exc), param=getattr(exc, "param", None))
+        except Overloaded as exc:
+            return overloaded_response(exc)
         except RuntimeError as exc:  # the backend is gone
             return error_response(503, str(exc), "service_unavailable")
         if obj.stream:
             return StreamingResponse(_stream_native(first, stream, obj.is_batch), media_type="text/event-stream")
-        results = [first] + [item async for item in stream]
+        if results is None:
+            return Response(status_code=499)  # nobody reads it: the client closed the connection
         if not obj.is_batch and len(results) == 1:
-            return json_response(results[0][1])
-        return json_response([r for _, r in sorted(results, key=lambda x: x[0])])
+            data: Any = results[0][1]
+        else:
+            data = [r for _, r in sorted(results, key=lambda x: x[0])]
+        return Response(await dumps(data, large=obj.return_logprob), media_type="application/json")
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={code: ERROR_RESPONSES[code] for code in (401, 404)})
     async def metrics() -> Response:
         if not state.args.enable_metrics:
             return error_response(
                 404, "metrics are disabled; start the server with --enable-metrics", "not_found_error"
             )
-        return PlainTextResponse(_prometheus(await tm.get_load(), state.args.served_model_name))
+        return Response(state.metrics.render(await tm.get_load()), media_type=CONTENT_TYPE)
 
     return app
+
+
+def overloaded_response(exc: Overloaded) -> Response:
+    """503 with Retry-After: too many requests are waiting, or the server is shutting down."""
+    response = error_response(503, str(exc), "service_unavailable")
+    response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 async def _json_body(request: Request) -> dict | Response:
@@ -202,22 +263,18 @@ async def _json_body(request: Request) -> dict | Response:
 def _generate_input(body: dict) -> GenerateReqInput:
     for name, neutral in _NEUTRAL_FIELDS.items():
         if body.get(name, neutral) != neutral:
-            raise ValueError(f"{name} is not supported by this server")
+            raise RequestError(f"{name} is not supported by this server", name)
     fields = {k: v for k, v in body.items() if k in _GENERATE_FIELDS}
     for flag in ("stream", "return_logprob", "return_text_in_logprobs"):
         if flag in fields and not isinstance(fields[flag], bool):
-            raise ValueError(f"{flag} must be a boolean")
+            raise RequestError(f"{flag} must be a boolean", flag)
     for num in ("logprob_start_len", "top_logprobs_num"):
-        if fields.get(num) is not None and (not isinstance(fields[num], int) or isinstance(fields[num], bool)):
-            raise ValueError(f"{num} must be an integer")
-    text = fields.get("text")
-    if (
-        text is not None
-        and not isinstance(text, str)
-        and not (isinstance(text, list) and all(isinstance(t, str) for t in text))
-    ):
-        raise ValueError("text must be a string or a list of strings")
-    return GenerateReqInput(**fields)
+        value = fields.get(num)
+        if isinstance(value, float) and value.is_integer():
+            fields[num] = value = int(value)  # JSON does not tell 2 from 2.0
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise RequestError(f"{num} must be an integer", num)
+    return GenerateReqInput(**fields)  # TokenizerManager.tokenize checks the other fields' types
 
 
 async def _stream_native(first: tuple[int, dict], rest: AsyncIterator, is_batch: bool) -> AsyncIterator[bytes]:
@@ -236,36 +293,6 @@ async def _stream_native(first: tuple[int, dict], rest: AsyncIterator, is_batch:
     yield b"data: [DONE]\n\n"
 
 
-def _prometheus(load: Any, model_name: str) -> str:
-    """Prometheus text: one series per TKNP rank (a single rank 0 without TKNP)."""
-    series: dict[tuple[str, str], list[str]] = {}
-    for rank in load.ranks or [load]:
-        label = f'{{model_name="{model_name}",tknp_rank="{rank.tknp_rank}"}}'
-        hit_rate = rank.cache_hit_tokens / rank.prompt_tokens if rank.prompt_tokens else 0.0
-        rows = [
-            ("num_running_reqs", "gauge", rank.num_running_reqs),
-            ("num_queue_reqs", "gauge", rank.num_waiting_reqs),
-            ("num_used_tokens", "gauge", rank.kv_tokens_used),
-            ("num_free_tokens", "gauge", rank.max_total_num_tokens - rank.kv_tokens_used),
-            ("token_usage", "gauge", rank.kv_tokens_used / max(rank.max_total_num_tokens, 1)),
-            ("cache_hit_rate", "gauge", hit_rate),
-            ("max_total_num_tokens", "gauge", rank.max_total_num_tokens),
-            ("prompt_tokens_total", "counter", rank.prompt_tokens),
-            ("generation_tokens_total", "counter", rank.generation_tokens),
-            ("cached_tokens_total", "counter", rank.cache_hit_tokens),
-            ("num_retractions_total", "counter", rank.num_retractions),
-        ]
-        for i, placed in enumerate(load.placements):
-            if i == rank.tknp_rank:
-                rows.append(("tknp_placements_total", "counter", placed))
-        for name, kind, value in rows:
-            series.setdefault((name, kind), []).append(f"sglang:{name}{label} {value}")
-    lines = []
-    for (name, kind), samples in series.items():
-        lines += [f"# TYPE sglang:{name} {kind}", *samples]
-    return "\n".join(lines) + "\n"
-
-
 async def _watchdog(state: ServerState) -> None:
     while True:
         await asyncio.sleep(0.5)
@@ -280,18 +307,60 @@ async def _watchdog(state: ServerState) -> None:
             return
 
 
+async def _drain(state: ServerState) -> None:
+    """Once uvicorn is shutting down: refuses new requests, gives those in flight until the
+    graceful deadline, then aborts the rest and makes sure each one's client is answered."""
+    tm, loop = state.tokenizer_manager, asyncio.get_running_loop()
+    while state.server is None or not state.server.should_exit:
+        await asyncio.sleep(0.1)
+    tm.close(SHUTDOWN_MESSAGE)
+    deadline = loop.time() + state.args.graceful_shutdown_timeout
+    if tm.rid_to_state:
+        logger.info(
+            "shutting down: waiting up to %gs for %d requests",
+            state.args.graceful_shutdown_timeout,
+            len(tm.rid_to_state),
+        )
+    while tm.rid_to_state and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    if not tm.rid_to_state or tm.dead_reason:
+        return
+    logger.warning("aborting %d requests still running at the shutdown deadline", len(tm.rid_to_state))
+    await tm.abort_all(SHUTDOWN_MESSAGE)  # the scheduler answers with what each generated so far
+    deadline = loop.time() + _ABORT_GRACE_S
+    while tm.rid_to_state and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    tm.end_all(SHUTDOWN_MESSAGE)
+
+
 def launch_server(args: ServerArgs) -> int:
     """Runs the server until SIGINT/SIGTERM or a backend failure; returns the exit code."""
+    _stop_on_signal()
     model_config, tokenizer = load_model_config_and_tokenizer(
         args.model_path, args.tokenizer_path, args.dtype, args.context_length, args.device
     )
-    args.served_model_name = args.served_model_name or model_config.model_path
+    args.served_model_name = args.served_model_name or model_config.name
     check_rank_layout(args, model_config)
     if args.node_rank > 0:
         return run_other_node(args)  # node 0 serves HTTP for every node
     chat_template = _read_chat_template(args.chat_template)
     sock = _bind(args.host, args.port)  # before the slow start-up: a busy port fails fast
-    backend = Backend(args).start()
+    backend = Backend(args)
+    try:
+        return _serve(args, model_config, tokenizer, chat_template, sock, backend.start())
+    finally:
+        backend.shutdown()  # also after an error or a signal during start-up
+        sock.close()
+
+
+def _serve(
+    args: ServerArgs,
+    model_config: ModelConfig,
+    tokenizer: Any,
+    chat_template: Optional[str],
+    sock: socket.socket,
+    backend: Backend,
+) -> int:
     logger.info(
         "model %s (%s, %s, %s), KV cache %d tokens, max %d running requests",
         model_config.architecture,
@@ -308,19 +377,48 @@ def launch_server(args: ServerArgs) -> int:
         args.random_seed,
         served_model_name=args.served_model_name,
         chat_template=chat_template,
+        sampling_defaults=sampling_defaults(args, model_config),
+        # a request lives on one TKNP rank, and may be placed on the smallest
+        kv_capacity=min(rank["max_total_num_tokens"] for rank in backend.info["ranks"]),
+        page_size=args.page_size,
     )
     tm.model_path = model_config.model_path
+    tm.max_running_requests = backend.info["max_running_requests"]
+    tm.max_queued_requests = args.max_queued_requests
     state = ServerState(args, model_config, tm, backend)
+    if args.enable_metrics:
+        state.metrics = ServerMetrics(args.served_model_name)
+        tm.metrics = state.metrics.requests
     app = build_app(state)
     mount_openai_routes(app, tm)
-    config = uvicorn.Config(app, loop="uvloop", log_level=args.log_level, timeout_keep_alive=5, access_log=False)
+    config = uvicorn.Config(
+        app,
+        loop="uvloop",
+        log_level=args.log_level,
+        timeout_keep_alive=5,
+        access_log=False,
+        timeout_graceful_shutdown=args.graceful_shutdown_timeout + _ABORT_GRACE_S + _UVICORN_GRACE_S,
+    )
     state.server = uvicorn.Server(config)
-    try:
-        state.server.run(sockets=[sock])
-    finally:
-        backend.shutdown()
-        sock.close()
+    # uvicorn handles SIGTERM/SIGINT while it runs and re-raises the signal after it has shut
+    # down, into the handlers it found: these only ask it to stop (a no-op by then, and a signal
+    # before uvicorn took over is not lost), so a requested stop exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(state.server, "should_exit", True))
+    state.server.run(sockets=[sock])
     return state.exit_code
+
+
+def _stop_on_signal() -> None:
+    """Until uvicorn takes the signals over: SIGTERM/SIGINT end start-up with exit code 0, through
+    the `finally` blocks that stop the backend processes and remove their socket directory."""
+
+    def stop(sig: int, frame: Any) -> None:
+        logger.info("%s during start-up: stopping", signal.Signals(sig).name)
+        raise SystemExit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
 
 
 def _read_chat_template(path: Optional[str]) -> Optional[str]:

@@ -8,6 +8,10 @@ socket named "scheduler", which the controller owns when there is more than one 
 `Backend.start` spawns them, waits until each reports ready (or a start-up error, raised here
 as one line), and `shutdown` stops them and removes the socket directory. Children also die
 with the parent (PR_SET_PDEATHSIG), so a killed server leaves no orphans.
+
+A socket directory is named after its owner (`sglang-tknp-<pid>-<start time>-*`): a server that
+was killed (SIGKILL, a crash) cannot remove its own, so every start removes those whose owner
+process is gone.
 """
 
 from __future__ import annotations
@@ -43,6 +47,65 @@ def _run_entry_point(target: str, *args: object) -> None:
 
 class BackendStartError(RuntimeError):
     pass
+
+
+SOCKET_DIR_PREFIX = "sglang-tknp-"
+
+
+def _process_start_time(pid: int) -> int:
+    """When `pid` started, in clock ticks since boot (0 where /proc cannot tell): with the pid it
+    names a process, even after the pid was reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])  # field 22, starttime
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _owner_alive(pid: int, start_time: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    return start_time == 0 or _process_start_time(pid) in (0, start_time)
+
+
+def make_socket_dir() -> str:
+    """A new socket directory for this process, named after it."""
+    pid = os.getpid()
+    return tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{pid}-{_process_start_time(pid)}-")
+
+
+def remove_stale_socket_dirs(parent: Optional[str] = None) -> list[str]:
+    """Removes the socket directories in `parent` (the temp directory) whose owner process is
+    gone; returns them. Directories of other users, and ones not named after an owner, stay."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        owner = name[len(SOCKET_DIR_PREFIX) :].split("-")
+        if not name.startswith(SOCKET_DIR_PREFIX) or len(owner) < 3:
+            continue
+        try:
+            pid, start_time = int(owner[0]), int(owner[1])
+        except ValueError:
+            continue
+        path = os.path.join(parent, name)
+        try:
+            if os.stat(path).st_uid != os.getuid() or _owner_alive(pid, start_time):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        logger.info("removed %d socket directories left by servers that are gone", len(removed))
+    return removed
 
 
 @contextmanager
@@ -84,7 +147,8 @@ class Backend:
     info: dict = field(default_factory=dict)  # what the scheduler reported when ready
 
     def start(self) -> "Backend":
-        self.socket_dir = tempfile.mkdtemp(prefix="sglang-tknp-")
+        remove_stale_socket_dirs()
+        self.socket_dir = make_socket_dir()
         self.ipc = socket_addresses(self.args, self.socket_dir)
         try:
             self._start_processes()

@@ -77,7 +77,8 @@ class LogitsProcessor(nn.Module):
             out.all_logits = logits_of(hidden)
         if batch.logprob_indices is not None and batch.logprob_indices.numel() > 0:
             logprobs, top_vals, top_ids = [], [], []
-            k = batch.input_top_logprobs_num
+            # as the sampler clamps the output top-k: topk past the vocabulary would raise
+            k = min(batch.input_top_logprobs_num, self.vocab_size)
             for start in range(0, batch.logprob_indices.numel(), _LOGPROB_BLOCK_ROWS):
                 idx = batch.logprob_indices[start : start + _LOGPROB_BLOCK_ROWS]
                 block = torch.log_softmax(logits_of(hidden[idx]), dim=-1)

@@ -3,6 +3,7 @@
 Order of operations, per step:
   raw logits (float32) -> logprobs for the response (log_softmax of the raw logits)
   -> logit bias -> banned tokens (-inf) -> repetition, then frequency/presence penalties
+  -> non-finite rows repaired (see `repair_non_finite`)
   -> greedy rows: argmax
   -> other rows: softmax(logits / temperature) -> keep top-k, top-p, min-p -> seeded draw.
 
@@ -97,7 +98,36 @@ def process_logits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tenso
         _add_sparse(x, info.banned)
     if info.penalties is not None:
         apply_penalties(x, info.penalties)
+    repair_non_finite(x, logits)
     return x
+
+
+def repair_non_finite(x: torch.Tensor, raw: torch.Tensor) -> None:
+    """Makes every row of the processed logits `x` [B, V] one softmax can draw from, in place.
+
+    Validated parameters keep the processed logits finite (banned tokens aside), but a row
+    must never reach the draw with NaN or +inf, whose softmax is NaN everywhere: a row holding
+    +inf keeps only its +inf tokens, equally likely (the limit of its softmax); NaN entries are
+    dropped; a row left with nothing (all -inf) takes the argmax of its `raw` logits [B, V].
+    """
+    row_max = x.amax(dim=-1)  # NaN where a row holds NaN: amax propagates it
+    bad = ~torch.isfinite(row_max)
+    if not bool(bad.any()):  # the common case: one reduction, no copy
+        return
+    rows = bad.nonzero().squeeze(1)
+    sub = x[rows]  # [R, V]
+    inf = float("inf")
+    pos_inf = sub == inf
+    has_pos_inf = pos_inf.any(dim=-1, keepdim=True)
+    # nan_to_num's defaults would turn -inf into the lowest float: keep infinities as they are
+    dropped = sub.nan_to_num(nan=-inf, posinf=inf, neginf=-inf)
+    sub = torch.where(has_pos_inf, torch.where(pos_inf, 0.0, -inf), dropped)
+    empty = (sub == -inf).all(dim=-1)
+    if bool(empty.any()):
+        fallback = raw[rows[empty]].float().nan_to_num(nan=-inf, posinf=inf, neginf=-inf).argmax(dim=-1, keepdim=True)
+        forced = torch.full_like(sub[empty], -inf)
+        sub[empty] = forced.scatter_(1, fallback, 0.0)
+    x[rows] = sub
 
 
 def _add_sparse(x: torch.Tensor, bias: SparseLogitBias) -> None:
@@ -279,6 +309,8 @@ def inverse_cdf(
     # clamp onto trailing zero-probability tokens, the last one that has probability. (A
     # sequential cumsum, as on CPU, repeats the sum exactly over a zero.)
     pos = torch.searchsorted(cumulative, cumulative.gather(1, pos))
+    # A NaN sum (logits that were not finite) sorts past the end: keep the index in range.
+    pos = torch.minimum(pos, last)
     # A parallel scan (GPU) may round differently at two positions; never pick a token of
     # probability 0. The check waits for the device, as the caller's .tolist() would.
     valid = probs.gather(1, pos) > 0

@@ -9,14 +9,21 @@ While a request runs, text that could be the start of one of its stop strings is
 a streaming client never sees part of a stop string that is later trimmed. When it finishes on a
 stop string, the text is cut before it; on a stop token, that token's text is dropped (unless
 `no_stop_trim`).
+
+A request whose text cannot be decoded is finished here with an "abort" reason (internal error);
+the other requests of the batch, and the process, go on.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from sglang.srt.managers.io_struct import BatchStrOut, BatchTokenIDOut, ReqOutput, ReqStrOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,12 +40,30 @@ class DetokenizerManager:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self.states: dict[str, _DecodeState] = {}
+        # Requests failed here while the scheduler still runs them: their later outputs are
+        # dropped (the client already has its abort) until the final one arrives.
+        self.failed: set[str] = set()
 
     def forget(self, rid: str) -> None:
         self.states.pop(rid, None)
 
     def handle(self, batch: BatchTokenIDOut) -> BatchStrOut:
-        return BatchStrOut([ReqStrOutput(out, self._text_delta(out)) for out in batch.outputs])
+        outputs = []
+        for out in batch.outputs:
+            if out.rid in self.failed:
+                if out.finished_reason is not None:
+                    self.failed.discard(out.rid)
+                continue
+            try:
+                outputs.append(ReqStrOutput(out, self._text_delta(out)))
+            except Exception as exc:
+                logger.exception("detokenizing request %s failed", out.rid)
+                self.states.pop(out.rid, None)
+                if out.finished_reason is None:
+                    self.failed.add(out.rid)
+                reason = {"type": "abort", "message": f"internal error: {type(exc).__name__}: {exc}"}
+                outputs.append(ReqStrOutput(dataclasses.replace(out, finished_reason=reason), ""))
+        return BatchStrOut(outputs)
 
     def _decode(self, ids: list[int], out: ReqOutput) -> str:
         return self.tokenizer.decode(
@@ -117,4 +142,10 @@ def run_detokenizer_process(args: Any, ipc: dict[str, str], ready_pipe: Any) -> 
     send.connect(ipc["tokenizer"])
     ready_pipe.send({})
     while True:
-        send.send(encode(manager.handle(decode(recv.recv()))))
+        data = recv.recv()
+        try:
+            reply = encode(manager.handle(decode(data)))
+        except Exception:  # a message it cannot read: drop it, keep serving the others
+            logger.exception("the detokenizer dropped a message it could not handle")
+            continue
+        send.send(reply)

@@ -4,17 +4,32 @@ Finish order follows SGLang: the length limit first, then stop token ids (always
 ignore_eos), then stop strings, which are matched on the decoded tail of the output. Before
 `min_new_tokens` is reached, EOS and stop tokens are banned at sampling and stop strings are
 not checked.
+
+A failure while handling one request (its sampling row, its logprobs, its stop-string check)
+ends that request with an "abort" finish reason (`internal_error`) instead of the step: sampling
+that fails for a batch is retried row by row to find the rows at fault, and each request's
+bookkeeping in `process` is guarded on its own.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterator, Optional
+
+import torch
 
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.sampler import Sampler, SamplerOutput
 from sglang.srt.managers.io_struct import ReqOutput
-from sglang.srt.managers.schedule_batch import FinishReason, Req, ScheduleBatch
+from sglang.srt.managers.schedule_batch import FinishReason, Req, ScheduleBatch, ScheduledReq
 from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+
+logger = logging.getLogger(__name__)
+
+
+def internal_error(exc: BaseException) -> FinishReason:
+    """The finish reason of a request that an unexpected exception ended."""
+    return FinishReason("abort", message=f"internal error: {type(exc).__name__}: {exc}")
 
 
 class OutputProcessor:
@@ -42,6 +57,37 @@ class OutputProcessor:
         top_nums = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs] if return_logprob else None
         return self.sampler(logits.next_token_logits, info, return_logprob, top_nums)
 
+    def sample_or_isolate(
+        self, batch: ScheduleBatch, logits: LogitsProcessorOutput
+    ) -> tuple[Optional[SamplerOutput], dict[str, FinishReason]]:
+        """`sample`, and the requests (by rid) it failed for, with their abort reasons.
+
+        A row's draw depends on its own logits and parameters only, so when the batch fails
+        each sampling request is sampled alone: the ones that still fail are returned (their
+        row in the output is a placeholder), the others get the token the batch would have
+        given them.
+        """
+        try:
+            return self.sample(batch, logits), {}
+        except Exception as exc:
+            items = [it for it in batch.items if it.samples]
+            if len(items) == 1:
+                logger.exception("sampling failed for request %s", items[0].req.rid)
+                return None, {items[0].req.rid: internal_error(exc)}
+            logger.warning("sampling a batch of %d failed (%r); sampling its requests one by one", len(items), exc)
+        return_logprob = any(it.req.return_logprob for it in items)
+        rows: list[Optional[SamplerOutput]] = []
+        failed: dict[str, FinishReason] = {}
+        for row, item in enumerate(items):
+            alone = LogitsProcessorOutput(next_token_logits=logits.next_token_logits[row : row + 1])
+            try:
+                rows.append(self.sample(ScheduleBatch([ScheduledReq(item.req, item.extend_len, True)]), alone))
+            except Exception as exc:
+                logger.exception("sampling failed for request %s", item.req.rid)
+                rows.append(None)
+                failed[item.req.rid] = internal_error(exc)
+        return _merge_rows(rows, return_logprob, logits.next_token_logits.device), failed
+
     def _banned(self, req: Req) -> Optional[list[int]]:
         params = req.sampling_params
         if len(req.output_ids) >= params.min_new_tokens:
@@ -52,40 +98,67 @@ class OutputProcessor:
         return sorted(stops)
 
     def process(
-        self, batch: ScheduleBatch, logits: LogitsProcessorOutput, sampled: Optional[SamplerOutput]
+        self,
+        batch: ScheduleBatch,
+        logits: LogitsProcessorOutput,
+        sampled: Optional[SamplerOutput],
+        failed: Optional[dict[str, FinishReason]] = None,
     ) -> Iterator[tuple[Req, Optional[FinishReason]]]:
         """Appends sampled tokens and logprobs; yields each request that progressed, with its
-        finish reason (None while it goes on). Requests mid-prefill are not yielded."""
+        finish reason (None while it goes on). Requests mid-prefill are not yielded, unless
+        they failed: those in `failed` (rid -> reason: sampling failed for them) and those
+        whose bookkeeping raises here are yielded with their abort reason."""
+        failed = failed or {}
         next_ids = sampled.next_token_ids.tolist() if sampled is not None else []
         logprob_row = 0
         sample_row = 0
         for item in batch.items:
             req = item.req
-            logprob_row = self._take_input_logprobs(req, item.extend_len, logits, logprob_row)
+            # rows are counted before anything can fail, so a failure never shifts the next request's
+            num_input_rows = self._num_input_logprob_rows(req, item.extend_len)
+            reason = failed.get(req.rid)
+            if reason is None:
+                try:
+                    self._take_input_logprobs(req, item.extend_len, logits, logprob_row, num_input_rows)
+                    if item.samples:
+                        self._append_sampled(req, next_ids[sample_row], sampled, sample_row)
+                        reason = self._check_finished(req)
+                    elif req.kv_len == req.fill_len:
+                        # prefill-only request (max_new_tokens == 0) whose prompt is now cached
+                        reason = FinishReason("length", length=0)
+                except Exception as exc:
+                    logger.exception("handling the step's output failed for request %s", req.rid)
+                    reason = internal_error(exc)
+            logprob_row += num_input_rows
             if item.samples:
-                token = next_ids[sample_row]
-                req.output_ids.append(token)
-                if req.return_logprob:
-                    req.output_token_logprobs.append(float(sampled.next_token_logprobs[sample_row]))
-                    tops = sampled.top_logprobs[sample_row] if sampled.top_logprobs else None
-                    req.output_top_logprobs.append(tops)
                 sample_row += 1
-                yield req, self._check_finished(req)
-            elif req.kv_len == req.fill_len:
-                # prefill-only request (max_new_tokens == 0) whose prompt is now cached
-                yield req, FinishReason("length", length=0)
+            if item.samples or reason is not None:
+                yield req, reason
 
-    def _take_input_logprobs(self, req: Req, extend_len: int, logits: LogitsProcessorOutput, row: int) -> int:
+    def _append_sampled(self, req: Req, token: int, sampled: SamplerOutput, row: int) -> None:
+        req.output_ids.append(token)
+        if req.return_logprob:
+            req.output_token_logprobs.append(float(sampled.next_token_logprobs[row]))
+            tops = sampled.top_logprobs[row] if sampled.top_logprobs else None
+            req.output_top_logprobs.append(tops)
+
+    @staticmethod
+    def _num_input_logprob_rows(req: Req, extend_len: int) -> int:
+        """Rows of the step's input logprobs that belong to `req` (kv_len is already advanced)."""
         if not req.wants_input_logprobs:
-            return row
+            return 0
+        start = req.kv_len - extend_len
+        first, last = max(req.logprob_start_len, start), min(start + extend_len, len(req.origin_input_ids) - 1)
+        return max(last - first, 0)
+
+    def _take_input_logprobs(self, req: Req, extend_len: int, logits: LogitsProcessorOutput, row: int, n: int) -> None:
+        if not req.wants_input_logprobs:
+            return
         start = req.kv_len - extend_len  # kv_len was already advanced past this step
-        prompt_len = len(req.origin_input_ids)
         lsl = req.logprob_start_len
         if start <= lsl < start + extend_len:
             req.input_token_logprobs.append(None)  # the window's first token has no context score
             req.input_top_logprobs.append(None)
-        first, last = max(lsl, start), min(start + extend_len, prompt_len - 1)
-        n = max(last - first, 0)
         if n:
             req.input_token_logprobs += logits.input_token_logprobs[row : row + n].tolist()
             if req.top_logprobs_num > 0:
@@ -95,7 +168,6 @@ class OutputProcessor:
                     req.input_top_logprobs.append((v, i))
             else:
                 req.input_top_logprobs += [None] * n
-        return row + n
 
     def _check_finished(self, req: Req) -> Optional[FinishReason]:
         params = req.sampling_params
@@ -131,6 +203,8 @@ class OutputProcessor:
             spaces_between_special_tokens=params.spaces_between_special_tokens,
             no_stop_trim=params.no_stop_trim,
             stop_strings=list(params.stop or ()),
+            queue_seconds=req.queue_seconds,
+            first_token_seconds=req.first_token_seconds,
         )
         if req.return_logprob:
             sent_in = req.num_sent_input_logprobs
@@ -143,3 +217,19 @@ class OutputProcessor:
             out.output_top_logprobs = req.output_top_logprobs[sent:]
         req.num_sent_tokens = len(req.output_ids)
         return out
+
+
+def _merge_rows(rows: list[Optional[SamplerOutput]], return_logprob: bool, device: torch.device) -> SamplerOutput:
+    """One SamplerOutput from one per sampling row (None: a failed row, given placeholders)."""
+    token_ids = [int(r.next_token_ids[0]) if r is not None else 0 for r in rows]
+    if not return_logprob:
+        return SamplerOutput(torch.tensor(token_ids, dtype=torch.int64, device=device), None, None)
+    logprobs = [
+        float(r.next_token_logprobs[0]) if r is not None and r.next_token_logprobs is not None else 0.0 for r in rows
+    ]
+    tops = [r.top_logprobs[0] if r is not None and r.top_logprobs else None for r in rows]
+    return SamplerOutput(
+        torch.tensor(token_ids, dtype=torch.int64, device=device),
+        torch.tensor(logprobs, dtype=torch.float32, device=device),
+        tops,
+    )

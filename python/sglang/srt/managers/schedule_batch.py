@@ -11,6 +11,7 @@ The last generated token has no KV until the next decode step feeds it back in.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -66,9 +67,24 @@ class Req:
     # how many output tokens / logprob entries have already been sent out (streaming deltas)
     num_sent_tokens: int = 0
     num_sent_input_logprobs: int = 0
+    # latency, for /metrics: seconds from arrival at this scheduler to its first step, and to its
+    # first sampled token (None until then); durations, so they mean the same in any process
+    arrival_time: float = field(default_factory=time.perf_counter)
+    queue_seconds: Optional[float] = None
+    first_token_seconds: Optional[float] = None
 
     def __post_init__(self):
         assert self.origin_input_ids, "a request needs at least one input token"
+
+    def mark_started(self) -> None:
+        """The request joins a batch; only its first time counts as the end of its queueing."""
+        if self.queue_seconds is None:
+            self.queue_seconds = time.perf_counter() - self.arrival_time
+
+    def mark_token(self) -> None:
+        """A token was appended to output_ids."""
+        if self.first_token_seconds is None:
+            self.first_token_seconds = time.perf_counter() - self.arrival_time
 
     @property
     def fill_ids(self) -> list[int]:

@@ -10,6 +10,14 @@ backend -> Sampler -> detokenizer. Each `step`:
      and they wait to be prefilled again);
   3. runs one forward, samples, and appends tokens (finish checks in `output_processor`);
   4. returns the outputs to send: a delta per streaming request, a whole result per finished one.
+
+No request may end the process: an exception while handling one (admitting it, sampling it, its
+logprobs, its stop strings, its output) ends that request, or when it cannot be told apart the
+requests of the step's batch, with an "abort" finish reason that says "internal error" and
+frees their KV. The forward itself still runs every step (under TKNP every rank must take part
+in it), and requests are failed after it, locally. Only a broken invariant, a
+`SchedulerInvariantError` (or an exception in the forward or the KV cache bookkeeping), ends
+the process.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from sglang.srt.managers.io_struct import (
     ReqOutput,
     TokenizedGenerateReqInput,
 )
-from sglang.srt.managers.output_processor import OutputProcessor
+from sglang.srt.managers.output_processor import OutputProcessor, internal_error
 from sglang.srt.managers.schedule_batch import FinishReason, Req, ScheduleBatch, ScheduledReq
 from sglang.srt.managers.schedule_policy import PrefillBudget, SchedulePolicy
 from sglang.srt.mem_cache.kv_cache_manager import KVCacheManager
@@ -42,6 +50,10 @@ logger = logging.getLogger(__name__)
 _INIT_NEW_TOKEN_RATIO = 0.7
 _MIN_NEW_TOKEN_RATIO = 0.1
 _NEW_TOKEN_RATIO_DECAY = 0.001
+
+
+class SchedulerInvariantError(RuntimeError):
+    """The scheduler's own state is broken: the process must not go on."""
 
 
 class Forward(Protocol):
@@ -94,7 +106,11 @@ class Scheduler:
     def handle(self, msg: TokenizedGenerateReqInput | AbortReq | FlushCacheReq | GetLoadReq) -> Optional[Any]:
         """Applies one message; control requests return their reply."""
         if isinstance(msg, TokenizedGenerateReqInput):
-            self._add_request(msg)
+            try:
+                self._add_request(msg)
+            except Exception as exc:  # a request the scheduler cannot take: it alone fails
+                logger.exception("admitting request %s failed", msg.rid)
+                self._reject(msg, internal_error(exc))
         elif isinstance(msg, AbortReq):
             self._abort(msg.rid, msg.message)
         elif isinstance(msg, FlushCacheReq):
@@ -137,7 +153,8 @@ class Scheduler:
             seed=msg.seed,
             return_logprob=msg.return_logprob,
             logprob_start_len=msg.logprob_start_len,
-            top_logprobs_num=msg.top_logprobs_num,
+            # the output top-k is clamped to the vocabulary by the sampler; the prompt's here
+            top_logprobs_num=min(msg.top_logprobs_num, self.runner.model_config.vocab_size),
             stream=msg.stream,
         )
         need = self.kv.slots_needed(0, len(req.origin_input_ids) + 1)
@@ -153,6 +170,10 @@ class Scheduler:
             )
             return
         self.waiting.append(req)
+
+    def _reject(self, msg: TokenizedGenerateReqInput, reason: FinishReason) -> None:
+        """Answers a request that never became a Req (nothing was allocated for it)."""
+        self.pending_outputs.append(_abort_output(msg.rid, reason, len(msg.input_ids), 0, 0))
 
     def _abort(self, rid: str, message: str) -> None:
         for queue in (self.waiting, self.running):
@@ -218,6 +239,7 @@ class Scheduler:
                 break
             self.waiting.remove(req)
             self.running.append(req)
+            req.mark_started()
             if not req.num_retractions:
                 req.cached_tokens = req.prefix_len
                 self.num_prompt_tokens += len(req.origin_input_ids)
@@ -278,27 +300,74 @@ class Scheduler:
             return
         slots = self.kv.alloc_extend([(it.req, it.extend_len) for it in batch.items])
         if slots is None:
-            raise RuntimeError("KV allocation failed after the scheduler reserved memory (a scheduler bug)")
+            raise SchedulerInvariantError("KV allocation failed after the scheduler reserved memory (a scheduler bug)")
         logits = self.forward(batch.to_forward_batch(slots))
-        sampled = self.output.sample(batch, logits)
         for item in batch.items:
             item.req.kv_len += item.extend_len
             self.kv.cache_prompt(item.req)  # acts once, when the prompt has just been computed
+        try:
+            self._process(batch, logits)
+        except SchedulerInvariantError:
+            raise
+        except Exception as exc:
+            # The per-request guards missed it, so it cannot be told apart: the batch fails.
+            logger.exception("handling a step's results failed; aborting its %d requests", len(batch.items))
+            for req in batch.reqs:
+                if not req.is_finished():
+                    self._finish(req, internal_error(exc))
+
+    def _process(self, batch: ScheduleBatch, logits: LogitsProcessorOutput) -> None:
+        """Samples and appends the step's tokens; finishes requests (those that failed too)."""
+        sampled, failed = self.output.sample_or_isolate(batch, logits)
         if sampled is not None:
-            self.num_generation_tokens += len(sampled.next_token_ids)
-        for req, reason in self.output.process(batch, logits, sampled):
+            self.num_generation_tokens += len(sampled.next_token_ids) - len(failed)
+        for req, reason in self.output.process(batch, logits, sampled, failed):
             if reason is not None:
                 self._finish(req, reason)
             elif req.stream:
-                self.pending_outputs.append(self.output.make_output(req))
+                self._emit(req)
 
     def _finish(self, req: Req, reason: FinishReason) -> None:
         req.finished_reason = reason
+        self._release(req)
+        self._emit(req)
+
+    def _release(self, req: Req) -> None:
+        """Frees the request's KV and takes it out of the queues."""
         self.kv.release(req)
         for queue in (self.waiting, self.running):
             if req in queue:
                 queue.remove(req)
-        self.pending_outputs.append(self.output.make_output(req))
+
+    def _emit(self, req: Req) -> None:
+        """Queues the request's output delta; a request whose output cannot be built fails."""
+        try:
+            self.pending_outputs.append(self.output.make_output(req))
+            return
+        except Exception as exc:
+            logger.exception("building the output of request %s failed", req.rid)
+            reason = internal_error(exc)
+        if not req.is_finished():
+            self._release(req)
+        req.finished_reason = reason
+        # what could not be built stays out: the client gets the reason
+        self.pending_outputs.append(
+            _abort_output(req.rid, reason, len(req.origin_input_ids), len(req.output_ids), req.cached_tokens)
+        )
 
     def check_integrity(self) -> None:
         self.kv.check_integrity(self.running)
+
+
+def _abort_output(
+    rid: str, reason: FinishReason, prompt_tokens: int, completion_tokens: int, cached_tokens: int
+) -> ReqOutput:
+    """A final output with no tokens: the reason is all the client gets."""
+    return ReqOutput(
+        rid=rid,
+        new_token_ids=[],
+        finished_reason=reason.to_json(),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cached_tokens=cached_tokens,
+    )

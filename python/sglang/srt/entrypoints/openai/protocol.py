@@ -34,12 +34,14 @@ def _one_of(description: str) -> WrapValidator:
     return WrapValidator(validate)
 
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+# Empty prompts and stop strings are the engine's 400s; saying so here documents it.
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Prompt = Annotated[
-    Union[str, list[str], TokenIds, list[TokenIds]],
-    _one_of("a string, a list of strings, a list of token ids or a list of lists of token ids"),
+    Union[Text, Annotated[list[Text], Field(min_length=1)], TokenIds, Annotated[list[TokenIds], Field(min_length=1)]],
+    _one_of("a non-empty string, a list of them, a list of token ids or a list of lists of token ids"),
 ]
-Stop = Annotated[Union[str, list[str], None], _one_of("a string, a list of strings or null")]
+Stop = Annotated[Union[Text, list[Text], None], _one_of("a non-empty string, a list of them or null")]
 LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
 
 
@@ -88,7 +90,7 @@ class CompletionRequest(SamplingRequest):
     max_tokens: Optional[int] = Field(16, ge=0)
     echo: Optional[bool] = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    best_of: Optional[int] = None
+    best_of: Optional[int] = Field(None, ge=1)  # only n (the engine returns every sample)
     suffix: Optional[str] = None
 
 
@@ -104,7 +106,8 @@ MessageContent = Annotated[
 
 
 class ChatMessage(_Request):
-    role: str
+    # OpenAI's roles; tool and function messages are then refused as not supported yet.
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: MessageContent = None
     name: Optional[str] = None
     tool_calls: Optional[list[Any]] = None
@@ -117,7 +120,7 @@ class ResponseFormat(_Request):
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Optional[int] = Field(None, ge=0)
     max_completion_tokens: Optional[int] = Field(None, ge=0)
     logprobs: Optional[bool] = False

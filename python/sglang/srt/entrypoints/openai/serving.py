@@ -13,11 +13,12 @@ failure is an `OpenAIError`, which the server renders with `error.status_code` a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Optional
 
 import orjson
 
@@ -30,7 +31,8 @@ from sglang.srt.entrypoints.openai.protocol import (
     SamplingRequest,
     UsageInfo,
 )
-from sglang.srt.managers.tokenizer_manager import GenerateReqInput
+from sglang.srt.managers.io_struct import GenerateReqInput
+from sglang.srt.managers.tokenizer_manager import Overloaded
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ _ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -64,6 +68,11 @@ def bad_request(message: str, param: Optional[str] = None) -> OpenAIError:
     return OpenAIError(400, message, param=param)
 
 
+def engine_rejected(exc: ValueError) -> OpenAIError:
+    # The engine's RequestError names the field; its other ValueErrors name it in the message.
+    return bad_request(str(exc), getattr(exc, "param", None))
+
+
 def backend_unavailable(exc: RuntimeError) -> OpenAIError:
     # TokenizerManager raises RuntimeError when a backend process has died.
     return OpenAIError(503, str(exc), type="service_unavailable")
@@ -86,6 +95,8 @@ def validation_error_response(exc: Any) -> tuple[int, dict]:
         path = _field_path(loc)
         first_path = first_path or path
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if not path:  # the body itself: missing, or not an object
+            message = "the request body must be a JSON object"
         problems.append(f"{path}: {message}" if path else message)
     return 400, OpenAIError(400, "; ".join(problems) or "invalid request", param=first_path).body()
 
@@ -223,19 +234,62 @@ class UsageCounter:
         )
 
 
-async def generate_all(tm: Any, obj: GenerateReqInput, num_choices: int) -> list[dict]:
+async def generate_all(
+    tm: Any, obj: GenerateReqInput, num_choices: int, wait_disconnected: Optional[Disconnected] = None
+) -> list[dict]:
     """Runs a non-streaming request; the final result of every choice, by index."""
     results: list[Optional[dict]] = [None] * num_choices
     try:
-        async for index, result in tm.generate_request(obj):
-            results[index] = result
+        items = await collect(tm.generate_request(obj), wait_disconnected)
     except ValueError as e:
-        raise bad_request(str(e)) from e
+        raise engine_rejected(e) from e
+    except Overloaded:
+        raise  # the server answers 503 with Retry-After
     except RuntimeError as e:
         raise backend_unavailable(e) from e
+    if items is None:
+        raise ClientGone()
+    for index, result in items:
+        results[index] = result
     if any(r is None for r in results):
         raise OpenAIError(500, "the engine returned fewer results than requested")
     return results  # type: ignore[return-value]
+
+
+# Returns once the client has gone (see `client_gone`).
+Disconnected = Callable[[], Awaitable[Any]]
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected; its requests were aborted."""
+
+
+async def client_gone(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Returns when the ASGI connection reports the client gone; call it once the body is read
+    (then a disconnect is all that can arrive). Starlette's Request.is_disconnected() cannot
+    be used here: behind a BaseHTTPMiddleware its non-blocking check never sees the disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(results: AsyncIterator, wait_disconnected: Optional[Disconnected] = None) -> Optional[list]:
+    """Every item of `results`, or None when `wait_disconnected()` returns first: the iteration
+    is then cancelled, and TokenizerManager.generate_request aborts the requests it still runs
+    (as a streaming response does when its consumer is closed)."""
+
+    async def drain() -> list:
+        return [item async for item in results]
+
+    if wait_disconnected is None:
+        return await drain()
+    work, watch = asyncio.ensure_future(drain()), asyncio.ensure_future(wait_disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        return work.result() if work.done() else None
+    finally:
+        for task in (work, watch):
+            task.cancel()
+        await asyncio.gather(work, watch, return_exceptions=True)
 
 
 def token_text(tm: Any, token_id: int, text: Optional[str]) -> str:
@@ -385,7 +439,9 @@ async def start_stream(
     except StopAsyncIteration:
         first = None
     except ValueError as e:
-        raise bad_request(str(e)) from e
+        raise engine_rejected(e) from e
+    except Overloaded:
+        raise  # the server answers 503 with Retry-After
     except RuntimeError as e:
         raise backend_unavailable(e) from e
     return _events(results, first, on_result, on_end)

@@ -25,6 +25,7 @@ from sglang.srt.entrypoints.openai.protocol import (
     TopLogprob,
 )
 from sglang.srt.entrypoints.openai.serving import (
+    Disconnected,
     ResponseBuilder,
     bad_request,
     check_model,
@@ -34,7 +35,7 @@ from sglang.srt.entrypoints.openai.serving import (
     start_stream,
     token_text,
 )
-from sglang.srt.managers.tokenizer_manager import GenerateReqInput
+from sglang.srt.managers.io_struct import GenerateReqInput
 
 # "developer" is OpenAI's newer name for "system"; chat templates only know the latter.
 _TEMPLATE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -46,9 +47,13 @@ _RESERVED_TEMPLATE_ARGS = {
     "add_generation_prompt",
     "continue_final_message",
 }
+# apply_chat_template arguments that must be lists of objects (JSON schemas, documents).
+_LIST_TEMPLATE_ARGS = ("tools", "documents")
 
 
-async def chat_completions(tm: Any, request: ChatCompletionRequest) -> Union[dict, AsyncIterator[bytes]]:
+async def chat_completions(
+    tm: Any, request: ChatCompletionRequest, wait_disconnected: Optional[Disconnected] = None
+) -> Union[dict, AsyncIterator[bytes]]:
     """The response dict, or (with stream) an async iterator of SSE bytes. Raises OpenAIError."""
     check_model(tm, request.model)
     _check_supported(request)
@@ -72,7 +77,7 @@ async def chat_completions(tm: Any, request: ChatCompletionRequest) -> Union[dic
     )
     if request.stream:
         return await start_stream(tm, obj, job.stream_chunks, job.end_chunks)
-    return job.response(await generate_all(tm, obj, num_samples(request)))
+    return job.response(await generate_all(tm, obj, num_samples(request), wait_disconnected))
 
 
 def _check_supported(request: ChatCompletionRequest) -> None:
@@ -94,7 +99,7 @@ def render_chat(tm: Any, request: ChatCompletionRequest) -> list[int]:
         continue_final = ends_with_assistant
     elif continue_final and not ends_with_assistant:
         raise bad_request("continue_final_message needs a final assistant message", "continue_final_message")
-    extra = {k: v for k, v in (request.chat_template_kwargs or {}).items() if k not in _RESERVED_TEMPLATE_ARGS}
+    extra = template_kwargs(request.chat_template_kwargs)
     if tm.chat_template is None and not getattr(tm.tokenizer, "chat_template", None):
         raise bad_request("this model has no chat template; start the server with --chat-template", "messages")
     try:
@@ -108,7 +113,21 @@ def render_chat(tm: Any, request: ChatCompletionRequest) -> list[int]:
         )
     except (TemplateError, ValueError) as e:
         raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
+    except Exception as e:  # the template runs on what the request passed it (chat_template_kwargs)
+        param = "chat_template_kwargs" if extra else "messages"
+        raise bad_request(f"the chat template failed on this request: {type(e).__name__}: {e}", param) from e
     return tm.tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def template_kwargs(kwargs: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """chat_template_kwargs minus the arguments the server sets; those that apply_chat_template
+    itself interprets must have its types."""
+    extra = {k: v for k, v in (kwargs or {}).items() if k not in _RESERVED_TEMPLATE_ARGS}
+    for name in _LIST_TEMPLATE_ARGS:
+        value = extra.get(name)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+            raise bad_request(f"chat_template_kwargs.{name} must be a list of objects", f"chat_template_kwargs.{name}")
+    return extra
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ from sglang.srt.entrypoints.openai.protocol import (
     CompletionResponse,
 )
 from sglang.srt.entrypoints.openai.serving import (
+    Disconnected,
     ResponseBuilder,
     bad_request,
     check_model,
@@ -25,12 +26,14 @@ from sglang.srt.entrypoints.openai.serving import (
     start_stream,
     token_text,
 )
-from sglang.srt.managers.tokenizer_manager import GenerateReqInput
+from sglang.srt.managers.io_struct import GenerateReqInput
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
 
 
-async def completions(tm: Any, request: CompletionRequest) -> Union[dict, AsyncIterator[bytes]]:
+async def completions(
+    tm: Any, request: CompletionRequest, wait_disconnected: Optional[Disconnected] = None
+) -> Union[dict, AsyncIterator[bytes]]:
     """The response dict, or (with stream) an async iterator of SSE bytes. Raises OpenAIError."""
     check_model(tm, request.model)
     n = num_samples(request)
@@ -55,7 +58,7 @@ async def completions(tm: Any, request: CompletionRequest) -> Union[dict, AsyncI
     )
     if request.stream:
         return await start_stream(tm, obj, job.stream_chunks, job.end_chunks)
-    return job.response(await generate_all(tm, obj, len(prompts) * n))
+    return job.response(await generate_all(tm, obj, len(prompts) * n, wait_disconnected))
 
 
 def _split_prompt(prompt: Any) -> tuple[dict, list[Union[str, list[int]]]]:
