@@ -4,12 +4,13 @@
     python benchmark/reliability/probe.py --tknp-size 2
     python benchmark/reliability/probe.py --model-path DIR     # any local model
 
-It starts `python -m sglang.launch_server` (127.0.0.1, a free port, --enable-metrics,
+It starts `python -m sglang.launch_server` (127.0.0.1, a free port, --enable-metrics, by default
+--max-total-tokens 4096 and --max-running-requests 16,
 --max-queued-requests, --graceful-shutdown-timeout) and runs, in order:
   1. killers: the bodies that once ended the scheduler, and inputs that once answered 5xx;
      each must answer 4xx (or 200 where a clamp is the answer) with /health staying 200;
   2. /health latency while 16 clients ask for heavy logprobs (p50, p99, max);
-  3. disconnects: 40 clients (half streaming) with 400-token requests, half leaving after
+  3. disconnects: 24 clients (half streaming) with 400-token requests, half leaving after
      0.5 s; how long until the server is idle, and whether every KV slot came back;
   4. overload: 64 concurrent requests against --max-queued-requests; how many were refused
      (503 with Retry-After) and the latency of the admitted;
@@ -91,7 +92,7 @@ class Server:
                 if requests.get(self.url + "/health", timeout=1).status_code == 200:
                     self.socket_dirs = socket_dirs() - before  # this server's (other servers may run)
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # the socket is bound before the server is ready
                 pass
             time.sleep(0.5)
         sys.exit("the server did not become healthy in 600 s")
@@ -124,8 +125,12 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def probe_killers(server: Server, rows: list[tuple[str, str]]) -> None:
-    capacity = min(r["max_total_num_tokens"] for r in (server.info().get("internal_states") or [server.info()]))
-    KILLERS["prompt larger than the KV cache"] = {"input_ids": [11] * (capacity + 8)}
+    info = server.info()
+    capacity = min(r["max_total_num_tokens"] for r in (info.get("internal_states") or [info]))
+    if capacity + 8 < info["context_length"]:
+        KILLERS["prompt larger than the KV cache"] = {"input_ids": [11] * (capacity + 8)}
+    else:
+        del KILLERS["prompt larger than the KV cache"]  # the context check answers first
     bad = 0
     for name, body in KILLERS.items():
         r = server.post(body)
@@ -180,24 +185,30 @@ def probe_health_latency(server: Server, rows: list[tuple[str, str]]) -> None:
     )
 
 
-def probe_disconnects(server: Server, rows: list[tuple[str, str]]) -> None:
+def probe_disconnects(server: Server, rows: list[tuple[str, str]], n: int) -> None:
     _, kv_before = idle(server.info())
     body = {"text": "Tell me a long story.", "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}
 
     def client(i: int) -> str:
         stream, leave = i % 2 == 0, i % 4 < 2
-        try:
-            r = server.post({**body, "stream": stream}, timeout=0.5 if leave else 600, stream=stream)
-            if stream:
-                for _ in r.iter_lines():
-                    pass
-            return "done"
-        except requests.RequestException:
-            return "left"
+        if not stream:
+            try:
+                r = server.post(body, timeout=0.5 if leave else 600)
+                return "done" if r.status_code == 200 else f"refused {r.status_code}"
+            except requests.RequestException:
+                return "left"
+        with server.post({**body, "stream": True}, timeout=600, stream=True) as r:
+            if r.status_code != 200:
+                return f"refused {r.status_code}"
+            start = time.time()
+            for _ in r.iter_lines():
+                if leave and time.time() - start > 0.5:
+                    return "left"  # closing the response drops the connection
+        return "done"
 
     t0 = time.time()
-    with cf.ThreadPoolExecutor(40) as pool:
-        futures = [pool.submit(client, i) for i in range(40)]
+    with cf.ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(client, i) for i in range(n)]
         time.sleep(1.0)
         left = time.time()
         outcomes = [f.result() for f in futures]
@@ -208,8 +219,9 @@ def probe_disconnects(server: Server, rows: list[tuple[str, str]]) -> None:
     busy, kv_after = idle(server.info())
     rows.append(
         (
-            "disconnects: 40 clients, 20 leave after 0.5 s",
-            f"{outcomes.count('left')} left, {outcomes.count('done')} done in {t_all:.1f} s; idle after; "
+            f"disconnects: {n} clients with 400-token requests, half streaming, half leaving after 0.5 s",
+            f"{outcomes.count('left')} left, {outcomes.count('done')} done in {t_all:.1f} s, "
+            f"{n - outcomes.count('left') - outcomes.count('done')} refused; idle after; "
             f"KV used {kv_before} -> {kv_after}, {busy} requests left",
         )
     )
@@ -267,6 +279,10 @@ def main() -> None:
     parser.add_argument("--graceful-shutdown-timeout", type=float, default=5)
     parser.add_argument("--overload-clients", type=int, default=64)
     args, server_args = parser.parse_known_args()
+    # small enough that the KV-cache check and the queue limit are reached; flags given win
+    for flag, value in (("--max-total-tokens", "4096"), ("--max-running-requests", "16")):
+        if flag not in server_args:
+            server_args += [flag, value]
     server = Server(
         [
             "--max-queued-requests",
@@ -280,7 +296,8 @@ def main() -> None:
     try:
         probe_killers(server, rows)
         probe_health_latency(server, rows)
-        probe_disconnects(server, rows)
+        # within the running + queued limits, so that no client is refused
+        probe_disconnects(server, rows, min(40, args.max_queued_requests + server.info()["max_running_requests"]))
         probe_overload(server, rows, args.overload_clients)
         probe_shutdown(server, rows)
     finally:

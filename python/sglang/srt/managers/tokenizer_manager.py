@@ -45,6 +45,7 @@ from sglang.srt.managers.io_struct import (
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.utils import new_request_id
 
+_BIG_MESSAGE_BYTES = 256 * 1024
 # How long a refused client should wait before retrying (the Retry-After header), in seconds.
 _RETRY_AFTER_S = 1
 
@@ -286,13 +287,19 @@ class TokenizerManager:
 
     async def _receive_loop(self, recv: Any) -> None:
         while True:
-            msg = decode(await recv.recv())
+            data = await recv.recv()
+            # A big message (logprobs over long prompts) is parsed in a thread and folded in one
+            # request at a time, so that /health and other requests never wait behind all of it.
+            big = len(data) > _BIG_MESSAGE_BYTES
+            msg = await asyncio.to_thread(decode, data) if big else decode(data)
             if isinstance(msg, BatchStrOut):
                 for item in msg.outputs:
                     state = self.rid_to_state.get(item.out.rid)
                     if state is not None:
                         self.update(state, item)
                         state.queue.put_nowait(state)
+                    if big:
+                        await asyncio.sleep(0)
             else:
                 self._control_replies[type(msg)].put_nowait(msg)
 
