@@ -146,6 +146,11 @@ def test_root_only_weights_capacity_and_observability(model_path):
         metrics = requests.get(server.url + "/metrics").text
         for rank in ("0", "1"):
             assert f'tknp_rank="{rank}"' in metrics
+            # the queue-time histogram counts each rank's own requests
+            assert (
+                f'sglang:queue_time_seconds_count{{model_name="{info["served_model_name"]}",tknp_rank="{rank}"}} 2.0'
+                in metrics
+            )
         assert "sglang:tknp_placements_total" in metrics and "sglang:cache_hit_rate" in metrics
     finally:
         server.stop()

@@ -43,7 +43,7 @@ def _generate(tokenizer, token_ids: list[int], stream: bool = True, **params) ->
         [(_, reason)] = processor.process(batch, None, sampled)
         req.finished_reason = reason
         if reason is not None or stream:
-            outputs.append(OutputProcessor.make_output(req))
+            outputs.append(processor.make_output(req))
         if reason is not None:
             break
     return outputs, req

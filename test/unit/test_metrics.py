@@ -59,7 +59,7 @@ def test_latency_histograms_from_a_streamed_and_a_whole_request():
     for i, finished in enumerate([False, False, True]):
         tm.update(streamed, _out([i], i + 1, finished, queue_seconds=0.004, first_token_seconds=0.01))
     whole = ReqState("r")  # not streamed: every token in the final output, timed by the scheduler
-    tm.update(whole, _out([1, 2, 3, 4], 4, True, queue_seconds=0.002, first_token_seconds=0.5))
+    tm.update(whole, _out([1, 2, 3, 4], 4, True, queue_seconds=0.002, first_token_seconds=0.5, tknp_rank=1))
     assert whole.ttft == 0.5
     text = metrics.render(_load()).decode()
     got = _samples(text)
@@ -68,9 +68,10 @@ def test_latency_histograms_from_a_streamed_and_a_whole_request():
     assert got[("sglang:inter_token_latency_seconds_count", label)] == 2  # the streamed one's 2 gaps
     assert got[("sglang:e2e_request_latency_seconds_count", label)] == 2
     assert got[("sglang:time_per_output_token_seconds_count", label)] == 2
-    assert got[("sglang:queue_time_seconds_count", label)] == 2
-    assert abs(got[("sglang:queue_time_seconds_sum", label)] - 0.006) < 1e-9
-    assert got[("sglang:queue_time_seconds_bucket", (("le", "0.005"), ("model_name", "m")))] == 2
+    rank0, rank1 = label + (("tknp_rank", "0"),), label + (("tknp_rank", "1"),)  # where each waited
+    assert got[("sglang:queue_time_seconds_count", rank0)] == got[("sglang:queue_time_seconds_count", rank1)] == 1
+    assert abs(got[("sglang:queue_time_seconds_sum", rank0)] - 0.004) < 1e-9
+    assert got[("sglang:queue_time_seconds_bucket", (("le", "0.005"), ("model_name", "m"), ("tknp_rank", "1")))] == 1
     assert got[("sglang:time_to_first_token_seconds_bucket", (("le", "+Inf"), ("model_name", "m")))] == 2
     assert "# TYPE sglang:time_to_first_token_seconds histogram" in text
 

@@ -505,12 +505,12 @@ def test_an_output_that_cannot_be_built_aborts_its_request(monkeypatch):
     h = Harness()
     original = OutputProcessor.make_output
 
-    def make_output(req):
+    def make_output(self, req):
         if req.rid == "bad":
             raise KeyError("logprobs")
-        return original(req)
+        return original(self, req)
 
-    monkeypatch.setattr(OutputProcessor, "make_output", staticmethod(make_output))
+    monkeypatch.setattr(OutputProcessor, "make_output", make_output)
     h.add("bad", 4, max_new_tokens=3)
     h.add("a", 5, max_new_tokens=3)
     for req in h.sched.waiting:

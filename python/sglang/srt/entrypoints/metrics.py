@@ -15,6 +15,7 @@ What the latencies measure (all from when this process registered the request, a
   time_per_output_token_seconds  per request: (e2e - ttft) / (output tokens - 1)
   e2e_request_latency_seconds  until the final result reached this process
   queue_time_seconds           from arrival at the scheduler to the first step that ran it
+                               (label tknp_rank: the rank it waited on)
 """
 
 from __future__ import annotations
@@ -52,8 +53,14 @@ class RequestMetrics:
             _TOKEN_BUCKETS,
         )
         self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency in seconds.", _E2E_BUCKETS)
-        self.queue = histogram(
-            "queue_time_seconds", "Time from arrival at the scheduler to the first step.", _QUEUE_BUCKETS
+        # per TKNP rank: where the request waited
+        self.model_name = model_name
+        self.queue = Histogram(
+            "sglang:queue_time_seconds",
+            "Time from arrival at the scheduler to the first step.",
+            ["model_name", "tknp_rank"],
+            registry=registry,
+            buckets=_QUEUE_BUCKETS,
         )
 
     def observe_first_token(self, seconds: float) -> None:
@@ -65,13 +72,18 @@ class RequestMetrics:
             self.itl.observe(gap_seconds / num_tokens)
 
     def observe_finished(
-        self, e2e: float, ttft: Optional[float], completion_tokens: int, queue_seconds: Optional[float]
+        self,
+        e2e: float,
+        ttft: Optional[float],
+        completion_tokens: int,
+        queue_seconds: Optional[float],
+        tknp_rank: int = 0,
     ) -> None:
         self.e2e.observe(e2e)
         if ttft is not None and completion_tokens > 1:
             self.tpot.observe(max(e2e - ttft, 0.0) / (completion_tokens - 1))
         if queue_seconds is not None:
-            self.queue.observe(queue_seconds)
+            self.queue.labels(model_name=self.model_name, tknp_rank=str(tknp_rank)).observe(queue_seconds)
 
 
 # (name, kind, help, value of one rank's GetLoadReqOutput)

@@ -191,6 +191,7 @@ class ReqOutput:
     # seconds from arrival at the scheduler to its first step / its first token (for /metrics)
     queue_seconds: Optional[float] = None
     first_token_seconds: Optional[float] = None
+    tknp_rank: int = 0  # the rank that ran it (where it queued)
 
 
 @dataclass

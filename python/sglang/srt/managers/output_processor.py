@@ -33,8 +33,9 @@ def internal_error(exc: BaseException) -> FinishReason:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any, eos_token_ids: set[int], vocab_size: int):
+    def __init__(self, tokenizer: Any, eos_token_ids: set[int], vocab_size: int, tknp_rank: int = 0):
         self.tokenizer = tokenizer
+        self.tknp_rank = tknp_rank  # stamped on outputs, for per-rank metrics
         self.eos_token_ids = set(eos_token_ids)
         self.vocab_size = vocab_size
         self.sampler = Sampler()
@@ -187,8 +188,7 @@ class OutputProcessor:
                     return FinishReason("stop", matched=stop)
         return None
 
-    @staticmethod
-    def make_output(req: Req) -> ReqOutput:
+    def make_output(self, req: Req) -> ReqOutput:
         """Everything new since the last output of this request."""
         params = req.sampling_params
         new_ids = req.output_ids[req.num_sent_tokens :]
@@ -205,6 +205,7 @@ class OutputProcessor:
             stop_strings=list(params.stop or ()),
             queue_seconds=req.queue_seconds,
             first_token_seconds=req.first_token_seconds,
+            tknp_rank=self.tknp_rank,
         )
         if req.return_logprob:
             sent_in = req.num_sent_input_logprobs

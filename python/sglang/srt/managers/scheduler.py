@@ -89,7 +89,8 @@ class Scheduler:
         self.policy = SchedulePolicy(schedule_policy, self.kv)
         self.chunked_prefill_size = chunked_prefill_size if chunked_prefill_size and chunked_prefill_size > 0 else None
         self.max_running_requests = runner.plan.max_running_requests
-        self.output = OutputProcessor(tokenizer, runner.model_config.eos_token_ids, runner.model_config.vocab_size)
+        model_config = runner.model_config
+        self.output = OutputProcessor(tokenizer, model_config.eos_token_ids, model_config.vocab_size, tknp_rank)
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # requests holding a req_to_token row
         self.new_token_ratio = _INIT_NEW_TOKEN_RATIO

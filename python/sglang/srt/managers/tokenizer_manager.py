@@ -241,7 +241,9 @@ class TokenizerManager:
                 self.metrics.observe_tokens(now - state.last_token_at, len(out.new_token_ids))
             state.last_token_at = now
         if state.finished and self.metrics is not None:
-            self.metrics.observe_finished(now - state.created, state.ttft, out.completion_tokens, out.queue_seconds)
+            self.metrics.observe_finished(
+                now - state.created, state.ttft, out.completion_tokens, out.queue_seconds, out.tknp_rank
+            )
 
     def _extend_logprobs(self, state: ReqState, item: ReqStrOutput) -> None:
         out, meta = item.out, state.meta_info
