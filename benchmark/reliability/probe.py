@@ -83,6 +83,13 @@ class Server:
         self.log = tempfile.TemporaryFile()
         before = socket_dirs()
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            self._wait_ready(before)
+        except BaseException:
+            self.proc.kill()
+            raise
+
+    def _wait_ready(self, before: set[str]) -> None:
         deadline = time.time() + 600
         while time.time() < deadline:
             if self.proc.poll() is not None:
