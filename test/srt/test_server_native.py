@@ -152,7 +152,8 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(tiny_server):
         ({"json": {"text": "Hi", "stream": "yes"}}, "stream"),
         ({"json": {"text": 5}}, "text"),
         ({"json": {"input_ids": [1, -5]}}, "input_ids"),
-        ({"json": {"text": "Hi", "sampling_params": {"regex": "[a-z]+"}}}, "regex"),
+        ({"json": {"text": "Hi", "sampling_params": {"regex": "[a-z"}}}, "regex"),
+        ({"json": {"text": "Hi", "sampling_params": {"regex": "a", "ebnf": 'root ::= "a"'}}}, "regex and ebnf"),
     ]
     for kwargs, word in cases:
         r = _post(tiny_server, "/generate", **kwargs)

@@ -23,6 +23,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 SAMPLING_DEFAULTS = ("model", "openai")
+GRAMMAR_BACKENDS = ("xgrammar", "none")
 ATTENTION_BACKENDS = tuple(attention_backend_names())
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "cache_aware")
@@ -87,6 +88,15 @@ class ServerArgs:
     chunked_prefill_size: Optional[int] = _opt(None, "prefill tokens per step; -1 disables chunking")
     schedule_policy: str = _opt("fcfs", "order in which waiting requests are admitted", choices=SCHEDULE_POLICIES)
     disable_radix_cache: bool = _opt(False, "disable prefix caching")
+    grammar_backend: str = _opt(
+        "xgrammar",
+        "constrained decoding (sampling_params regex/json_schema/ebnf): xgrammar, or none to reject such requests",
+        choices=GRAMMAR_BACKENDS,
+    )
+    constrained_json_disable_any_whitespace: bool = _opt(
+        False,
+        "json_schema output holds no whitespace but the spaces of ', ' and ': ' (a model may otherwise loop on it)",
+    )
     attention_backend: Optional[str] = _opt(
         None,
         "attention kernels (default: flashinfer on CUDA when installed; on CPU, cpu (sgl_kernel's native kernels) when built, else torch_native, the plain-torch reference)",
@@ -145,6 +155,11 @@ class ServerArgs:
             self.schedule_policy in SCHEDULE_POLICIES,
             f"--schedule-policy must be one of {', '.join(SCHEDULE_POLICIES)}",
             self.schedule_policy,
+        )
+        _check(
+            self.grammar_backend in GRAMMAR_BACKENDS,
+            f"--grammar-backend must be one of {', '.join(GRAMMAR_BACKENDS)}",
+            self.grammar_backend,
         )
         for name in ("context_length", "max_total_tokens", "max_running_requests"):
             value = getattr(self, name)

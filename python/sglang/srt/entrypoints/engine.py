@@ -56,6 +56,7 @@ class Engine:
             args.random_seed,
             served_model_name=args.served_model_name or self.model_config.name,
             sampling_defaults=sampling_defaults(args, self.model_config),
+            grammar_backend=args.grammar_backend,
         )
         self.detokenizer = DetokenizerManager(self.tokenizer)
         if args.world_size > 1:

@@ -378,6 +378,7 @@ def _serve(
         served_model_name=args.served_model_name,
         chat_template=chat_template,
         sampling_defaults=sampling_defaults(args, model_config),
+        grammar_backend=args.grammar_backend,
         # a request lives on one TKNP rank, and may be placed on the smallest
         kv_capacity=min(rank["max_total_num_tokens"] for rank in backend.info["ranks"]),
         page_size=args.page_size,

@@ -3,6 +3,7 @@
 Order of operations, per step:
   raw logits (float32) -> logprobs for the response (log_softmax of the raw logits)
   -> logit bias -> banned tokens (-inf) -> repetition, then frequency/presence penalties
+  -> tokens a row's grammar does not allow (-inf)
   -> non-finite rows repaired (see `repair_non_finite`)
   -> greedy rows: argmax
   -> other rows: softmax(logits / temperature) -> keep top-k, top-p, min-p -> seeded draw.
@@ -30,6 +31,7 @@ from sglang.srt.sampling.sampling_batch_info import (
     PenaltyTensors,
     SamplingBatchInfo,
     SparseLogitBias,
+    TokenBitmask,
 )
 
 
@@ -98,6 +100,8 @@ def process_logits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tenso
         _add_sparse(x, info.banned)
     if info.penalties is not None:
         apply_penalties(x, info.penalties)
+    if info.token_bitmask is not None:
+        apply_token_bitmask(x, info.token_bitmask)
     repair_non_finite(x, logits)
     return x
 
@@ -128,6 +132,16 @@ def repair_non_finite(x: torch.Tensor, raw: torch.Tensor) -> None:
         forced = torch.full_like(sub[empty], -inf)
         sub[empty] = forced.scatter_(1, fallback, 0.0)
     x[rows] = sub
+
+
+def apply_token_bitmask(x: torch.Tensor, mask: TokenBitmask) -> None:
+    """Sets the logits of the tokens a row's grammar does not allow to -inf, in `x` [B, V]."""
+    vocab_size = x.shape[1]
+    bits = torch.arange(32, dtype=torch.int32, device=mask.bitmask.device)
+    # [G, W, 32] -> [G, 32 * W]: token 32 * w + j is bit j of word w (arithmetic >> is fine:
+    # only the lowest bit is kept)
+    allowed = ((mask.bitmask.unsqueeze(-1) >> bits) & 1).flatten(1)[:, :vocab_size].bool()  # [G, V]
+    x[mask.rows] = x[mask.rows].masked_fill(~allowed, float("-inf"))
 
 
 def _add_sparse(x: torch.Tensor, bias: SparseLogitBias) -> None:

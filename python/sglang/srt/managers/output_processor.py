@@ -1,6 +1,8 @@
 """After a forward: sampling, logprob bookkeeping, finish checks, and the outputs to send.
 
-Finish order follows SGLang: the length limit first, then stop token ids (always), EOS (unless
+A request with a grammar samples only the tokens its grammar allows, and its matcher accepts
+each sampled token before the finish checks. Finish order follows SGLang: the length limit first,
+then the end of the grammar, then stop token ids (always), EOS (unless
 ignore_eos), then stop strings, which are matched on the decoded tail of the output. Before
 `min_new_tokens` is reached, EOS and stop tokens are banned at sampling and stop strings are
 not checked.
@@ -18,6 +20,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from sglang.srt.constrained.grammar_backend import allocate_bitmask
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.sampler import Sampler, SamplerOutput
 from sglang.srt.managers.io_struct import ReqOutput
@@ -53,6 +56,7 @@ class OutputProcessor:
             banned_token_ids=[self._banned(r) for r in reqs],
             vocab_size=self.vocab_size,
             device=logits.next_token_logits.device,  # every table beside the logits it works on
+            token_bitmask=self._token_bitmask(reqs),
         )
         return_logprob = any(r.return_logprob for r in reqs)
         top_nums = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs] if return_logprob else None
@@ -88,6 +92,16 @@ class OutputProcessor:
                 rows.append(None)
                 failed[item.req.rid] = internal_error(exc)
         return _merge_rows(rows, return_logprob, logits.next_token_logits.device), failed
+
+    def _token_bitmask(self, reqs: list[Req]) -> Optional[tuple[list[int], torch.Tensor]]:
+        """(rows, CPU bitmask) of the allowed next tokens of the requests with a grammar."""
+        rows = [row for row, r in enumerate(reqs) if r.grammar is not None]
+        if not rows:
+            return None
+        bitmask = allocate_bitmask(len(rows), self.vocab_size)
+        for i, row in enumerate(rows):
+            reqs[row].grammar.fill_next_token_bitmask(bitmask, i)
+        return rows, bitmask
 
     def _banned(self, req: Req) -> Optional[list[int]]:
         params = req.sampling_params
@@ -173,8 +187,16 @@ class OutputProcessor:
     def _check_finished(self, req: Req) -> Optional[FinishReason]:
         params = req.sampling_params
         token = req.output_ids[-1]
+        grammar_ended = False
+        if req.grammar is not None:
+            if not req.grammar.accept_token(token):
+                # only when every allowed token was banned too (min_new_tokens before the end)
+                return FinishReason("abort", message=f"the sampled token {token} does not match the request's grammar")
+            grammar_ended = req.grammar.is_terminated()
         if len(req.output_ids) >= params.max_new_tokens:
             return FinishReason("length", length=params.max_new_tokens)
+        if grammar_ended:
+            return FinishReason("stop", matched=token)
         if token in (params.stop_token_ids or ()):
             return FinishReason("stop", matched=token)
         if not params.ignore_eos and token in self.eos_token_ids:

@@ -12,11 +12,13 @@ The last generated token has no KV until the next decode step feeds it back in.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from sglang.srt.constrained.grammar_backend import Grammar
 from sglang.srt.mem_cache.radix_cache import TreeNode
 from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang.srt.sampling.sampling_params import SamplingParams
@@ -59,6 +61,10 @@ class Req:
     last_node: Optional[TreeNode] = None
     cached_tokens: int = 0  # prompt tokens served by the prefix cache, reported to the user
     num_retractions: int = 0
+    # constrained decoding: the compile in flight while the request is in the grammar queue,
+    # then its matcher, which has accepted every output token (retraction keeps both)
+    grammar_future: Optional[Future] = None
+    grammar: Optional[Grammar] = None
     # logprobs gathered so far; input ones cover prompt positions logprob_start_len .. P-1
     input_token_logprobs: list[Optional[float]] = field(default_factory=list)
     input_top_logprobs: list[Optional[tuple[list[float], list[int]]]] = field(default_factory=list)

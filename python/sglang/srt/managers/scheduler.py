@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any, Optional, Protocol
 
+from sglang.srt.constrained.grammar_backend import Grammar, GrammarBackend, grammar_key
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.managers.io_struct import (
     AbortReq,
@@ -50,6 +52,8 @@ logger = logging.getLogger(__name__)
 _INIT_NEW_TOKEN_RATIO = 0.7
 _MIN_NEW_TOKEN_RATIO = 0.1
 _NEW_TOKEN_RATIO_DECAY = 0.001
+# With nothing to run but grammars compiling, a step waits this long for one to finish.
+_GRAMMAR_IDLE_WAIT_S = 0.005
 
 
 class SchedulerInvariantError(RuntimeError):
@@ -79,8 +83,10 @@ class Scheduler:
         disable_radix_cache: bool = False,
         forward: Optional[Forward] = None,
         tknp_rank: int = 0,
+        grammar_backend: Optional[GrammarBackend] = None,
     ):
-        """`forward` defaults to the runner's; `tknp_rank` names this rank in load reports."""
+        """`forward` defaults to the runner's; `tknp_rank` names this rank in load reports;
+        without a `grammar_backend` (--grammar-backend none) constrained requests are aborted."""
         self.runner = runner
         self._forward = forward if forward is not None else runner
         self.tknp_rank = tknp_rank
@@ -91,6 +97,8 @@ class Scheduler:
         self.max_running_requests = runner.plan.max_running_requests
         model_config = runner.model_config
         self.output = OutputProcessor(tokenizer, model_config.eos_token_ids, model_config.vocab_size, tknp_rank)
+        self.grammar_backend = grammar_backend
+        self.grammar_queue: list[Req] = []  # constrained requests whose grammar is compiling
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # requests holding a req_to_token row
         self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
@@ -126,7 +134,7 @@ class Scheduler:
         kv = self.kv
         return GetLoadReqOutput(
             num_running_reqs=len(self.running),
-            num_waiting_reqs=len(self.waiting),
+            num_waiting_reqs=len(self.waiting) + len(self.grammar_queue),
             max_total_num_tokens=kv.total_tokens,
             kv_tokens_free=kv.allocator.available_size(),
             kv_tokens_cached=kv.tree.total_size(),
@@ -170,14 +178,38 @@ class Scheduler:
                 ),
             )
             return
-        self.waiting.append(req)
+        key = grammar_key(req.sampling_params)
+        if key is None:
+            self.waiting.append(req)
+        elif self.grammar_backend is None:
+            self._finish(req, FinishReason("abort", message="structured output is disabled (--grammar-backend none)"))
+        else:
+            req.grammar_future = self.grammar_backend.submit(key)
+            self.grammar_queue.append(req)
+
+    def _poll_grammars(self) -> None:
+        """Moves the requests whose grammar has compiled to `waiting`, with a matcher each;
+        fails those whose grammar did not compile. Never waits for a compile."""
+        for req in [r for r in self.grammar_queue if r.grammar_future.done()]:
+            self.grammar_queue.remove(req)
+            try:
+                req.grammar = Grammar(req.grammar_future.result())
+            except ValueError as exc:  # the compiler's message, naming the field
+                self._finish(req, FinishReason("abort", message=str(exc)))
+                continue
+            except Exception as exc:
+                logger.exception("compiling the grammar of request %s failed", req.rid)
+                self._finish(req, internal_error(exc))
+                continue
+            req.grammar_future = None
+            self.waiting.append(req)
 
     def _reject(self, msg: TokenizedGenerateReqInput, reason: FinishReason) -> None:
         """Answers a request that never became a Req (nothing was allocated for it)."""
         self.pending_outputs.append(_abort_output(msg.rid, reason, len(msg.input_ids), 0, 0))
 
     def _abort(self, rid: str, message: str) -> None:
-        for queue in (self.waiting, self.running):
+        for queue in (self.grammar_queue, self.waiting, self.running):
             for req in list(queue):  # _finish removes it from the queue
                 if req.rid == rid and not req.is_finished():
                     self._finish(req, FinishReason("abort", message=message))
@@ -188,16 +220,22 @@ class Scheduler:
         return self.kv.flush()
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.pending_outputs)
+        return bool(self.grammar_queue or self.waiting or self.running or self.pending_outputs)
 
     # ---- one step ------------------------------------------------------------------------
 
     def step(self, lockstep: bool = False) -> list[ReqOutput]:
         """One step; with `lockstep` (TKNP) the forward runs even for an empty batch, because
         every rank of the group takes part in every forward."""
+        if self.grammar_queue:
+            self._poll_grammars()
         batch = self._schedule()
         if not batch.is_empty() or lockstep:
             self._run(batch)
+        elif self.grammar_queue and not self.pending_outputs:
+            # nothing else to do: do not spin while grammars compile
+            futures = [r.grammar_future for r in self.grammar_queue]
+            wait(futures, timeout=_GRAMMAR_IDLE_WAIT_S, return_when=FIRST_COMPLETED)
         outputs, self.pending_outputs = self.pending_outputs, []
         return outputs
 
@@ -336,7 +374,7 @@ class Scheduler:
     def _release(self, req: Req) -> None:
         """Frees the request's KV and takes it out of the queues."""
         self.kv.release(req)
-        for queue in (self.waiting, self.running):
+        for queue in (self.grammar_queue, self.waiting, self.running):
             if req in queue:
                 queue.remove(req)
 

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.constrained.grammar_backend import GrammarBackend
 from sglang.srt.distributed.parallel_state import ParallelState, init_distributed
 from sglang.srt.distributed.tknp_comm import TknpComm
 from sglang.srt.layers.tensor_parallel import TpGroup
@@ -55,8 +56,21 @@ def build_scheduler(
         disable_radix_cache=args.disable_radix_cache,
         forward=forward,
         tknp_rank=tknp_rank,
+        grammar_backend=_grammar_backend(args, tokenizer, model_config),
     )
     return scheduler, model_config, tokenizer
+
+
+def _grammar_backend(args: ServerArgs, tokenizer: Any, model_config: ModelConfig) -> Optional[GrammarBackend]:
+    """Each rank compiles its own requests' grammars (under TKNP too: its sampler applies them)."""
+    if args.grammar_backend == "none":
+        return None
+    return GrammarBackend.from_tokenizer(
+        tokenizer,
+        model_config.vocab_size,
+        model_config.eos_token_ids,
+        any_whitespace=not args.constrained_json_disable_any_whitespace,
+    )
 
 
 def _cuda_graph_max_bs(args: ServerArgs) -> Optional[int]:

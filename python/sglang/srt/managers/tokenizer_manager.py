@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional, Union
 
+from sglang.srt.constrained.grammar_backend import grammar_key
 from sglang.srt.managers.io_struct import (
     MAX_TOP_LOGPROBS_NUM,
     AbortReq,
@@ -90,6 +91,7 @@ class TokenizerManager:
         sampling_defaults: Optional[dict[str, Any]] = None,
         kv_capacity: Optional[int] = None,
         page_size: int = 1,
+        grammar_backend: str = "xgrammar",
     ):
         """`sampling_defaults`: values for the sampling parameters a request omits (or sets to
         null); the engine's own defaults for those it does not name. `kv_capacity`: the KV
@@ -104,6 +106,7 @@ class TokenizerManager:
         self.sampling_defaults = dict(sampling_defaults or {})
         self.kv_capacity = kv_capacity
         self.page_size = page_size
+        self.grammar_backend = grammar_backend  # "none": constrained requests are rejected
         self._token_texts: dict[int, str] = {}
         self._rng = random.Random(random_seed)
         self.rid_to_state: dict[str, ReqState] = {}
@@ -137,6 +140,8 @@ class TokenizerManager:
             input_ids = self._input_ids(prompt)
             params = SamplingParams.from_dict(self._with_defaults(params_dict))
             params.verify(self.vocab_size)
+            if self.grammar_backend == "none" and grammar_key(params) is not None:
+                raise ValueError("structured output is disabled (--grammar-backend none)")
             params.normalize(self.tokenizer)
             self._check_lengths(input_ids, params, obj)
             base_rid = rid or new_request_id()

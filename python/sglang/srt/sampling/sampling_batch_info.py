@@ -53,6 +53,15 @@ class PenaltyTensors:
 
 
 @dataclass
+class TokenBitmask:
+    """Allowed next tokens of the rows with a grammar: bit j of `bitmask[i, w]` allows token
+    32 * w + j in row `rows[i]` (xgrammar's layout)."""
+
+    rows: torch.Tensor  # [G] int64
+    bitmask: torch.Tensor  # [G, ceil(V / 32)] int32
+
+
+@dataclass
 class SamplingBatchInfo:
     batch_size: int
     vocab_size: int
@@ -74,6 +83,7 @@ class SamplingBatchInfo:
     penalties: Optional[PenaltyTensors]
     logit_bias: Optional[SparseLogitBias]
     banned: Optional[SparseLogitBias]
+    token_bitmask: Optional[TokenBitmask] = None  # None when no row has a grammar
 
     def __post_init__(self) -> None:
         assert self.temperatures.shape == (self.batch_size, 1)
@@ -92,7 +102,12 @@ class SamplingBatchInfo:
     @property
     def needs_logit_processing(self) -> bool:
         """Whether the raw logits must be changed before choosing tokens."""
-        return self.penalties is not None or self.logit_bias is not None or self.banned is not None
+        return (
+            self.penalties is not None
+            or self.logit_bias is not None
+            or self.banned is not None
+            or self.token_bitmask is not None
+        )
 
     @classmethod
     def build(
@@ -105,7 +120,10 @@ class SamplingBatchInfo:
         banned_token_ids: list[Optional[list[int]]],
         vocab_size: int,
         device: str | torch.device = "cpu",
+        token_bitmask: Optional[tuple[list[int], torch.Tensor]] = None,
     ) -> SamplingBatchInfo:
+        """`token_bitmask`: (rows, their CPU bitmask [G, ceil(V / 32)] int32) of the rows with
+        a grammar, or None."""
         batch_size = len(params)
         assert batch_size > 0
         assert batch_size == len(seeds) == len(steps) == len(output_ids) == len(input_ids)
@@ -152,6 +170,7 @@ class SamplingBatchInfo:
             penalties=_build_penalties(params, output_ids, input_ids, vocab_size, device),
             logit_bias=_build_logit_bias(params, device),
             banned=_build_banned(banned_token_ids, device),
+            token_bitmask=_build_token_bitmask(token_bitmask, device),
         )
 
 
@@ -258,3 +277,13 @@ def _build_banned(banned_token_ids: list[Optional[list[int]]], device: str | tor
     row_ids, token_ids = _flatten_rows(rows, [banned_token_ids[row] for row in rows], device)
     values = torch.full(token_ids.shape, float("-inf"), dtype=torch.float32, device=device)
     return SparseLogitBias(rows=row_ids, token_ids=token_ids, values=values)
+
+
+def _build_token_bitmask(
+    token_bitmask: Optional[tuple[list[int], torch.Tensor]], device: str | torch.device
+) -> Optional[TokenBitmask]:
+    if token_bitmask is None or not token_bitmask[0]:
+        return None
+    rows, bitmask = token_bitmask
+    assert bitmask.dtype == torch.int32 and bitmask.shape[0] == len(rows)
+    return TokenBitmask(rows=_index_tensor(rows, device), bitmask=bitmask.to(device, non_blocking=True))

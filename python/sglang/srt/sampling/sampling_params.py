@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
+from sglang.srt.constrained.grammar_backend import GRAMMAR_KINDS, check_grammar
+
 # A request may ask for at most this many samples (each is a full request in the scheduler).
 MAX_N = 128
 # Dividing a logit by a penalty under this scales it by more than 100: no sampling use, and
@@ -95,12 +97,20 @@ class SamplingParams:
 
     def check_supported(self) -> None:
         """Rejects features this engine does not implement yet."""
-        for name in ("regex", "json_schema", "ebnf"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"{name}: structured output (regex/json_schema/ebnf) is not supported yet")
+        grammars = [name for name in GRAMMAR_KINDS if getattr(self, name) is not None]
+        if len(grammars) > 1:
+            raise ValueError(f"{' and '.join(grammars)} are mutually exclusive: set at most one of them")
         stop_regex = self.stop_regex
         if stop_regex and any(stop_regex if isinstance(stop_regex, list) else [stop_regex]):
             raise ValueError("stop_regex is not supported yet")
+
+    def check_grammar(self) -> None:
+        """Raises ValueError naming the field when the grammar (regex/json_schema/ebnf) does
+        not parse; the scheduler compiles it against the vocabulary later."""
+        for kind in GRAMMAR_KINDS:
+            text = getattr(self, kind)
+            if text is not None:
+                check_grammar(kind, text)
 
     def normalize(self, tokenizer: Any = None) -> None:
         """Puts fields in canonical form; safe to call more than once."""
@@ -154,6 +164,7 @@ class SamplingParams:
             self.min_new_tokens,
         )
         _check(1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}]", self.n)
+        self.check_grammar()
         _check_stop_strings(self.stop)
         stop_token_ids = self.stop_token_ids or ()
         _check(
@@ -263,6 +274,12 @@ def _as_bool(name: str, value: Any) -> bool:
     return value
 
 
+def _as_str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _type_error(name, "a str", value)
+    return value
+
+
 def _as_str_or_str_list(name: str, value: Any) -> Union[str, list[str]]:
     if isinstance(value, str):
         return value
@@ -304,10 +321,6 @@ def _as_custom_params(name: str, value: Any) -> dict[str, Any]:
     return value
 
 
-def _as_is(name: str, value: Any) -> Any:
-    return value
-
-
 _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "max_new_tokens": _as_int,
     "min_new_tokens": _as_int,
@@ -327,10 +340,9 @@ _CONVERTERS: dict[str, Callable[[str, Any], Any]] = {
     "no_stop_trim": _as_bool,
     "n": _as_int,
     "sampling_seed": _as_int,
-    # Any non-null value is rejected by check_supported, whatever its type.
-    "regex": _as_is,
-    "json_schema": _as_is,
-    "ebnf": _as_is,
+    "regex": _as_str,
+    "json_schema": _as_str,
+    "ebnf": _as_str,
     "logit_bias": _as_logit_bias,
     "custom_params": _as_custom_params,
 }

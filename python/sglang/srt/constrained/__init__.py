@@ -1,0 +1,1 @@
+"""Constrained decoding: grammars (regex, JSON schema, EBNF) that restrict each next token."""
