@@ -1,6 +1,8 @@
 """The OpenAI-compatible API, driven by the official `openai` client against a real server on
 the embedded default model (its chat template is real)."""
 
+import json
+
 import openai
 import pytest
 from conftest import ServerProcess
@@ -108,3 +110,24 @@ def test_bad_requests(client):
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="smollm2", prompt="hi " * 9000, max_tokens=1)
     assert client.completions.create(model="smollm2", prompt="ok", max_tokens=1).choices
+
+
+def test_chat_response_format_constrains_the_reply(client):
+    # a schema whose every valid reply is short, so even random weights end it
+    schema = {"type": "string", "enum": ["yes", "no"]}
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "Is it?"}],
+            max_tokens=16,
+            seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop" and json.loads(choice.message.content) in ("yes", "no")
+    with pytest.raises(openai.BadRequestError, match="json_schema"):
+        client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "nope"}}},
+        )

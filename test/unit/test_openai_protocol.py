@@ -573,7 +573,11 @@ def test_chat_template_override_and_continuation(tokenizer):
             "messages[1]",
         ),
         (
-            {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}},
+            {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}, "regex": "a"},
             "response_format",
         ),
         ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}, "tools"),
@@ -587,6 +591,23 @@ def test_chat_rejections(tokenizer, body, param):
     assert err.param == param and err.status_code == (404 if param == "model" else 400)
     assert not tm.requests
     chat(tm, messages=[{"role": "user", "content": "a"}], response_format={"type": "text"})
+
+
+def test_chat_response_format_becomes_a_json_schema_grammar(tokenizer):
+    messages = [{"role": "user", "content": "a"}]
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    cases = [
+        ({"type": "json_object"}, '{"type": "object"}'),
+        ({"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}}, json.dumps(schema)),
+        ({"type": "json_schema", "json_schema": {"name": "any"}}, "{}"),
+    ]
+    for fmt, grammar in cases:
+        tm = FakeTokenizerManager(tokenizer)
+        chat(tm, messages=messages, response_format=fmt)
+        assert tm.requests[0].sampling_params["json_schema"] == grammar, fmt
+    tm = FakeTokenizerManager(tokenizer)
+    chat(tm, messages=messages, response_format={"type": "text"})
+    assert "json_schema" not in tm.requests[0].sampling_params
 
 
 def test_chat_logprobs(tokenizer):

@@ -114,9 +114,17 @@ class ChatMessage(_Request):
     tool_call_id: Optional[str] = None
 
 
+class JsonSchemaFormat(_Request):
+    name: Annotated[str, Field(min_length=1)]
+    # "schema" would shadow BaseModel.schema; the JSON name stays OpenAI's
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    description: Optional[str] = None
+    strict: Optional[bool] = False
+
+
 class ResponseFormat(_Request):
-    type: str
-    json_schema: Optional[Any] = None
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
 class ChatCompletionRequest(SamplingRequest):

@@ -10,6 +10,7 @@ the request says `continue_final_message: false`.
 
 from __future__ import annotations
 
+import json
 from typing import Any, AsyncIterator, Optional, Union
 
 from jinja2 import TemplateError
@@ -68,7 +69,7 @@ async def chat_completions(
     job = _Chat(tm, request)
     obj = GenerateReqInput(
         input_ids=input_ids,
-        sampling_params=sampling_params(request, max_tokens),
+        sampling_params={**sampling_params(request, max_tokens), **_response_format_params(request)},
         rid=job.id,
         return_logprob=bool(request.logprobs),
         top_logprobs_num=(request.top_logprobs or 0) if request.logprobs else None,
@@ -80,10 +81,23 @@ async def chat_completions(
     return job.response(await generate_all(tm, obj, num_samples(request), wait_disconnected))
 
 
+def _response_format_params(request: ChatCompletionRequest) -> dict[str, str]:
+    """The grammar a response_format asks for, as the engine's json_schema parameter: any JSON
+    object for json_object, the given schema (any JSON when it has none) for json_schema."""
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return {}
+    if fmt.type == "json_object":
+        return {"json_schema": '{"type": "object"}'}
+    if fmt.json_schema is None:
+        raise bad_request("response_format.json_schema is required for type json_schema", "response_format.json_schema")
+    return {"json_schema": json.dumps(fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {})}
+
+
 def _check_supported(request: ChatCompletionRequest) -> None:
     fmt = request.response_format
-    if fmt is not None and fmt.type != "text":
-        raise bad_request(f"response_format {fmt.type!r} is not supported yet", "response_format")
+    if fmt is not None and fmt.type != "text" and (request.regex or request.json_schema or request.ebnf):
+        raise bad_request("response_format and regex/json_schema/ebnf are mutually exclusive", "response_format")
     if request.tools and request.tool_choice != "none":
         raise bad_request("tools are not supported yet", "tools")
     if request.top_logprobs and not request.logprobs:
