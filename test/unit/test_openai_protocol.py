@@ -580,6 +580,13 @@ def test_chat_template_override_and_continuation(tokenizer):
             {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}, "regex": "a"},
             "response_format",
         ),
+        (
+            {
+                "messages": [{"role": "user", "content": "a"}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+            },
+            "response_format.json_schema.schema",
+        ),
         ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}, "tools"),
         ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "a"}], "model": "other"}, "model"),

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from jinja2 import TemplateError
 
+from sglang.srt.constrained.grammar_backend import check_grammar
 from sglang.srt.entrypoints.openai.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -91,7 +92,12 @@ def _response_format_params(request: ChatCompletionRequest) -> dict[str, str]:
         return {"json_schema": '{"type": "object"}'}
     if fmt.json_schema is None:
         raise bad_request("response_format.json_schema is required for type json_schema", "response_format.json_schema")
-    return {"json_schema": json.dumps(fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {})}
+    schema = json.dumps(fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {})
+    try:
+        check_grammar("json_schema", schema)
+    except ValueError as exc:  # the engine would say the same, naming its own field
+        raise bad_request(str(exc), "response_format.json_schema.schema") from None
+    return {"json_schema": schema}
 
 
 def _check_supported(request: ChatCompletionRequest) -> None:
