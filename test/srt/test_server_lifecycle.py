@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -166,18 +167,8 @@ def test_dead_backend_process_fails_requests_and_exits_nonzero(make_tiny_model):
         ["--model-path", str(make_tiny_model("llama", seed=3)), "--dtype", "float32", "--max-total-tokens", "4096"]
     )
     try:
-        import threading
-
-        result = {}
-
-        def run():
-            body = {"text": "Count", "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
-            result["r"] = requests.post(server.url + "/generate", json=body, timeout=60)
-
-        t = threading.Thread(target=run)
-        t.start()
-        while requests.get(server.url + "/server_info").json()["num_running_reqs"] == 0:
-            time.sleep(0.01)
+        t, result = _start_long_request(server)
+        _wait_running(server)
         os.kill(_backend_processes(server.proc.pid)[0], signal.SIGKILL)  # the scheduler
         t.join(timeout=15)
         assert not t.is_alive(), "the in-flight request must end"
@@ -247,6 +238,19 @@ def _tiny_server_args(make_tiny_model, *extra: str) -> list[str]:
     ]
 
 
+def _start_long_request(server: ServerProcess) -> tuple[threading.Thread, dict]:
+    """A 4000-token /generate on a thread; its response lands in result["r"]."""
+    result: dict = {}
+
+    def run():
+        body = {"text": "Count", "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
+        result["r"] = requests.post(server.url + "/generate", json=body, timeout=60)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, result
+
+
 def _wait_running(server: ServerProcess, n: int = 1) -> None:
     deadline = time.time() + 30
     while requests.get(server.url + "/server_info").json()["num_running_reqs"] < n:
@@ -255,18 +259,9 @@ def _wait_running(server: ServerProcess, n: int = 1) -> None:
 
 
 def test_sigterm_aborts_what_outlives_the_graceful_deadline_and_exits_0(make_tiny_model):
-    import threading
-
     server = ServerProcess(_tiny_server_args(make_tiny_model, "--graceful-shutdown-timeout", "1"))
     try:
-        result = {}
-
-        def run():
-            body = {"text": "Count", "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
-            result["r"] = requests.post(server.url + "/generate", json=body, timeout=60)
-
-        t = threading.Thread(target=run)
-        t.start()
+        t, result = _start_long_request(server)
         _wait_running(server)
         start = time.time()
         server.proc.send_signal(signal.SIGTERM)
