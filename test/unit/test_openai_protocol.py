@@ -80,6 +80,7 @@ class FakeTokenizerManager:
         self.served_model_name = MODEL
         self.model_path = MODEL_PATH
         self.chat_template: Optional[str] = None
+        self.tool_call_parser: Optional[str] = None
         self.outputs = outputs or [engine_results(["Hello", " world"])]
         self.requests: list = []
         self.error: Optional[Exception] = None  # raised before anything is yielded
@@ -194,6 +195,12 @@ def test_chat_request_errors_name_nested_fields():
         ({"messages": "hi"}, "messages"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "robot", "content": "a"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}, "tools[0].function"),
+        ({"messages": [{"role": "user", "content": "a"}], "tool_choice": "always"}, "tool_choice"),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f"}}]}]},
+            "messages[0].tool_calls[0].function.arguments",
+        ),
     ]:
         with pytest.raises(ValidationError) as info:
             ChatCompletionRequest.model_validate(body)
@@ -569,8 +576,16 @@ def test_chat_template_override_and_continuation(tokenizer):
             "messages[0].content[1].type",
         ),
         (
-            {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b", "tool_call_id": "1"}]},
-            "messages[1]",
+            {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]},
+            "messages[1].tool_call_id",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}
+                ]
+            },
+            "messages[0].tool_calls",
         ),
         (
             {"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_schema"}},
@@ -587,7 +602,6 @@ def test_chat_template_override_and_continuation(tokenizer):
             },
             "response_format.json_schema.schema",
         ),
-        ({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]}, "tools"),
         ({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": "a"}], "model": "other"}, "model"),
     ],

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from sglang.srt.distributed.parallel_state import RankLayout
+from sglang.srt.entrypoints.openai.tool_parsers import TOOL_CALL_FORMATS
 from sglang.srt.layers.attention.registry import attention_backend_names
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
@@ -24,6 +25,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 SAMPLING_DEFAULTS = ("model", "openai")
 GRAMMAR_BACKENDS = ("xgrammar", "none")
+TOOL_CALL_PARSERS = tuple(TOOL_CALL_FORMATS)
 ATTENTION_BACKENDS = tuple(attention_backend_names())
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "cache_aware")
@@ -122,6 +124,11 @@ class ServerArgs:
         choices=SAMPLING_DEFAULTS,
     )
     chat_template: Optional[str] = _opt(None, "chat template file (Jinja) overriding the tokenizer's")
+    tool_call_parser: Optional[str] = _opt(
+        None,
+        "format in which chat completions find the model's tool calls (default: the one its chat template writes, if any)",
+        choices=TOOL_CALL_PARSERS,
+    )
     log_level: str = _opt("info", "logging level", choices=LOG_LEVELS)
     enable_metrics: bool = _opt(False, "serve Prometheus metrics at /metrics")
     watchdog_timeout: float = _opt(300.0, "seconds a forward may take before the server is declared stuck")
@@ -160,6 +167,11 @@ class ServerArgs:
             self.grammar_backend in GRAMMAR_BACKENDS,
             f"--grammar-backend must be one of {', '.join(GRAMMAR_BACKENDS)}",
             self.grammar_backend,
+        )
+        _check(
+            self.tool_call_parser is None or self.tool_call_parser in TOOL_CALL_PARSERS,
+            f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}",
+            self.tool_call_parser,
         )
         for name in ("context_length", "max_total_tokens", "max_running_requests"):
             value = getattr(self, name)

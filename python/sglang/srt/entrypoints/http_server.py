@@ -48,6 +48,7 @@ from sglang.srt.entrypoints.http_guards import (
 from sglang.srt.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from sglang.srt.entrypoints.openai.routes import mount_openai_routes
 from sglang.srt.entrypoints.openai.serving import client_gone, collect, validation_error_response
+from sglang.srt.entrypoints.openai.tool_parsers import tool_call_parser_for
 from sglang.srt.entrypoints.subprocesses import Backend, run_other_node
 from sglang.srt.managers.io_struct import GenerateReqInput, RequestError
 from sglang.srt.managers.tokenizer_manager import Overloaded, TokenizerManager
@@ -344,6 +345,8 @@ def launch_server(args: ServerArgs) -> int:
     if args.node_rank > 0:
         return run_other_node(args)  # node 0 serves HTTP for every node
     chat_template = _read_chat_template(args.chat_template)
+    # resolved here so that /get_server_info reports the format in use
+    args.tool_call_parser = tool_call_parser_for(args.tool_call_parser, chat_template or tokenizer.chat_template)
     sock = _bind(args.host, args.port)  # before the slow start-up: a busy port fails fast
     backend = Backend(args)
     try:
@@ -382,10 +385,11 @@ def _serve(
         # a request lives on one TKNP rank, and may be placed on the smallest
         kv_capacity=min(rank["max_total_num_tokens"] for rank in backend.info["ranks"]),
         page_size=args.page_size,
+        model_path=model_config.model_path,
+        max_running_requests=backend.info["max_running_requests"],
+        max_queued_requests=args.max_queued_requests,
+        tool_call_parser=args.tool_call_parser,
     )
-    tm.model_path = model_config.model_path
-    tm.max_running_requests = backend.info["max_running_requests"]
-    tm.max_queued_requests = args.max_queued_requests
     state = ServerState(args, model_config, tm, backend)
     if args.enable_metrics:
         state.metrics = ServerMetrics(args.served_model_name)

@@ -92,16 +92,23 @@ class TokenizerManager:
         kv_capacity: Optional[int] = None,
         page_size: int = 1,
         grammar_backend: str = "xgrammar",
+        model_path: Optional[str] = None,
+        max_running_requests: int = 0,
+        max_queued_requests: Optional[int] = None,
+        tool_call_parser: Optional[str] = None,
     ):
         """`sampling_defaults`: values for the sampling parameters a request omits (or sets to
         null); the engine's own defaults for those it does not name. `kv_capacity`: the KV
         slots of the smallest rank a request may be placed on (None: unchecked here); a prompt
-        that cannot fit is rejected before it is sent, as the scheduler would abort it."""
+        that cannot fit is rejected before it is sent, as the scheduler would abort it.
+        `max_queued_requests`: the most requests (server side) that may wait beyond the
+        `max_running_requests` the backend runs at once (None: no limit); more are Overloaded.
+        `tool_call_parser`: the format chat completions parse tool calls in (None: no parsing)."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.context_len = context_len
         self.served_model_name = served_model_name
-        self.model_path: Optional[str] = None  # also accepted as a model name by the OpenAI API
+        self.model_path = model_path  # also accepted as a model name by the OpenAI API
         self.chat_template = chat_template
         self.sampling_defaults = dict(sampling_defaults or {})
         self.kv_capacity = kv_capacity
@@ -114,9 +121,10 @@ class TokenizerManager:
         self._control_replies: dict[type, asyncio.Queue] = {}
         self._control_locks: dict[type, asyncio.Lock] = {}
         self.dead_reason: Optional[str] = None  # set when a backend process died
-        # admission (server side): None = no limit; `closed_reason` set = refuse every new call
-        self.max_running_requests = 0
-        self.max_queued_requests: Optional[int] = None
+        self.tool_call_parser = tool_call_parser
+        # admission (server side): `closed_reason` set = refuse every new call
+        self.max_running_requests = max_running_requests
+        self.max_queued_requests = max_queued_requests
         self.closed_reason: Optional[str] = None
         self.metrics: Optional[Any] = None  # RequestMetrics (entrypoints/metrics.py) with --enable-metrics
 

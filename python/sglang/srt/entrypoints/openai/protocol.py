@@ -105,13 +105,53 @@ MessageContent = Annotated[
 ]
 
 
+class FunctionCall(_Request):
+    name: Annotated[str, Field(min_length=1)]
+    arguments: str  # a JSON object, as the model wrote it
+
+
+class ToolCallMessage(_Request):
+    """A tool call of an earlier assistant turn, sent back in the history."""
+
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    # OpenAI's roles; tool and function messages are then refused as not supported yet.
+    # "function" is OpenAI's deprecated name for a "tool" message.
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: MessageContent = None
     name: Optional[str] = None
-    tool_calls: Optional[list[Any]] = None
+    tool_calls: Optional[list[ToolCallMessage]] = None
     tool_call_id: Optional[str] = None
+
+
+class FunctionDefinition(_Request):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema of the arguments object
+    strict: Optional[bool] = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Request):
+    name: Annotated[str, Field(min_length=1)]
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+ToolChoice = Annotated[
+    Union[Literal["none", "auto", "required"], NamedToolChoice, None],
+    _one_of('"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
+]
 
 
 class JsonSchemaFormat(_Request):
@@ -134,8 +174,10 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
     response_format: Optional[ResponseFormat] = None
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
+    tools: Optional[list[Tool]] = None
+    # None: "auto" with tools, "none" without (OpenAI's default)
+    tool_choice: ToolChoice = None
+    parallel_tool_calls: Optional[bool] = True
     # Extra variables for the chat template (e.g. {"enable_thinking": false}).
     chat_template_kwargs: Optional[dict[str, Any]] = None
     # Continue the final assistant message instead of starting a new one; by default (None),
@@ -145,7 +187,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 # ---- responses -------------------------------------------------------------------------------
 
-FinishReason = Optional[str]  # "stop" | "length" | "abort" | None while running
+FinishReason = Optional[str]  # "stop" | "length" | "tool_calls" | "abort" | None while running
 MatchedStop = Union[int, str, None]
 
 
@@ -209,9 +251,21 @@ class ChatLogprobs(BaseModel):
     content: Optional[list[ChatTokenLogprob]] = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    tool_calls: Optional[list[ResponseToolCall]] = None
 
 
 class ChatChoice(BaseModel):
@@ -220,6 +274,14 @@ class ChatChoice(BaseModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: FinishReason = None
     matched_stop: MatchedStop = None
+
+    @field_serializer("message")
+    def _message_without_null_tool_calls(self, message: ChatResponseMessage) -> dict:
+        # OpenAI sends "tool_calls" only when there are some; "content" is null beside them.
+        dumped = message.model_dump()
+        if dumped["tool_calls"] is None:
+            del dumped["tool_calls"]
+        return dumped
 
 
 class ChatCompletionResponse(BaseModel):
@@ -231,9 +293,25 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: the first names it (id, type, name), later ones add to
+    its arguments; `index` says which call of the message it belongs to."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class DeltaMessage(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -24,6 +24,8 @@ from sglang.srt.entrypoints.openai.protocol import (
     ChatMessage,
     ChatResponseMessage,
     ChatTokenLogprob,
+    ResponseFunctionCall,
+    ResponseToolCall,
     TopLogprob,
 )
 from sglang.srt.entrypoints.openai.serving import (
@@ -37,10 +39,20 @@ from sglang.srt.entrypoints.openai.serving import (
     start_stream,
     token_text,
 )
+from sglang.srt.entrypoints.openai.tool_parsers import TOOL_CALL_FORMATS
+from sglang.srt.entrypoints.openai.tools import ToolChoiceStream, ToolPlan, new_call_id, template_tool_calls, tool_plan
 from sglang.srt.managers.io_struct import GenerateReqInput
 
-# "developer" is OpenAI's newer name for "system"; chat templates only know the latter.
-_TEMPLATE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# "developer" is OpenAI's newer name for "system", "function" its old one for "tool"; chat
+# templates only know the latter.
+_TEMPLATE_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+}
 # apply_chat_template arguments that chat_template_kwargs must not override.
 _RESERVED_TEMPLATE_ARGS = {
     "conversation",
@@ -59,7 +71,8 @@ async def chat_completions(
     """The response dict, or (with stream) an async iterator of SSE bytes. Raises OpenAIError."""
     check_model(tm, request.model)
     _check_supported(request)
-    input_ids = render_chat(tm, request)
+    plan = tool_plan(request, TOOL_CALL_FORMATS.get(tm.tool_call_parser or ""))
+    input_ids = render_chat(tm, request, plan.template_tools())
     if request.max_completion_tokens is not None:
         max_tokens = request.max_completion_tokens
     elif request.max_tokens is not None:
@@ -67,10 +80,14 @@ async def chat_completions(
     else:
         # No limit: whatever the context has room for (too long a prompt is the engine's 400).
         max_tokens = max(tm.context_len - len(input_ids), 0)
-    job = _Chat(tm, request)
+    job = _Chat(tm, request, plan)
+    params = sampling_params(request, max_tokens)
+    tool_params = plan.sampling_params(tm.tokenizer)
+    if request.skip_special_tokens is not None:
+        tool_params.pop("skip_special_tokens", None)  # the client's own choice wins
     obj = GenerateReqInput(
         input_ids=input_ids,
-        sampling_params={**sampling_params(request, max_tokens), **_response_format_params(request)},
+        sampling_params={**params, **_response_format_params(request), **tool_params},
         rid=job.id,
         return_logprob=bool(request.logprobs),
         top_logprobs_num=(request.top_logprobs or 0) if request.logprobs else None,
@@ -104,14 +121,13 @@ def _check_supported(request: ChatCompletionRequest) -> None:
     fmt = request.response_format
     if fmt is not None and fmt.type != "text" and (request.regex or request.json_schema or request.ebnf):
         raise bad_request("response_format and regex/json_schema/ebnf are mutually exclusive", "response_format")
-    if request.tools and request.tool_choice != "none":
-        raise bad_request("tools are not supported yet", "tools")
     if request.top_logprobs and not request.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
 
 
-def render_chat(tm: Any, request: ChatCompletionRequest) -> list[int]:
-    """The prompt's token ids: the conversation through the chat template, then the tokenizer."""
+def render_chat(tm: Any, request: ChatCompletionRequest, tools: Optional[list[dict]] = None) -> list[int]:
+    """The prompt's token ids: the conversation (and `tools`, when given) through the chat
+    template, then the tokenizer."""
     messages = template_messages(request.messages)
     ends_with_assistant = messages[-1]["role"] == "assistant"
     continue_final = request.continue_final_message
@@ -120,6 +136,8 @@ def render_chat(tm: Any, request: ChatCompletionRequest) -> list[int]:
     elif continue_final and not ends_with_assistant:
         raise bad_request("continue_final_message needs a final assistant message", "continue_final_message")
     extra = template_kwargs(request.chat_template_kwargs)
+    if tools is not None:
+        extra["tools"] = tools
     if tm.chat_template is None and not getattr(tm.tokenizer, "chat_template", None):
         raise bad_request("this model has no chat template; start the server with --chat-template", "messages")
     try:
@@ -150,21 +168,31 @@ def template_kwargs(kwargs: Optional[dict[str, Any]]) -> dict[str, Any]:
     return extra
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """The messages as the chat template sees them: {"role", "content": str}."""
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as the chat template sees them: {"role", "content": str}, plus an assistant
+    turn's "tool_calls" and a tool result's "tool_call_id" and "name"."""
     if not messages:
         raise bad_request("messages must not be empty", "messages")
     rendered = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
-        if message.role in ("tool", "function") or message.tool_calls:
-            raise bad_request(f"{where}: tool calls and tool messages are not supported yet", where)
         role = _TEMPLATE_ROLES.get(message.role)
         if role is None:
             raise bad_request(
                 f"{where}.role must be one of {', '.join(_TEMPLATE_ROLES)}, got {message.role!r}", f"{where}.role"
             )
-        rendered.append({"role": role, "content": _content_text(message.content, where)})
+        entry: dict[str, Any] = {"role": role, "content": _content_text(message.content, where)}
+        if message.tool_calls:
+            if role != "assistant":
+                raise bad_request(f"{where}.tool_calls: only assistant messages have tool calls", f"{where}.tool_calls")
+            entry["tool_calls"] = template_tool_calls(message.tool_calls)
+        if message.role == "tool":
+            if not message.tool_call_id:
+                raise bad_request(f"{where}.tool_call_id is required for a tool message", f"{where}.tool_call_id")
+            entry["tool_call_id"] = message.tool_call_id
+        if role == "tool" and message.name:
+            entry["name"] = message.name
+        rendered.append(entry)
     return rendered
 
 
@@ -191,10 +219,16 @@ class _Chat(ResponseBuilder):
     chunk_object = "chat.completion.chunk"
     response_model = ChatCompletionResponse
 
-    def __init__(self, tm: Any, request: ChatCompletionRequest):
+    def __init__(self, tm: Any, request: ChatCompletionRequest, plan: ToolPlan):
         super().__init__(tm, request)
         self.with_logprobs = bool(request.logprobs)
         self.num_top_logprobs = request.top_logprobs or 0
+        self.plan = plan
+        # per streamed choice, when the tools change what is sent
+        self.tool_streams: dict[int, ToolChoiceStream] = {}
+
+    def _changes_output(self) -> bool:
+        return self.plan.mode in ("required", "named") or (self.plan.mode == "auto" and self.plan.fmt is not None)
 
     def _logprobs(self, entries: list, tops: list) -> Optional[ChatLogprobs]:
         if not self.with_logprobs:
@@ -203,9 +237,20 @@ class _Chat(ResponseBuilder):
 
     def choice(self, index: int, result: dict, finish_reason: Optional[str], matched: Any) -> ChatChoice:
         meta = result["meta_info"]
+        content, calls = result["text"], None
+        if self._changes_output():
+            content, parsed = self.plan.parse(content)
+            if parsed:
+                calls = [
+                    ResponseToolCall(
+                        id=new_call_id(), function=ResponseFunctionCall(name=c.name, arguments=c.arguments)
+                    )
+                    for c in parsed
+                ]
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         return ChatChoice(
             index=index,
-            message=ChatResponseMessage(content=result["text"]),
+            message=ChatResponseMessage(content=content, tool_calls=calls),
             logprobs=self._logprobs(meta.get("output_token_logprobs") or [], meta.get("output_top_logprobs") or []),
             finish_reason=finish_reason,
             matched_stop=matched,
@@ -218,11 +263,21 @@ class _Chat(ResponseBuilder):
         chunks = []
         if step.first:
             chunks.append(self.chunk(_stream_choice(index, {"role": "assistant", "content": ""})))
-        if step.text or (self.with_logprobs and step.logprobs):
+        text, calls, finish_reason = step.text, [], step.finish_reason
+        if self._changes_output():
+            tools = self.tool_streams.setdefault(index, ToolChoiceStream(self.plan))
+            text, calls = tools.step(step.text)
+            if finish_reason is not None:
+                rest, end_calls, called = tools.finish()
+                text, calls = text + rest, calls + end_calls
+                finish_reason = "tool_calls" if called and finish_reason == "stop" else finish_reason
+        if text or (self.with_logprobs and step.logprobs):
             logprobs = self._logprobs(step.logprobs, step.top_logprobs)
-            chunks.append(self.chunk(_stream_choice(index, {"content": step.text}, logprobs)))
-        if step.finish_reason is not None:
-            chunks.append(self.chunk(_stream_choice(index, {}, None, step.finish_reason, step.matched_stop)))
+            chunks.append(self.chunk(_stream_choice(index, {"content": text}, logprobs)))
+        if calls:
+            chunks.append(self.chunk(_stream_choice(index, {"tool_calls": calls})))
+        if finish_reason is not None:
+            chunks.append(self.chunk(_stream_choice(index, {}, None, finish_reason, step.matched_stop)))
         return chunks
 
 
