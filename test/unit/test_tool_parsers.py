@@ -198,3 +198,16 @@ def test_streams_send_named_arguments_as_they_come_and_other_calls_whole():
     plain = ToolChoiceStream(tool_plan(_request(tools=tools), TOOL_CALL_FORMATS["qwen25"]))
     assert plain.step("Hello <to") == ("Hello ", [])
     assert plain.finish() == ("<to", [], False)
+
+
+def test_a_marker_that_is_a_special_token_is_kept_for_the_parser(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    mistral = tool_plan(_request(tools=[WEATHER]), TOOL_CALL_FORMATS["mistral"])
+    assert mistral.sampling_params(tokenizer) == {}  # "[TOOL_CALLS]" is plain text to this tokenizer
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    ids = tokenizer.encode("[TOOL_CALLS] [", add_special_tokens=False)
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "["  # what it would lose
+    assert mistral.sampling_params(tokenizer) == {"skip_special_tokens": False}
+    assert tool_plan(_request(tools=[WEATHER]), TOOL_CALL_FORMATS["qwen25"]).sampling_params(tokenizer) == {}

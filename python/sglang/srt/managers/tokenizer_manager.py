@@ -43,6 +43,7 @@ from sglang.srt.managers.io_struct import (
     decode,
     encode,
 )
+from sglang.srt.mem_cache.memory_pool import slots_needed
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.utils import new_request_id
 
@@ -210,7 +211,7 @@ class TokenizerManager:
             )
         # What the scheduler reserves on arrival: the prompt and the first output token, in
         # whole pages. Checked here so that the client gets a 400, not an aborted result.
-        need = -(-(n + 1) // self.page_size) * self.page_size
+        need = slots_needed(0, n + 1, self.page_size)
         if self.kv_capacity is not None and need > self.kv_capacity:
             raise RequestError(
                 f"the input ({n} tokens) needs {need} KV cache slots, more than the {self.kv_capacity} "
