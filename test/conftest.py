@@ -225,3 +225,21 @@ def run_ranks(target, world: int, *args, timeout: float = 120.0) -> dict:
                 p.kill()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     return got
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """No shared-memory segment outlives the server that made it: one left in /dev/shm by a
+    process that is gone fails the run (segments are unlinked once every rank mapped them)."""
+    from sglang.srt.distributed.shm_comm import SEGMENT_DIR
+    from sglang.srt.entrypoints.subprocesses import SOCKET_DIR_PREFIX, _owner_alive
+
+    left = []
+    for name in os.listdir(SEGMENT_DIR) if os.path.isdir(SEGMENT_DIR) else []:
+        owner = name[len(SOCKET_DIR_PREFIX) :].split("-")
+        if name.startswith(SOCKET_DIR_PREFIX) and len(owner) >= 3 and owner[0].isdigit() and owner[1].isdigit():
+            if not _owner_alive(int(owner[0]), int(owner[1])):
+                left.append(name)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line(f"shared-memory segments left in {SEGMENT_DIR} by servers that are gone: {left}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -4,7 +4,9 @@
     python benchmark/tknp/bench_tknp.py --shape llama-160m --configs 1,2,1x2,2x2 ...
 
 `--configs` lists TKNP sizes, or TKNPxTP pairs (`2x2`: --tknp-size 2 --tp-size 2, 4 processes;
-the shape's heads must split over the TP size: llama-160m's 12 do, smollm2-135m's 9 do not).
+the shape's heads must split over the TP size: llama-160m's 12 do, smollm2-135m's 9 do not),
+each optionally with a `/` and its --cpu-omp-threads-bind (`2/all`: ranks share every core;
+`2/0|1`: one core each; none: the server's default, auto).
 For each it starts `python -m sglang.launch_server` on a random-weight model in a real model's
 shape (SmolLM2-135M's by default, written to a temp dir; no download), sized by memory
 (no --max-total-tokens), and reports:
@@ -122,7 +124,8 @@ def run_batch(url: str, prompts: list[list[int]], max_new_tokens: int) -> float:
 
 
 def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
-    tknp, _, tp = config.partition("x")
+    layout, _, bind = config.partition("/")
+    tknp, _, tp = layout.partition("x")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
@@ -147,7 +150,7 @@ def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
         "cache_aware",
         "--context-length",
         str(args.context_len + args.output_len + 8),
-    ]
+    ] + (["--cpu-omp-threads-bind", bind] if bind else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while True:
@@ -176,6 +179,7 @@ def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
             "prefill_s": round(prefill, 2),
             "decode_tok_s": round(args.num_requests * (args.output_len - 1) / (decode - first_token), 1),
             "comm_share": round(comm / forward, 3) if forward > 0 else 0.0,
+            "cpu_binding": [b["cpus"] for b in info["cpu_binding"]],
         }
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -183,8 +187,9 @@ def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
 
 
 def _label(config: str) -> str:
-    tknp, _, tp = config.partition("x")
-    return f"tknp {tknp}" + (f" x tp {tp}" if tp else "")
+    layout, _, bind = config.partition("/")
+    tknp, _, tp = layout.partition("x")
+    return f"tknp {tknp}" + (f" x tp {tp}" if tp else "") + (f" [{bind}]" if bind else "")
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -225,11 +230,11 @@ def main() -> None:
         f"shape={args.shape} dtype={args.dtype} requests={args.num_requests} context={args.context_len} output={args.output_len}"
     )
     print(
-        f"{'config':>12} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} {'decode tok/s':>12} {'comm share':>10}"
+        f"{'config':>20} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} {'decode tok/s':>12} {'comm share':>10}  cores per rank"
     )
     for r in results:
         print(
-            f"{_label(r['config']):>12} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} {r['decode_tok_s']:>12} {r['comm_share']:>10.1%}"
+            f"{_label(r['config']):>20} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} {r['decode_tok_s']:>12} {r['comm_share']:>10.1%}  {r['cpu_binding']}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -105,7 +105,8 @@ def test_parity_across_tknp_and_tp_sizes_with_retraction(model_path):
     TP 2 is held to the same tokens and logprobs within 1e-4 of TP 1."""
     _check_retraction_is_forced(_workload())
     results = {}
-    for tknp, tp in ((1, 1), (2, 1), (3, 1), (1, 2), (2, 2)):
+    # the ranks exchange data through shared memory; (2, 1, "gloo") forces gloo for comparison
+    for tknp, tp, transport in ((1, 1, ""), (2, 1, "shm"), (2, 1, "gloo"), (3, 1, "shm"), (1, 2, "shm"), (2, 2, "shm")):
         # The pool and workload force retraction on every run: see _check_retraction_is_forced.
         server = _server(
             model_path,
@@ -116,21 +117,33 @@ def test_parity_across_tknp_and_tp_sizes_with_retraction(model_path):
             str(PARITY_KV_POOL),
             "--chunked-prefill-size",
             str(PARITY_CHUNK),
+            *(["--disable-shm-transport"] if transport == "gloo" else []),
         )
         try:
-            results[tknp, tp] = _run_concurrently(server, _workload())
+            results[tknp, tp, transport] = _run_concurrently(server, _workload())
             info = requests.get(server.url + "/server_info").json()
             assert info["num_retractions"] > 0, f"tknp {tknp} tp {tp}: the pool was meant to force retraction"
             assert info["kv_tokens_used"] == 0 and info["num_running_reqs"] == 0
             assert len(info["internal_states"]) == tknp, "one entry per TKNP rank (TP replicas are one rank)"
+            assert set(info["transport"].values()) == ({transport} if transport else set()), info["transport"]
         finally:
             server.stop()
-    for config, oracle in (((2, 1), (1, 1)), ((3, 1), (1, 1)), ((2, 2), (1, 2)), ((1, 2), (1, 1))):
-        assert_same_generations(results[oracle], results[config], f"tknp x tp {config} request")
+    pairs = (
+        ((2, 1, "shm"), (1, 1, "")),
+        ((2, 1, "gloo"), (1, 1, "")),
+        ((3, 1, "shm"), (1, 1, "")),
+        ((2, 2, "shm"), (1, 2, "shm")),
+        ((1, 2, "shm"), (1, 1, "")),
+    )
+    for config, oracle in pairs:
+        assert_same_generations(results[oracle], results[config], f"tknp x tp x transport {config} request")
 
 
 def test_root_only_weights_capacity_and_observability(model_path):
-    server = _server(model_path, 2, "--enable-metrics", "--load-balance-method", "round_robin")
+    binding = "1|0" if len(os.sched_getaffinity(0)) > 1 else "0|0"
+    server = _server(
+        model_path, 2, "--enable-metrics", "--load-balance-method", "round_robin", "--cpu-omp-threads-bind", binding
+    )
     try:
         for i in range(4):
             requests.post(
@@ -152,6 +165,16 @@ def test_root_only_weights_capacity_and_observability(model_path):
                 in metrics
             )
         assert "sglang:tknp_placements_total" in metrics and "sglang:cache_hit_rate" in metrics
+
+        # each rank runs on the cores it was given, with one OpenMP thread per core
+        cores = binding.split("|")
+        assert [(b["rank"], b["cpus"]) for b in info["cpu_binding"]] == [(0, cores[0]), (1, cores[1])]
+        assert info["transport"] == {"tknp": "shm"}, "ranks on one host exchange data in shared memory"
+        for pid, cpu in zip(_rank_pids(server.proc.pid)[:2], cores):
+            with open(f"/proc/{pid}/status") as f:
+                assert f"Cpus_allowed_list:\t{cpu}\n" in f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                assert b"OMP_NUM_THREADS=1" in f.read().split(b"\0")
     finally:
         server.stop()
 

@@ -15,6 +15,14 @@ BAD = [
     (dict(tknp_size=0), "--tknp-size must be an integer >= 1, got 0"),
     (dict(tp_size=0), "--tp-size must be an integer >= 1, got 0"),
     (dict(load_balance_method="random"), "--load-balance-method must be one of round_robin, shortest_queue"),
+    (
+        dict(tknp_size=3, device="cpu", cpu_omp_threads_bind="0|1"),
+        "--cpu-omp-threads-bind '0|1' has 2 CPU lists, but this host runs 3 ranks",
+    ),
+    (
+        dict(tknp_size=2, device="cpu", cpu_omp_threads_bind="0|zero"),
+        "--cpu-omp-threads-bind: 'zero' is not a CPU list",
+    ),
 ]
 
 
@@ -44,3 +52,22 @@ def test_bad_parallelism_is_a_one_line_error(kwargs, message, entry):
 def test_every_load_balance_method_and_size_one_pp_resolve(method):
     args = parse_args(["--load-balance-method", method, "--pp-size", "1", "--device", "cpu"]).resolve()
     assert args.load_balance_method == method and args.pp_size == 1
+
+
+def test_cpu_binding_defaults():
+    import os
+
+    lone = ServerArgs(device="cpu").resolve()
+    assert [b.cpus for b in lone.cpu_bindings()] == [()]  # one rank: every core, as before
+    from sglang.srt.distributed.cpu_binding import numa_nodes
+
+    tknp = ServerArgs(device="cpu", tknp_size=2).resolve()
+    if len(numa_nodes()) == 1:  # TKNP ranks share a single node's cores (see ServerArgs.cpu_bindings)
+        assert [b.cpus for b in tknp.cpu_bindings()] == [(), ()]
+    if len(os.sched_getaffinity(0)) >= 2:
+        tp = ServerArgs(device="cpu", tp_size=2).resolve()
+        cores = [b.cpus for b in tp.cpu_bindings()]
+        assert all(cores) and not set(cores[0]) & set(cores[1]), "TP ranks split the cores"
+        assert [
+            b.cpus for b in ServerArgs(device="cpu", tp_size=2, cpu_omp_threads_bind="all").resolve().cpu_bindings()
+        ] == [(), ()]

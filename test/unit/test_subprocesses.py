@@ -11,6 +11,7 @@ def test_one_node_uses_ipc_files():
     ipc = socket_addresses(ServerArgs(device="cpu", tknp_size=2).resolve(), "/tmp/x")
     assert ipc["rank1"] == "ipc:///tmp/x/rank1" and ipc["detokenizer"] == "ipc:///tmp/x/detokenizer"
     assert ipc["dist_init"] == "file:///tmp/x/dist_init"
+    assert ipc["shm_prefix"] == "x"  # shared-memory segments are named after the socket directory
 
 
 def test_several_nodes_reach_node_0_over_tcp():
@@ -56,10 +57,15 @@ def test_stale_socket_dirs_of_dead_owners_are_removed(tmp_path):
     for d in (dead, reused, alive, unnamed, other):
         d.mkdir()
         (d / "scheduler").write_text("")
+    # shared-memory segments (files in /dev/shm) are named after the socket directory
+    dead_segment = tmp_path / f"{dead.name}-tknp0"
+    alive_segment = tmp_path / f"{alive.name}-tp0"
+    for f in (dead_segment, alive_segment):
+        f.write_bytes(b"\0" * 64)
     removed = remove_stale_socket_dirs(str(tmp_path))
-    assert sorted(removed) == sorted([str(dead), str(reused)])
-    assert not dead.exists() and not reused.exists()
-    assert alive.exists() and unnamed.exists() and other.exists()
+    assert sorted(removed) == sorted([str(dead), str(reused), str(dead_segment)])
+    assert not dead.exists() and not reused.exists() and not dead_segment.exists()
+    assert alive.exists() and unnamed.exists() and other.exists() and alive_segment.exists()
 
 
 def test_socket_dir_names_its_owner(tmp_path, monkeypatch):

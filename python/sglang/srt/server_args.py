@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from sglang.srt.distributed.cpu_binding import CpuBinding, numa_nodes, plan_bindings
 from sglang.srt.distributed.parallel_state import RankLayout
 from sglang.srt.entrypoints.openai.tool_parsers import TOOL_CALL_FORMATS
 from sglang.srt.layers.attention.registry import attention_backend_names
@@ -64,6 +65,16 @@ class ServerArgs:
     )
     load_balance_method: str = _opt(
         "cache_aware", "how the TKNP controller places requests on ranks", choices=LOAD_BALANCE_METHODS
+    )
+    cpu_omp_threads_bind: str = _opt(
+        "auto",
+        "CPU cores of each rank on this host: auto (each rank its own share, whole NUMA nodes where there are enough; "
+        "shared when there are fewer cores than ranks, and by TKNP ranks on a single NUMA node), all (no binding), "
+        "or one CPU list per rank, 0-3|4-7",
+    )
+    disable_shm_transport: bool = _opt(
+        False,
+        "move the ranks' data on gloo even when they share a host (by default it goes through shared memory there)",
     )
     dp_size: int = _opt(1, "data parallel size (only 1; use --tknp-size to scale KV capacity)")
     pp_size: int = _opt(1, "pipeline parallel size (only 1: pipeline parallelism is not supported)")
@@ -224,6 +235,7 @@ class ServerArgs:
             raise ValueError(f"--chunked-prefill-size must be -1 (off) or >= 1, got {self.chunked_prefill_size}")
         if self.random_seed is None:
             self.random_seed = random.randrange(1 << 31)
+        self.cpu_bindings()  # a CPU list that cannot be honoured is a start-up error
         return self
 
     def _check_nodes(self) -> None:
@@ -257,6 +269,20 @@ class ServerArgs:
     def node_ranks(self) -> range:
         """The global ranks this node runs."""
         return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
+
+    def cpu_bindings(self) -> list[CpuBinding]:
+        """The cores of each rank this node runs (unbound on GPUs, and for a lone rank).
+
+        `auto` leaves TKNP ranks on a host with one NUMA node unbound: the root runs every
+        rank's dense layers, which want all the cores, while the others attend; measured in
+        docs/benchmarks.md ("Core binding")."""
+        spec = self.cpu_omp_threads_bind
+        unbound = [CpuBinding()] * self.ranks_per_node
+        if self.device != "cpu" or (spec == "auto" and self.ranks_per_node == 1):
+            return unbound
+        if spec == "auto" and self.tknp_size > 1 and len(numa_nodes()) < 2:
+            return unbound
+        return plan_bindings(spec, self.ranks_per_node)
 
     def rank_layout(self) -> RankLayout:
         """Where each scheduler process sits: one per (TKNP rank, TP rank), TP fastest."""

@@ -20,10 +20,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
+
+    from sglang.srt.distributed.shm_comm import ShmGroup
 
 # The axes in layout order, slowest first; TP varies fastest.
 _AXES = ("dp", "tknp", "tp")
@@ -132,6 +134,10 @@ class ParallelState:
     world_cpu_group: Optional[ProcessGroup] = None
     # True when init_distributed called init_process_group, so destroy_distributed tears it down.
     owns_default_group: bool = False
+    # Shared-memory transports of this rank's groups, where every rank of the group is on this
+    # host (shm_comm.py); the data then moves there instead of on the groups above.
+    tknp_shm: Optional["ShmGroup"] = None
+    tp_shm: Optional["ShmGroup"] = None
 
     def __post_init__(self) -> None:
         self.coords = self.layout.coords(self.global_rank)
@@ -147,12 +153,17 @@ def init_distributed(
     init_method: str,
     backend: str,
     timeout: Optional[datetime.timedelta] = None,
+    shm_prefix: Optional[str] = None,
+    local_ranks: Sequence[int] = (),
+    shm_spin: int = 0,
 ) -> ParallelState:
     """Join the default process group and create every TP and TKNP group of the layout.
 
     Every rank must call this with the same layout: torch.distributed requires all ranks to
     call new_group for every group in the same order, even groups they are not in. A world
-    of one process creates nothing and makes no torch.distributed call.
+    of one process creates nothing and makes no torch.distributed call. With `shm_prefix`
+    (gloo only), a group whose ranks are all in `local_ranks` (this host's) also gets a
+    shared-memory transport, its segment named `<shm_prefix>-<axis><first rank>` in /dev/shm.
     """
     global _state
     if _state is not None:
@@ -177,8 +188,19 @@ def init_distributed(
                 if global_rank in ranks:
                     setattr(state, f"{axis}_group", group)
                     setattr(state, f"{axis}_cpu_group", cpu_group)
+                    if shm_prefix is not None and backend == "gloo" and set(ranks) <= set(local_ranks):
+                        shm = _open_shm(shm_prefix, axis, ranks, global_rank, cpu_group, shm_spin)
+                        setattr(state, f"{axis}_shm", shm)
     _state = state
     return state
+
+
+def _open_shm(prefix: str, axis: str, ranks: list[int], global_rank: int, cpu_group, spin: int) -> Optional["ShmGroup"]:
+    from sglang.srt.distributed.shm_comm import open_group, segment_path
+
+    path = segment_path(prefix, f"{axis}{ranks[0]}")
+    exchange = lambda fields: all_gather_ints(fields, len(ranks), cpu_group)  # noqa: E731
+    return open_group(path, ranks.index(global_rank), len(ranks), exchange, spin)
 
 
 def destroy_distributed() -> None:

@@ -2,14 +2,15 @@
 
 Everything a TKNP group exchanges goes through `TknpComm`: the step headers, each rank's batch,
 the per-layer q/k/v and attention outputs, and the logits (the messages' formats are in
-tknp_protocol.py). Today it runs on torch.distributed (gloo on CPU, NCCL on GPUs); a
-shared-memory transport for ranks on one host would sit beside it with the same methods.
+tknp_protocol.py). The data runs on the shared-memory transport when every rank of the group is
+on one host (shm_comm.py), else on torch.distributed (gloo on CPU, NCCL on GPUs); the step
+headers always on gloo, where idle ranks wait without spinning.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,17 @@ from sglang.srt.distributed.parallel_state import all_gather_ints
 
 if TYPE_CHECKING:
     from sglang.srt.distributed.parallel_state import ParallelState
+    from sglang.srt.distributed.shm_comm import ShmGroup
+
+
+class _Sent:
+    """A send that has completed (shared memory copies the message before returning)."""
+
+    def wait(self) -> bool:
+        return True
+
+
+_SENT = _Sent()
 
 
 @dataclass
@@ -38,6 +50,7 @@ class TknpComm:
     cpu_group: Optional[dist.ProcessGroup]
     device: torch.device
     use_all_to_all: bool
+    shm: Optional["ShmGroup"] = None  # point-to-point data on shared memory (CPU, one host)
 
     @classmethod
     def of(cls, state: "ParallelState", device: str = "cpu", use_all_to_all: Optional[bool] = None) -> "TknpComm":
@@ -47,7 +60,13 @@ class TknpComm:
         if use_all_to_all is None:
             use_all_to_all = state.backend == "nccl"
         return cls(
-            state.tknp_group, ranks, state.coords.tknp, state.tknp_cpu_group, torch.device(device), use_all_to_all
+            state.tknp_group,
+            ranks,
+            state.coords.tknp,
+            state.tknp_cpu_group,
+            torch.device(device),
+            use_all_to_all,
+            state.tknp_shm,
         )
 
     @property
@@ -59,13 +78,23 @@ class TknpComm:
         return self.tknp_rank == 0
 
     def send(self, tensor: torch.Tensor, to: int) -> None:
+        if self.shm is not None:
+            self.shm.send(tensor, to)
+            return
         dist.send(tensor.contiguous(), dst=self.group_ranks[to], group=self.group)
 
-    def isend(self, tensor: torch.Tensor, to: int) -> dist.Work:
+    def isend(self, tensor: torch.Tensor, to: int) -> Any:
+        """Starts a send; the returned handle's wait() ends it. On shared memory the message is
+        in the peer's ring when this returns (a large one once the peer took all but its tail)."""
+        if self.shm is not None:
+            self.shm.send(tensor, to)
+            return _SENT
         return dist.isend(tensor.contiguous(), dst=self.group_ranks[to], group=self.group)
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, frm: int) -> torch.Tensor:
         out = torch.empty(shape, dtype=dtype, device=self.device)
+        if self.shm is not None:
+            return self.shm.recv_into(out, frm)
         dist.recv(out, src=self.group_ranks[frm], group=self.group)
         return out
 

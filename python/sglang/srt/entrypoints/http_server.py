@@ -178,6 +178,8 @@ def build_app(state: ServerState) -> FastAPI:
             "version": __version__,
             "context_length": state.model_config.context_len,
             "internal_states": ranks,
+            "cpu_binding": state.backend.info.get("cpu_binding"),
+            "transport": state.backend.info.get("transport", {}),
         }
 
     @app.api_route(

@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+from sglang.srt.distributed.cpu_binding import CpuBinding, format_cpu_list
+from sglang.srt.distributed.shm_comm import SEGMENT_DIR
 from sglang.srt.server_args import ServerArgs
 from sglang.srt.utils import device_memory
 
@@ -79,8 +81,9 @@ def make_socket_dir() -> str:
 
 
 def remove_stale_socket_dirs(parent: Optional[str] = None) -> list[str]:
-    """Removes the socket directories in `parent` (the temp directory) whose owner process is
-    gone; returns them. Directories of other users, and ones not named after an owner, stay."""
+    """Removes the socket directories (or shared-memory segments) in `parent` (the temp
+    directory) whose owner process is gone; returns them. Those of other users, and ones not
+    named after an owner, stay."""
     parent = parent or tempfile.gettempdir()
     removed = []
     try:
@@ -101,11 +104,32 @@ def remove_stale_socket_dirs(parent: Optional[str] = None) -> list[str]:
                 continue
         except OSError:
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                continue
         removed.append(path)
     if removed:
-        logger.info("removed %d socket directories left by servers that are gone", len(removed))
+        logger.info("removed %d socket directories or segments left by servers that are gone", len(removed))
     return removed
+
+
+@contextmanager
+def _cpu_mask(cpus: tuple[int, ...]) -> Iterator[None]:
+    """This thread bound to `cpus` (nothing changes for none), so that a process started inside
+    inherits the mask from its first instruction; the thread's own mask as it was after."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 @contextmanager
@@ -131,6 +155,8 @@ def socket_addresses(args: ServerArgs, socket_dir: str) -> dict[str, str]:
     shared = ["detokenizer", "controller_in"] + [f"rank{r}" for r in range(args.world_size)]
     ipc = {name: f"ipc://{socket_dir}/{name}" for name in ["scheduler", "tokenizer"] + shared}
     ipc["dist_init"] = f"file://{socket_dir}/dist_init"
+    # shared-memory segments in /dev/shm are named after the socket directory (shm_comm.py)
+    ipc["shm_prefix"] = os.path.basename(socket_dir)
     if args.nnodes > 1:
         host, port = args.dist_init_host_port()
         ipc["dist_init"] = f"tcp://{host}:{port}"
@@ -145,9 +171,11 @@ class Backend:
     ipc: dict[str, str] = field(default_factory=dict)
     procs: dict[str, mp.Process] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # what the scheduler reported when ready
+    bindings: list[CpuBinding] = field(default_factory=list)  # this node's ranks' cores
 
     def start(self) -> "Backend":
         remove_stale_socket_dirs()
+        remove_stale_socket_dirs(SEGMENT_DIR)  # segments a crashed start-up left (shm_comm.py)
         self.socket_dir = make_socket_dir()
         self.ipc = socket_addresses(self.args, self.socket_dir)
         try:
@@ -159,7 +187,13 @@ class Backend:
 
     def _start_processes(self) -> None:
         env = {}
-        if self.args.device == "cpu" and self.args.ranks_per_node > 1 and "OMP_WAIT_POLICY" not in os.environ:
+        self.bindings = self.args.cpu_bindings()
+        for rank, binding in zip(self.args.node_ranks(), self.bindings):
+            if self.args.ranks_per_node > 1:
+                logger.info("rank %d runs on %s", rank, binding.describe())
+        shared = not all(binding.cpus for binding in self.bindings)
+        self.ipc["ranks_bound"] = "0" if shared else "1"  # each rank on cores of its own
+        if shared and self.args.ranks_per_node > 1 and "OMP_WAIT_POLICY" not in os.environ:
             # Ranks sharing a host's cores take turns (the root's dense layers, then every rank's
             # attention): OpenMP threads that spin while their rank waits steal the cores the
             # busy rank needs. Measured on 2 cores (docs/benchmarks.md): 2.2x the decode speed
@@ -173,13 +207,18 @@ class Backend:
         # measured once, before any rank loads weights: ranks on one host split this budget
         available = device_memory(self.args.device)[0] if multi and self.args.device == "cpu" else None
         schedulers = [
-            (f"scheduler{r}" if multi else "scheduler", _SCHEDULER, (r, available)) for r in self.args.node_ranks()
+            (f"scheduler{r}" if multi else "scheduler", _SCHEDULER, (r, available), binding)
+            for r, binding in zip(self.args.node_ranks(), self.bindings)
         ]
         head = self.args.node_rank == 0  # node 0 serves: the detokenizer and controller live there
-        infos = self._spawn(schedulers + ([("detokenizer", _DETOKENIZER, ())] if head else []))
+        infos = self._spawn(schedulers + ([("detokenizer", _DETOKENIZER, (), CpuBinding())] if head else []))
         first = infos[schedulers[0][0]]
+        binding = [
+            {"rank": r, "cpus": format_cpu_list(b.cpus) if b.cpus else None, "numa_nodes": list(b.nodes)}
+            for r, b in zip(self.args.node_ranks(), self.bindings)
+        ]
         if not multi:
-            self.info = {**first, "ranks": [first]}
+            self.info = {**first, "ranks": [first], "cpu_binding": binding}
             return
         # every rank reported every rank's capacity; TP replicas of a TKNP rank agree on theirs,
         # so count each TKNP rank once (its TP rank 0)
@@ -190,18 +229,20 @@ class Backend:
         ]
         if head:
             capacities = [info["max_total_num_tokens"] for info in ranks]
-            self._spawn([("controller", _CONTROLLER, (capacities,))])
+            self._spawn([("controller", _CONTROLLER, (capacities,), CpuBinding())])
         self.info = {
             "max_total_num_tokens": sum(info["max_total_num_tokens"] for info in ranks),
             "max_running_requests": sum(info["max_running_requests"] for info in ranks),
             "ranks": ranks,
+            "cpu_binding": binding,  # this node's ranks
+            "transport": first.get("transport", {}),  # of the first rank's groups, e.g. {"tknp": "shm"}
         }
 
     def _spawn(self, targets: list) -> dict[str, dict]:
         """Starts processes and waits for each one's ready message."""
         ctx = mp.get_context("spawn")
         pipes = {}
-        for name, target, extra in targets:
+        for name, target, extra, binding in targets:
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_run_entry_point,
@@ -209,7 +250,8 @@ class Backend:
                 name=f"sglang::{name}",
                 daemon=True,
             )
-            proc.start()
+            with _environment(binding.env()), _cpu_mask(binding.cpus):
+                proc.start()
             writer.close()
             self.procs[name], pipes[name] = proc, reader
         infos = {name: self._wait_ready(name, reader) for name, reader in pipes.items()}

@@ -38,6 +38,7 @@ from sglang.srt.layers.linear import Linear, MergedLinear
 
 if TYPE_CHECKING:
     from sglang.srt.distributed.parallel_state import ParallelState
+    from sglang.srt.distributed.shm_comm import ShmGroup
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,16 @@ class TpGroup:
     size: int = 1
     group: Optional[dist.ProcessGroup] = None  # for activations, on the model's device
     cpu_group: Optional[dist.ProcessGroup] = None  # for small control values (gloo)
+    shm: Optional["ShmGroup"] = None  # activations on shared memory (CPU, every rank on one host)
 
     @classmethod
     def of(cls, state: "ParallelState") -> "TpGroup":
-        return cls(state.coords.tp, state.layout.tp_size, state.tp_group, state.tp_cpu_group)
+        return cls(state.coords.tp, state.layout.tp_size, state.tp_group, state.tp_cpu_group, state.tp_shm)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shm is not None and x.is_contiguous():
+            self.shm.all_reduce(x)
+            return x
         dist.all_reduce(x, group=self.group)
         return x
 
@@ -63,6 +68,8 @@ class TpGroup:
 
     def all_gather_cols(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, C] on every rank -> [N, size * C], rank order
+        if self.shm is not None:
+            return torch.cat(self.shm.all_gather(x).unbind(0), dim=-1)
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)

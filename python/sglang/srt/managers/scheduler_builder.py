@@ -10,6 +10,7 @@ import torch
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.constrained.grammar_backend import GrammarBackend
 from sglang.srt.distributed.parallel_state import ParallelState, init_distributed
+from sglang.srt.distributed.shm_comm import SPIN_BOUND
 from sglang.srt.distributed.tknp_comm import TknpComm
 from sglang.srt.layers.tensor_parallel import TpGroup
 from sglang.srt.managers.scheduler import Scheduler
@@ -89,5 +90,18 @@ def init_rank_distributed(args: ServerArgs, ipc: dict[str, str], global_rank: in
         # every node numbers its GPUs from 0; check_rank_layout made sure there are enough
         torch.cuda.set_device(global_rank % args.ranks_per_node)
         backend = "nccl"
+    # Ranks on this host exchange data through shared memory (TKNP's q/k/v, outputs, batches and
+    # logits; TP's all-reduce and all-gather); ranks with cores of their own spin briefly first.
+    shm_prefix = None if args.disable_shm_transport or backend != "gloo" else ipc.get("shm_prefix")
+    spin = SPIN_BOUND if ipc.get("ranks_bound") == "1" else 0
     # Idle ranks wait inside a collective for as long as the server is idle.
-    return init_distributed(layout, global_rank, ipc["dist_init"], backend, timeout=timedelta(days=365))
+    return init_distributed(
+        layout,
+        global_rank,
+        ipc["dist_init"],
+        backend,
+        timeout=timedelta(days=365),
+        shm_prefix=shm_prefix,
+        local_ranks=args.node_ranks(),
+        shm_spin=spin,
+    )

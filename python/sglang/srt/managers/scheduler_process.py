@@ -51,6 +51,11 @@ def run_scheduler_process(
         load = scheduler.get_load()
         ready = {"max_total_num_tokens": load.max_total_num_tokens, "max_running_requests": load.max_running_requests}
         if multi:
+            ready["transport"] = {
+                axis: ("shm" if getattr(state, f"{axis}_shm") else state.backend)
+                for axis in ("tknp", "tp")
+                if getattr(state, f"{axis}_group") is not None
+            }
             group = GlooLockstepGroup(global_rank, state.layout.world_size, state.world_cpu_group)
             # every rank learns every rank's capacity: node 0 places requests on other nodes' too
             ready["ranks"] = group.all_gather_ints([load.max_total_num_tokens, load.max_running_requests])

@@ -1,0 +1,161 @@
+"""Which cores each rank on this host runs on (`--cpu-omp-threads-bind`).
+
+On CPU, a rank's speed is its cores' and its NUMA node's memory bandwidth: attention over a long
+KV cache is bandwidth-bound, and so are the dense layers at decode. Ranks that share every core
+take turns and evict each other's caches; ranks bound to their own cores (on their own node,
+where the host has several) run side by side on their own bandwidth. The binding is applied
+by the parent as it starts each rank (the child inherits the CPU mask and `OMP_NUM_THREADS`), so
+OpenMP sizes and places its threads from the start.
+
+Specs:
+- `auto` (default): split the cores this process may use among the host's ranks: whole NUMA
+  nodes per rank when there are at least as many nodes as ranks (evenly), else an even share
+  of each node's cores per rank when the ranks divide evenly among the nodes, else contiguous
+  shares in node order. With fewer cores than ranks, nothing is bound (ranks share, waiting
+  passively; see subprocesses.py).
+- `all`: nothing is bound (every rank may run on every core).
+- `0-3|4-7|...`: one CPU list per rank on this host, in rank order (SGLang's
+  SGLANG_CPU_OMP_THREADS_BIND spelling).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+_NODE_ROOT = Path("/sys/devices/system/node")
+
+
+@dataclass(frozen=True)
+class CpuBinding:
+    """One rank's cores (empty: not bound) and the NUMA nodes they belong to."""
+
+    cpus: tuple[int, ...] = ()
+    nodes: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        if not self.cpus:
+            return "every core (not bound)"
+        nodes = ",".join(map(str, self.nodes))
+        return f"cpus {format_cpu_list(self.cpus)} (NUMA node{'s' if len(self.nodes) > 1 else ''} {nodes})"
+
+    def env(self) -> dict[str, str]:
+        """What a bound rank's process starts with: one OpenMP thread per core it owns."""
+        return {"OMP_NUM_THREADS": str(len(self.cpus))} if self.cpus else {}
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """'0-3,8,10-11' -> [0, 1, 2, 3, 8, 10, 11]; ValueError on anything else."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"{text!r} is not a CPU list such as 0-3,8")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise ValueError(f"{text!r}: the range {part.strip()} runs backwards")
+        cpus.extend(range(first, last + 1))
+    return sorted(set(cpus))
+
+
+def format_cpu_list(cpus: tuple[int, ...] | list[int]) -> str:
+    """[0, 1, 2, 3, 8] -> '0-3,8'."""
+    parts, run = [], []
+    for cpu in sorted(cpus):
+        if run and cpu == run[-1] + 1:
+            run.append(cpu)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [cpu]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
+
+
+def numa_nodes(root: Path = _NODE_ROOT) -> dict[int, list[int]]:
+    """NUMA node -> its CPUs, from sysfs; one node holding every online CPU where sysfs has none."""
+    nodes = {}
+    for path in sorted(root.glob("node[0-9]*")):
+        cpulist = path / "cpulist"
+        if cpulist.exists() and cpulist.read_text().strip():
+            nodes[int(path.name[4:])] = parse_cpu_list(cpulist.read_text())
+    return nodes or {0: sorted(os.sched_getaffinity(0))}
+
+
+def plan_bindings(
+    spec: str, num_ranks: int, allowed: Optional[list[int]] = None, nodes: Optional[dict[int, list[int]]] = None
+) -> list[CpuBinding]:
+    """One binding per rank on this host; ValueError naming the flag for a spec that cannot be
+    honoured. `allowed` (this process's CPU mask) and `nodes` default to this host's."""
+    allowed = sorted(os.sched_getaffinity(0)) if allowed is None else sorted(allowed)
+    nodes = numa_nodes() if nodes is None else nodes
+    node_of = {cpu: node for node, cpus in nodes.items() for cpu in cpus}
+    if spec == "all":
+        return [CpuBinding()] * num_ranks
+    if spec == "auto":
+        shares = _auto_shares(num_ranks, allowed, nodes)
+    else:
+        shares = _explicit_shares(spec, num_ranks, allowed)
+    return (
+        [CpuBinding(tuple(s), tuple(sorted({node_of.get(c, 0) for c in s}))) for s in shares]
+        if shares
+        else [CpuBinding()] * num_ranks
+    )
+
+
+def _explicit_shares(spec: str, num_ranks: int, allowed: list[int]) -> list[list[int]]:
+    parts = spec.split("|")
+    if len(parts) != num_ranks:
+        raise ValueError(
+            f"--cpu-omp-threads-bind {spec!r} has {len(parts)} CPU lists, but this host runs {num_ranks} ranks "
+            "(one list per rank, separated by |)"
+        )
+    shares = []
+    for part in parts:
+        try:
+            cpus = parse_cpu_list(part)
+        except ValueError as exc:
+            raise ValueError(f"--cpu-omp-threads-bind: {exc}") from None
+        outside = sorted(set(cpus) - set(allowed))
+        if outside:
+            raise ValueError(
+                f"--cpu-omp-threads-bind: CPUs {format_cpu_list(outside)} are not available to this process "
+                f"(it may use {format_cpu_list(allowed)})"
+            )
+        shares.append(cpus)
+    return shares
+
+
+def _auto_shares(num_ranks: int, allowed: list[int], nodes: dict[int, list[int]]) -> list[list[int]]:
+    """The cores of each rank, or [] to leave every rank unbound."""
+    if num_ranks < 1 or len(allowed) < num_ranks:
+        return []
+    mask = set(allowed)
+    node_cpus = [cpus for _, cpus in sorted(nodes.items())]
+    node_cpus = [[c for c in cpus if c in mask] for cpus in node_cpus]
+    node_cpus = [cpus for cpus in node_cpus if cpus]
+    unplaced = sorted(mask - {c for cpus in node_cpus for c in cpus})
+    if unplaced:  # sysfs does not cover the mask: treat what it misses as one more node
+        node_cpus.append(unplaced)
+    if len(node_cpus) >= num_ranks and len(node_cpus) % num_ranks == 0:
+        per = len(node_cpus) // num_ranks
+        return [sum(node_cpus[r * per : (r + 1) * per], []) for r in range(num_ranks)]
+    if num_ranks % len(node_cpus) == 0:
+        per = num_ranks // len(node_cpus)
+        if all(len(cpus) >= per for cpus in node_cpus):
+            return [share for cpus in node_cpus for share in _split(cpus, per)]
+    return _split([c for cpus in node_cpus for c in cpus], num_ranks)
+
+
+def _split(cpus: list[int], parts: int) -> list[list[int]]:
+    """`cpus` in `parts` contiguous shares, sizes differing by at most one (larger first)."""
+    base, extra = divmod(len(cpus), parts)
+    shares, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        shares.append(cpus[start:end])
+        start = end
+    return shares

@@ -1,0 +1,131 @@
+"""The shared-memory transport (sgl-kernel shm_* ops through ShmGroup) against gloo on the same
+tensors, in real processes: point-to-point messages of every size (empty, uneven, many slots),
+all-reduce and all-gather in bf16 and fp32 for 2 to 8 ranks, a rank killed mid-transfer, and no
+segment left in /dev/shm."""
+
+import os
+import time
+import uuid
+
+import pytest
+import torch
+from conftest import run_ranks
+
+pytest.importorskip("sgl_kernel")  # built by `make`; the whole suite needs it on CPU
+
+# small slots, so a few-KB message already spans several of them and wraps the ring
+SMALL = dict(slot_bytes=4096, num_slots=2)
+
+
+def _group(rank, world, init_file, path, **layout):
+    import torch.distributed as dist
+    from sglang.srt.distributed.parallel_state import all_gather_ints
+    from sglang.srt.distributed.shm_comm import ShmLayout, open_group
+
+    torch.set_num_threads(1)  # forked from a process whose OpenMP pool must not be reused
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", world_size=world, rank=rank)
+    group = open_group(
+        path, rank, world, lambda f: all_gather_ints(f, world, None), spin=100, layout=ShmLayout(world, **layout)
+    )
+    assert group is not None
+    return group
+
+
+def _message(src, dst, numel, dtype):
+    g = torch.Generator().manual_seed(1000 * src + dst)
+    return (torch.randn(numel, generator=g) * 10).to(dtype)
+
+
+def _worker(rank, world, init_file, path, sizes, dtype):
+    import torch.distributed as dist
+
+    shm = _group(rank, world, init_file, path, **SMALL)
+    checked = 0
+    for numel in sizes:
+        # every rank sends to every other rank, in rank order; receivers take them in the same order
+        for src in range(world):
+            for dst in range(world):
+                if src == dst or rank not in (src, dst):
+                    continue
+                if rank == src:
+                    shm.send(_message(src, dst, numel, dtype), dst)
+                else:
+                    got = shm.recv_into(torch.empty(numel, dtype=dtype), src)
+                    assert torch.equal(got, _message(src, dst, numel, dtype)), (src, dst, numel)
+                    checked += 1
+        x = _message(rank, rank, numel, dtype)
+        gathered = shm.all_gather(x)
+        reference = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(reference, x)
+        assert torch.equal(gathered, torch.stack(reference)), numel
+        summed = x.clone()
+        shm.all_reduce(summed)
+        exact = sum(_message(r, r, numel, dtype).float() for r in range(world))  # in rank order, in fp32
+        assert torch.equal(summed, exact.to(dtype)), numel  # one rounding: the same on every rank
+        gloo = x.clone()
+        dist.all_reduce(gloo)
+        tol = 1e-5 if dtype == torch.float32 else 0.1
+        assert torch.allclose(summed.float(), gloo.float(), rtol=tol, atol=tol * 10), numel
+        checked += 1
+    segment_gone = not os.path.exists(path)  # after collectives: rank 0 unlinked it before its first
+    dist.destroy_process_group()
+    return segment_gone, checked, summed.sum().item()
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transport_matches_gloo(tmp_path, world, dtype):
+    path = f"/dev/shm/sglang-tknp-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # empty, one element, uneven, exactly a slot, many slots (wraps the 2-slot ring several times)
+    sizes = [0, 1, 333, 4096 // dtype.itemsize, 10_000]
+    got = run_ranks(_worker, world, world, str(tmp_path / "init"), path, sizes, dtype)
+    assert all(gone for gone, _, _ in got.values()), "the segment is unlinked once every rank mapped it"
+    assert len({total for _, _, total in got.values()}) == 1, "every rank holds the same all-reduce result"
+    assert not os.path.exists(path)
+
+
+def _dying_worker(rank, world, init_file, path):
+    shm = _group(rank, world, init_file, path)
+    if rank == 1:
+        time.sleep(0.5)
+        os._exit(3)  # dies while rank 0 waits for its message
+    start = time.time()
+    try:
+        shm.recv_into(torch.empty(4), 1)
+    except RuntimeError as exc:
+        return str(exc), time.time() - start
+    return "no error", time.time() - start
+
+
+def test_a_rank_that_dies_mid_transfer_is_an_error_not_a_hang(tmp_path):
+    import multiprocessing as mp
+
+    from conftest import _rank_entry
+
+    path = f"/dev/shm/sglang-tknp-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_rank_entry, args=(_dying_worker, r, (2, str(tmp_path / "init"), path), queue))
+        for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    rank, ok, (message, waited) = queue.get(timeout=60)
+    for p in procs:
+        p.join(timeout=30)
+    assert rank == 0 and ok
+    assert f"peer process {procs[1].pid} is gone" in message
+    assert waited < 5
+    assert procs[1].exitcode == 3
+    assert not os.path.exists(path)
+
+
+def test_layout_offsets_do_not_overlap():
+    from sglang.srt.distributed.shm_comm import ShmLayout
+
+    lay = ShmLayout(4, slot_bytes=128, num_slots=3)
+    starts = sorted(lay.channel(s, d) for s in range(4) for d in range(4) if s != d)
+    assert starts == [i * lay.channel_bytes for i in range(12)]
+    assert lay.collective == 12 * lay.channel_bytes and all(s % 64 == 0 for s in starts)
+    assert lay.total_bytes == lay.collective + 4 * (64 + 2 * 128)
