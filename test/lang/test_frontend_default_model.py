@@ -1,5 +1,8 @@
 """Frontend programs whose answers must be right: the embedded default model (SmolLM2-135M-Instruct)."""
 
+import json
+
+import jsonschema
 import pytest
 import requests
 import sglang as sgl
@@ -53,3 +56,26 @@ def test_chat_program_answers_like_the_chat_api(backend):
     )
     assert state["answer"] == r.json()["choices"][0]["message"]["content"]
     assert "Paris" in state["answer"]
+
+
+def test_structured_gens_give_values_that_parse(backend):
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "legs": {"type": "integer"}},
+        "required": ["name", "legs"],
+        "additionalProperties": False,
+    }
+
+    @sgl.function
+    def animal(s):
+        s += 'Q: What is the capital of France? Answer with a quoted string.\nA: "Paris"\n'
+        s += "Q: What is the capital of Italy? Answer with a quoted string.\nA: "
+        s += sgl.gen_string("city", max_tokens=16, temperature=0) + "\n"
+        s += "Q: How many legs does a spider have?\nA: " + sgl.gen_int("legs", max_tokens=6, temperature=0) + "\n"
+        s += "A spider, as JSON with its name and number of legs: "
+        s += sgl.gen("json", json_schema=schema, max_tokens=48, temperature=0)  # a dict: sent as a string
+
+    state = animal.run(backend=backend)
+    assert isinstance(json.loads(state["city"]), str)  # a JSON string literal, quotes included
+    assert int(state["legs"]) >= 0
+    jsonschema.validate(json.loads(state["json"]), schema)

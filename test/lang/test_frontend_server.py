@@ -107,27 +107,32 @@ def test_structured_output_follows_the_grammar_and_bad_grammars_fail_clearly(run
     assert "json_schema is not valid JSON" in err.message and runtime.url in str(err)
 
 
-def _choice_score(rt, prompt, choice):
-    """Mean logprob of the tokens `prompt + choice` has beyond `prompt`'s own, from scratch."""
+def _input_logprobs(rt, **prompt):
+    """The server's logprob entries of every prompt token (`text=` or `input_ids=`), from scratch."""
+    r = requests.post(
+        rt.url + "/generate",
+        json={**prompt, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True, "logprob_start_len": 0},
+        headers=AUTH,
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["meta_info"]["input_token_logprobs"]
 
-    def entries(text):
-        r = requests.post(
-            rt.url + "/generate",
-            json={
-                "text": text,
-                "sampling_params": {"max_new_tokens": 0},
-                "return_logprob": True,
-                "logprob_start_len": 0,
-            },
-            headers=AUTH,
-            timeout=60,
-        )
-        return r.json()["meta_info"]["input_token_logprobs"]
 
-    base, full = [e[1] for e in entries(prompt)], entries(prompt + choice)
+def _choice_entries(rt, prompt, choice):
+    """The logprob entries of the tokens `prompt + choice` has beyond `prompt`'s own."""
+    base, full = [e[1] for e in _input_logprobs(rt, text=prompt)], _input_logprobs(rt, text=prompt + choice)
     start = next(i for i, (a, b) in enumerate(zip(base + [None], full)) if a != b[1])
-    values = [e[0] for e in full[start:]]
+    return full[start:]
+
+
+def _mean(values):
     return sum(values) / len(values)
+
+
+def _choice_score(rt, prompt, choice):
+    """Mean logprob of the choice's tokens (token_length_normalized)."""
+    return _mean([e[0] for e in _choice_entries(rt, prompt, choice)])
 
 
 def test_select_picks_the_best_scored_choice(runtime):
@@ -145,6 +150,47 @@ def test_select_picks_the_best_scored_choice(runtime):
     assert meta["normalized_prompt_logprobs"] == pytest.approx(scores, abs=1e-3)
     assert state["colour"] == choices[scores.index(max(scores))]
     assert state["same"] in choices and state.text() == "My favourite colour is" + state["colour"] + "." + state["same"]
+
+
+COLOURS = [" red", " red apples", " blue"]  # " red" is a prefix of another choice
+
+
+def _select(method):
+    @sgl.function
+    def prog(s):
+        s += "My favourite colour is"
+        s += sgl.select("colour", choices=COLOURS, choices_method=method)
+
+    state = prog.run()
+    return state["colour"], state.get_meta_info("colour")
+
+
+def test_select_greedy_token_selection_compares_token_by_token(runtime):
+    rows = [[e[0] for e in _choice_entries(runtime, "My favourite colour is", c)] for c in COLOURS]
+    width = max(map(len, rows))
+    rows = [row + [_mean(row)] * (width - len(row)) for row in rows]  # a shorter choice: padded with its mean
+    alive = list(range(len(COLOURS)))
+    for pos in range(width):  # keep the choices with the best logprob at each token, until one is left
+        top = max(rows[i][pos] for i in alive)
+        alive = [i for i in alive if rows[i][pos] > top - 1e-4]  # the same token: the same logprob
+        if len(alive) == 1:
+            break
+    decision, meta = _select(sgl.greedy_token_selection)
+    assert len(alive) == 1 and decision == COLOURS[alive[0]]
+    assert meta["greedy_logprob_matrix"] == [pytest.approx(row, abs=1e-3) for row in rows]
+
+
+def test_select_unconditional_likelihood_normalized_subtracts_each_choices_own_likelihood(runtime):
+    scores = []
+    for c in COLOURS:
+        entries = _choice_entries(runtime, "My favourite colour is", c)
+        alone = _input_logprobs(runtime, input_ids=[e[1] for e in entries])
+        assert len(alone) == len(entries) and alone[0][0] is None  # the first token alone has no context
+        scores.append(_mean([e[0] - (u[0] or 0.0) for e, u in zip(entries, alone)]))
+    decision, meta = _select(sgl.unconditional_likelihood_normalized)
+    assert meta["normalized_unconditional_prompt_logprobs"] == pytest.approx(scores, abs=1e-3)
+    assert decision == COLOURS[scores.index(max(scores))]
+    assert sorted(scores)[-1] - sorted(scores)[-2] > 1e-2  # a decision the tolerance above cannot flip
 
 
 def test_roles_use_the_servers_chat_template(runtime, tokenizer_dir):

@@ -118,7 +118,13 @@ def test_logprob_window_and_output_logprobs(engine):
         top_logprobs_num=3,
     )
     meta = out["meta_info"]
-    assert len(meta["input_token_logprobs"]) == 3 and meta["input_token_logprobs"][0][0] is None
+    whole = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, return_logprob=True)
+    whole = whole["meta_info"]["input_token_logprobs"]  # prefill-only: the whole prompt by default
+    assert len(whole) == len(ids) and whole[0][0] is None  # position 0 has no context
+    window = meta["input_token_logprobs"]
+    assert len(window) == 3 and [e[1] for e in window] == ids[-3:]
+    # the window's first token is scored given everything before it, like the rest
+    assert [e[0] for e in window] == pytest.approx([e[0] for e in whole[-3:]], abs=1e-5)
     assert [e[1] for e in meta["output_token_logprobs"]] == out["output_ids"]
     assert all(e[2] is None for e in meta["output_token_logprobs"])
     for entry, top in zip(meta["output_token_logprobs"], meta["output_top_logprobs"]):

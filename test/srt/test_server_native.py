@@ -106,12 +106,23 @@ def test_select_style_scoring_requests(tiny_server):
             "logprob_start_len": start,
         },
     ).json()
-    for out in outs:
+    for out, text in zip(outs, ["The answer is yes", "The answer is no"]):
         entries = out["meta_info"]["input_token_logprobs"]
         assert len(entries) == out["meta_info"]["prompt_tokens"] - start
-        assert entries[0][0] is None and all(isinstance(e[0], float) for e in entries[1:])
+        # every window entry is scored given all the tokens before it, the first one included
+        # (SGLang's server sends null there, which its own frontend cannot average)
+        assert all(isinstance(e[0], float) for e in entries)
         assert all(isinstance(e[2], str) for e in entries)
         assert out["meta_info"]["output_token_logprobs"] == []
+        # a prefill-only request without a window gets the whole prompt's (unconditional_likelihood_normalized)
+        whole = _post(
+            tiny_server,
+            "/generate",
+            json={"text": text, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True},
+        ).json()["meta_info"]["input_token_logprobs"]
+        assert whole[0][0] is None and len(whole) == out["meta_info"]["prompt_tokens"]
+        assert [e[1] for e in whole[start:]] == [e[1] for e in entries]
+        assert [e[0] for e in whole[start:]] == pytest.approx([e[0] for e in entries], abs=1e-4)
 
 
 def test_accepts_fields_sglang_clients_send(tiny_server):

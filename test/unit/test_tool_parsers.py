@@ -82,6 +82,12 @@ def test_text_without_a_wellformed_call_is_all_content(parser, text):
     assert TOOL_CALL_FORMATS[parser].parse(text) == (text, [])
 
 
+def test_every_parser_the_flag_offers_exists():
+    from sglang.srt.server_args import TOOL_CALL_PARSERS
+
+    assert TOOL_CALL_PARSERS == tuple(TOOL_CALL_FORMATS)
+
+
 def test_formats_are_picked_from_the_chat_template_when_unambiguous():
     assert format_for_template("{{ '<tool_call>' }}{{ tool_call | tojson }}").name == "qwen25"
     assert format_for_template("{{ '[TOOL_CALLS]' }}").name == "mistral"

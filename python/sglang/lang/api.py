@@ -126,7 +126,8 @@ def gen_int(name: Optional[str] = None, **kwargs: Any) -> SglExpr:
 
 
 def gen_string(name: Optional[str] = None, **kwargs: Any) -> SglExpr:
-    """gen() constrained to a double-quoted string (needs structured output on the server)."""
+    """gen() constrained to a JSON string literal, quotes included: json.loads(value) is the
+    string once it is complete (needs structured output on the server)."""
     return gen(name, dtype=str, **kwargs)
 
 

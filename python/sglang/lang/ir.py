@@ -14,11 +14,14 @@ import json
 from typing import Any, Callable, Optional, Union
 
 # Patterns `gen(dtype=...)` / `gen_int` send as `regex` (constrained decoding on the server).
+# A str is a JSON string literal, so that json.loads reads every complete one (SGLang's
+# `"[\w\d\s]*"` refuses punctuation, and lets through raw tabs and newlines, which JSON does not).
+JSON_STRING_REGEX = r'"([^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*"'
 DTYPE_REGEX = {
     int: r"[-+]?[0-9]+",
     float: r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)",
     bool: r"(True|False)",
-    str: r'"[^"\n]*"',
+    str: JSON_STRING_REGEX,
 }
 # Numbers end at whitespace, so these stop strings keep the text parseable.
 _DTYPE_STOP = {int: (" ", "\n"), float: (" ", "\n")}

@@ -18,7 +18,6 @@ from typing import Any, Optional
 
 from sglang.srt.distributed.cpu_binding import CpuBinding, numa_nodes, plan_bindings
 from sglang.srt.distributed.parallel_state import RankLayout
-from sglang.srt.entrypoints.openai.tool_parsers import TOOL_CALL_FORMATS
 from sglang.srt.layers.attention.registry import attention_backend_names
 
 DTYPES = ("auto", "bfloat16", "float16", "float32", "half", "float")
@@ -26,7 +25,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 SAMPLING_DEFAULTS = ("model", "openai")
 GRAMMAR_BACKENDS = ("xgrammar", "none")
-TOOL_CALL_PARSERS = tuple(TOOL_CALL_FORMATS)
+# the formats of srt/entrypoints/openai/tool_parsers.py (a test keeps the two lists equal)
+TOOL_CALL_PARSERS = ("llama3", "qwen25", "mistral")
 ATTENTION_BACKENDS = tuple(attention_backend_names())
 DEVICES = ("auto", "cpu", "cuda")
 LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue", "cache_aware")

@@ -163,16 +163,15 @@ class OutputProcessor:
         if not req.wants_input_logprobs:
             return 0
         start = req.kv_len - extend_len
-        first, last = max(req.logprob_start_len, start), min(start + extend_len, len(req.origin_input_ids) - 1)
+        first, last = max(req.first_scoring_position, start), min(start + extend_len, len(req.origin_input_ids) - 1)
         return max(last - first, 0)
 
     def _take_input_logprobs(self, req: Req, extend_len: int, logits: LogitsProcessorOutput, row: int, n: int) -> None:
         if not req.wants_input_logprobs:
             return
         start = req.kv_len - extend_len  # kv_len was already advanced past this step
-        lsl = req.logprob_start_len
-        if start <= lsl < start + extend_len:
-            req.input_token_logprobs.append(None)  # the window's first token has no context score
+        if req.logprob_start_len == 0 and start == 0:
+            req.input_token_logprobs.append(None)  # token 0 has no context, so no score
             req.input_top_logprobs.append(None)
         if n:
             req.input_token_logprobs += logits.input_token_logprobs[row : row + n].tolist()

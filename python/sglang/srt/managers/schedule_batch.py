@@ -111,12 +111,19 @@ class Req:
     def wants_input_logprobs(self) -> bool:
         return self.return_logprob and self.logprob_start_len >= 0 and self.num_retractions == 0
 
+    @property
+    def first_scoring_position(self) -> int:
+        """The first position whose logits score a token of the logprob window: the one just
+        before the window, so that every window token is scored given all the tokens before it
+        (only token 0, with no context, has no score)."""
+        return max(self.logprob_start_len - 1, 0)
+
     def max_prefix_len(self) -> int:
         """Longest prefix that may come from the cache: the last token must always be computed
         (its logits pick the next token), and input logprobs need their window computed."""
         limit = self.fill_len - 1
         if self.wants_input_logprobs and not self.input_token_logprobs:
-            limit = min(limit, self.logprob_start_len)
+            limit = min(limit, self.first_scoring_position)
         return limit
 
     def is_finished(self) -> bool:
@@ -168,9 +175,9 @@ class ScheduleBatch:
             if item.samples:
                 sample_rows.append(row0 + n - 1)
             if req.wants_input_logprobs:
-                # a row at position p scores prompt token p + 1; the window's first token has no score
+                # a row at position p scores prompt token p + 1; token 0 has no score
                 prompt_len = len(req.origin_input_ids)
-                first = max(req.logprob_start_len, start)
+                first = max(req.first_scoring_position, start)
                 last = min(start + n, prompt_len - 1)
                 logprob_rows += range(row0 + first - start, row0 + last - start)
                 logprob_targets += req.fill_slice(first + 1, last + 1)

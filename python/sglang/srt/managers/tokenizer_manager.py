@@ -163,7 +163,7 @@ class TokenizerManager:
                         sampling_params=params,
                         seed=seed + i,
                         return_logprob=obj.return_logprob,
-                        logprob_start_len=-1 if obj.logprob_start_len is None else obj.logprob_start_len,
+                        logprob_start_len=_logprob_start_len(obj.logprob_start_len, params.max_new_tokens),
                         top_logprobs_num=obj.top_logprobs_num or 0,
                         stream=obj.stream,
                     )
@@ -417,3 +417,13 @@ class TokenizerManager:
                 cached_tokens=state.meta_info.get("cached_tokens", 0),
             )
             state.queue.put_nowait(state)
+
+
+def _logprob_start_len(requested: Optional[int], max_new_tokens: int) -> int:
+    """-1 (output logprobs only) unless given; but a prefill-only request (max_new_tokens 0)
+    that asks for logprobs without a window gets the whole prompt's, the only logprobs it can
+    want (SGLang's frontend sends such a request for unconditional_likelihood_normalized and
+    reads input_token_logprobs[0] of each answer)."""
+    if requested is not None:
+        return requested
+    return 0 if max_new_tokens == 0 else -1
