@@ -227,49 +227,29 @@ void shm_all_gather(const at::Tensor& segment, int64_t offset, int64_t slot_byte
   }
 }
 
-template <typename T>
-float load_float(const T* p, int64_t i);
-template <>
-float load_float<float>(const float* p, int64_t i) { return p[i]; }
-template <>
-float load_float<at::BFloat16>(const at::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
-template <>
-float load_float<at::Half>(const at::Half* p, int64_t i) { return static_cast<float>(p[i]); }
-
 // x = the sum of every rank's x, added in rank order in float32 (so every rank gets the same
-// bits) and rounded once to x's dtype.
-template <typename T>
-void all_reduce_sum(const Area& a, T* x, int64_t numel, int64_t spin, const std::vector<int64_t>& pids) {
-  uint32_t gen = a.generation(a.rank)->load(std::memory_order_relaxed);
-  const int64_t per_chunk = a.slot_bytes / static_cast<int64_t>(sizeof(T));
-  for (int64_t done = 0; done < numel; done += per_chunk) {
-    const int64_t len = std::min(per_chunk, numel - done);
-    exchange(a, ++gen, reinterpret_cast<const uint8_t*>(x + done), len * sizeof(T), spin, pids);
-    at::parallel_for(0, len, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        float sum = 0.f;
-        for (int64_t r = 0; r < a.world; ++r) sum += load_float(reinterpret_cast<const T*>(a.buffer(r, gen)), i);
-        x[done + i] = static_cast<T>(sum);
-      }
-    });
-  }
-}
-
+// bits) and rounded once to x's dtype; torch's vectorized kernels do the arithmetic.
 void shm_all_reduce(const at::Tensor& segment, int64_t offset, int64_t slot_bytes, int64_t rank, at::IntArrayRef pids,
                     at::Tensor& x, int64_t spin) {
   check_data(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "sgl_kernel.shm_all_reduce: float32, bfloat16 or float16, got ", x.scalar_type());
   const int64_t world = static_cast<int64_t>(pids.size());
   const Area a = area_of(segment, offset, slot_bytes, rank, world);
   const std::vector<int64_t> peers(pids.begin(), pids.end());
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return all_reduce_sum(a, x.data_ptr<float>(), x.numel(), spin, peers);
-    case at::kBFloat16:
-      return all_reduce_sum(a, x.data_ptr<at::BFloat16>(), x.numel(), spin, peers);
-    case at::kHalf:
-      return all_reduce_sum(a, x.data_ptr<at::Half>(), x.numel(), spin, peers);
-    default:
-      TORCH_CHECK(false, "sgl_kernel.shm_all_reduce: float32, bfloat16 or float16, got ", x.scalar_type());
+  const at::Tensor flat = x.view({-1});
+  const int64_t per_chunk = slot_bytes / x.element_size();
+  uint32_t gen = a.generation(rank)->load(std::memory_order_relaxed);  // only this process writes it
+  for (int64_t done = 0; done < flat.numel(); done += per_chunk) {
+    const int64_t len = std::min(per_chunk, flat.numel() - done);
+    at::Tensor part = flat.narrow(0, done, len);
+    exchange(a, ++gen, static_cast<const uint8_t*>(part.data_ptr()), len * x.element_size(), spin, peers);
+    at::Tensor sum;
+    for (int64_t r = 0; r < world; ++r) {
+      at::Tensor theirs = at::from_blob(a.buffer(r, gen), {len}, x.options());
+      sum = r == 0 ? theirs.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true) : sum.add_(theirs);
+    }
+    part.copy_(sum);
   }
 }
 
