@@ -51,6 +51,23 @@ def test_stop_string_is_trimmed(engine):
     assert stop in kept["text"]
 
 
+def test_the_stop_string_that_starts_first_wins_within_one_token(engine):
+    full = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 24})
+    ids, decode = full["output_ids"], engine.tokenizer.decode
+    for i in range(len(ids)):
+        prefix, text = decode(ids[:i]), decode(ids[: i + 1])
+        piece = text[len(prefix) :]
+        # a token of 3+ characters: two stops that both first appear inside it, one starting later
+        if len(piece) >= 3 and text.find(piece[:2]) == len(prefix) and text.find(piece[1:]) == len(prefix) + 1:
+            break
+    else:
+        raise AssertionError(f"no token of 3+ characters in {full['text']!r}")
+    late, early = piece[1:], piece[:2]
+    out = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 24, "stop": [late, early]})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": early}
+    assert out["text"] == prefix
+
+
 def test_stop_token_ids_and_min_new_tokens(engine):
     full = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 16})["output_ids"]
     stop_id = full[3]

@@ -204,9 +204,10 @@ class OutputProcessor:
             # Only the tail can contain a stop string that was not there one token ago.
             tail_ids = req.output_ids[-(params.stop_str_max_len + 2) :]
             tail = self.tokenizer.decode(tail_ids, skip_special_tokens=params.skip_special_tokens)
-            for stop in params.stop:
-                if stop in tail:
-                    return FinishReason("stop", matched=stop)
+            # the stop string that starts first is the one the output ends at
+            found = [(tail.find(stop), i) for i, stop in enumerate(params.stop) if stop in tail]
+            if found:
+                return FinishReason("stop", matched=params.stop[min(found)[1]])
         return None
 
     def make_output(self, req: Req) -> ReqOutput:
