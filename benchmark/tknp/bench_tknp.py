@@ -6,7 +6,8 @@
 `--configs` lists TKNP sizes, or TKNPxTP pairs (`2x2`: --tknp-size 2 --tp-size 2, 4 processes;
 the shape's heads must split over the TP size: llama-160m's 12 do, smollm2-135m's 9 do not),
 each optionally with a `/` and its --cpu-omp-threads-bind (`2/all`: ranks share every core;
-`2/0|1`: one core each; none: the server's default, auto).
+`2/0|1`: one core each; empty: the server's default, auto) and a second `/gloo` to force gloo
+instead of the shared-memory transport (`2//gloo`).
 For each it starts `python -m sglang.launch_server` on a random-weight model in a real model's
 shape (SmolLM2-135M's by default, written to a temp dir; no download), sized by memory
 (no --max-total-tokens), and reports:
@@ -124,33 +125,37 @@ def run_batch(url: str, prompts: list[list[int]], max_new_tokens: int) -> float:
 
 
 def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
-    layout, _, bind = config.partition("/")
+    layout, bind, transport = (config.split("/") + ["", ""])[:3]
     tknp, _, tp = layout.partition("x")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "sglang.launch_server",
-        "--model-path",
-        model_dir,
-        "--port",
-        str(port),
-        "--tknp-size",
-        tknp,
-        "--tp-size",
-        tp or "1",
-        "--dtype",
-        args.dtype,
-        "--log-level",
-        "warning",
-        # cache_aware sends a repeated prompt back to the rank that cached it (round_robin would
-        # place it by arrival order, which concurrent clients shuffle)
-        "--load-balance-method",
-        "cache_aware",
-        "--context-length",
-        str(args.context_len + args.output_len + 8),
-    ] + (["--cpu-omp-threads-bind", bind] if bind else [])
+    cmd = (
+        [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            model_dir,
+            "--port",
+            str(port),
+            "--tknp-size",
+            tknp,
+            "--tp-size",
+            tp or "1",
+            "--dtype",
+            args.dtype,
+            "--log-level",
+            "warning",
+            # cache_aware sends a repeated prompt back to the rank that cached it (round_robin would
+            # place it by arrival order, which concurrent clients shuffle)
+            "--load-balance-method",
+            "cache_aware",
+            "--context-length",
+            str(args.context_len + args.output_len + 8),
+        ]
+        + (["--cpu-omp-threads-bind", bind] if bind else [])
+        + (["--disable-shm-transport"] if transport == "gloo" else [])
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while True:
@@ -180,6 +185,7 @@ def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
             "decode_tok_s": round(args.num_requests * (args.output_len - 1) / (decode - first_token), 1),
             "comm_share": round(comm / forward, 3) if forward > 0 else 0.0,
             "cpu_binding": [b["cpus"] for b in info["cpu_binding"]],
+            "transport": info.get("transport", {}),
         }
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -187,9 +193,14 @@ def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
 
 
 def _label(config: str) -> str:
-    layout, _, bind = config.partition("/")
+    layout, bind, transport = (config.split("/") + ["", ""])[:3]
     tknp, _, tp = layout.partition("x")
-    return f"tknp {tknp}" + (f" x tp {tp}" if tp else "") + (f" [{bind}]" if bind else "")
+    return (
+        f"tknp {tknp}"
+        + (f" x tp {tp}" if tp else "")
+        + (f" [{bind}]" if bind else "")
+        + (f" {transport}" if transport else "")
+    )
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -230,11 +241,11 @@ def main() -> None:
         f"shape={args.shape} dtype={args.dtype} requests={args.num_requests} context={args.context_len} output={args.output_len}"
     )
     print(
-        f"{'config':>20} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} {'decode tok/s':>12} {'comm share':>10}  cores per rank"
+        f"{'config':>20} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} {'decode tok/s':>12} {'comm share':>10}  cores per rank, transport"
     )
     for r in results:
         print(
-            f"{_label(r['config']):>20} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} {r['decode_tok_s']:>12} {r['comm_share']:>10.1%}  {r['cpu_binding']}"
+            f"{_label(r['config']):>20} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} {r['decode_tok_s']:>12} {r['comm_share']:>10.1%}  {r['cpu_binding']} {r['transport']}"
         )
     if args.json:
         with open(args.json, "w") as f:
