@@ -84,9 +84,13 @@ class Scheduler:
         forward: Optional[Forward] = None,
         tknp_rank: int = 0,
         grammar_backend: Optional[GrammarBackend] = None,
+        wait_for_grammars: bool = False,
     ):
         """`forward` defaults to the runner's; `tknp_rank` names this rank in load reports;
-        without a `grammar_backend` (--grammar-backend none) constrained requests are aborted."""
+        without a `grammar_backend` (--grammar-backend none) constrained requests are aborted.
+        `wait_for_grammars` (TP replicas): a step waits for the compiles of the grammars queued
+        so far, since replicas must schedule the same batches and when a compile ends is up to
+        each replica's own worker thread."""
         self.runner = runner
         self._forward = forward if forward is not None else runner
         self.tknp_rank = tknp_rank
@@ -99,6 +103,7 @@ class Scheduler:
         self.output = OutputProcessor(tokenizer, model_config.eos_token_ids, model_config.vocab_size, tknp_rank)
         self.grammar_backend = grammar_backend
         self.grammar_queue: list[Req] = []  # constrained requests whose grammar is compiling
+        self.wait_for_grammars = wait_for_grammars
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # requests holding a req_to_token row
         self.new_token_ratio = _INIT_NEW_TOKEN_RATIO
@@ -189,7 +194,9 @@ class Scheduler:
 
     def _poll_grammars(self) -> None:
         """Moves the requests whose grammar has compiled to `waiting`, with a matcher each;
-        fails those whose grammar did not compile. Never waits for a compile."""
+        fails those whose grammar did not compile. Waits for a compile only with `wait_for_grammars`."""
+        if self.wait_for_grammars:
+            wait([r.grammar_future for r in self.grammar_queue])
         for req in [r for r in self.grammar_queue if r.grammar_future.done()]:
             self.grammar_queue.remove(req)
             try:

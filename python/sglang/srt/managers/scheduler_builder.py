@@ -58,6 +58,7 @@ def build_scheduler(
         forward=forward,
         tknp_rank=tknp_rank,
         grammar_backend=_grammar_backend(args, tokenizer, model_config),
+        wait_for_grammars=args.tp_size > 1,
     )
     return scheduler, model_config, tokenizer
 
