@@ -31,3 +31,34 @@ def test_engine_tknp_matches_plain_engine(engine_factory, make_tiny_model):
         assert info["placements"] == [4, 4]
         assert info["ranks"][1]["weight_bytes"] == 0
         assert engine.flush_cache()
+
+
+def test_a_rank_that_dies_fails_the_engines_requests_instead_of_hanging(make_tiny_model):
+    import os
+    import signal
+    import threading
+    import time
+
+    from sglang import Engine
+
+    engine = Engine(
+        model_path=str(make_tiny_model("llama", seed=6)),
+        dtype="float32",
+        max_total_tokens=8192,
+        tknp_size=2,
+        load_balance_method="round_robin",
+        log_level="error",
+    )
+    try:
+        victim = engine.remote.backend.procs["scheduler1"].pid
+        threading.Timer(1.0, os.kill, (victim, signal.SIGKILL)).start()
+        start = time.time()
+        params = {"temperature": 0, "max_new_tokens": 4000, "ignore_eos": True}
+        outs = engine.generate(input_ids=[[5] * 8, [6] * 8], sampling_params=params)
+        assert time.time() - start < 30
+        assert all(o["meta_info"]["finish_reason"]["type"] == "abort" for o in outs)
+        assert "scheduler1 process died" in outs[1]["meta_info"]["finish_reason"]["message"]
+        with pytest.raises(RuntimeError, match="scheduler1 process died"):  # later requests fail at once
+            engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})
+    finally:
+        engine.shutdown()

@@ -176,6 +176,15 @@ class _RemoteBackend:
         recv = self.ctx.socket(zmq.PULL)
         recv.bind(self.backend.ipc["tokenizer"])
         self.receiver = self.tm.attach(send, recv)
+        self.watchdog = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        """A backend process that died fails every request in flight (and every later one),
+        instead of leaving the caller waiting forever; runs whenever the caller waits."""
+        while (reason := self.backend.dead_process()) is None:
+            await asyncio.sleep(0.5)
+        logger.error("%s; failing in-flight requests", reason)
+        self.tm.fail_all(reason)
 
     def run(self, coro: Any) -> Any:
         return self.loop.run_until_complete(coro)
@@ -203,7 +212,8 @@ class _RemoteBackend:
 
     def shutdown(self) -> None:
         self.receiver.cancel()
-        self.run(asyncio.gather(self.receiver, return_exceptions=True))
+        self.watchdog.cancel()
+        self.run(asyncio.gather(self.receiver, self.watchdog, return_exceptions=True))
         self.ctx.destroy(linger=0)
         self.backend.shutdown()
         self.loop.close()
