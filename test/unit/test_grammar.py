@@ -10,11 +10,12 @@ import pytest
 import torch
 import xgrammar
 from sglang.srt.constrained.grammar_backend import Grammar, GrammarBackend, allocate_bitmask
+from sglang.srt.layers import sampler as sampler_module
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.sampler import Sampler
 from sglang.srt.managers.output_processor import OutputProcessor
 from sglang.srt.managers.schedule_batch import Req, ScheduleBatch, ScheduledReq
-from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo, TokenBitmask
 from sglang.srt.sampling.sampling_params import SamplingParams
 from test_scheduler import EOS, FILLER, VOCAB, Harness
 
@@ -188,6 +189,24 @@ def test_disallowed_best_token_is_never_chosen(temperature):
     if temperature == 0.0:
         logits[:, 5] = 2.0
         assert _sample_with_mask(logits, params, [0], bitmask).tolist() == [5, 3]
+
+
+@pytest.mark.parametrize("masked_rows", [[0, 1, 2, 3], [1, 3], [0]])
+def test_bitmask_masks_exactly_the_disallowed_tokens(masked_rows):
+    # all rows with a grammar take the in-place path, some of them the gather-scatter one
+    vocab = 70  # three words, the last one partial
+    gen = torch.Generator().manual_seed(len(masked_rows))
+    logits = torch.randn(4, vocab, generator=gen)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (len(masked_rows), 3), dtype=torch.int32, generator=gen)
+    bitmask[0, 1] = 0  # a word with nothing allowed
+    x = logits.clone()
+    sampler_module.apply_token_bitmask(x, TokenBitmask(rows=torch.tensor(masked_rows), bitmask=bitmask))
+    expected = logits.clone()
+    for i, row in enumerate(masked_rows):
+        for token in range(vocab):
+            if not (int(bitmask[i, token // 32]) >> (token % 32)) & 1:
+                expected[row, token] = float("-inf")
+    assert torch.equal(x, expected) and x.isinf().any()
 
 
 def test_bitmask_follows_the_logits_device():

@@ -57,7 +57,7 @@ class TokenBitmask:
     """Allowed next tokens of the rows with a grammar: bit j of `bitmask[i, w]` allows token
     32 * w + j in row `rows[i]` (xgrammar's layout)."""
 
-    rows: torch.Tensor  # [G] int64
+    rows: torch.Tensor  # [G] int64, ascending and distinct
     bitmask: torch.Tensor  # [G, ceil(V / 32)] int32
 
 
@@ -286,4 +286,5 @@ def _build_token_bitmask(
         return None
     rows, bitmask = token_bitmask
     assert bitmask.dtype == torch.int32 and bitmask.shape[0] == len(rows)
+    assert all(a < b for a, b in zip(rows, rows[1:])), "bitmask rows must be ascending and distinct"
     return TokenBitmask(rows=_index_tensor(rows, device), bitmask=bitmask.to(device, non_blocking=True))
