@@ -267,6 +267,38 @@ def test_scheduler_grammar_ends_even_with_ignore_eos():
     assert h.outputs["re"] == tokens("fffx") + [EOS] and h.finished["re"] == {"type": "stop", "matched": EOS}
 
 
+def test_scheduler_grammar_end_wins_over_min_new_tokens():
+    h = make_harness()
+    # after "fffx" the grammar allows only EOS, which min_new_tokens would ban
+    h.add("re", 3, max_new_tokens=10, min_new_tokens=8, regex=REGEX)
+    h.run()
+    assert h.outputs["re"] == tokens("fffx") + [EOS] and h.finished["re"] == {"type": "stop", "matched": EOS}
+    h.assert_pool_back()
+
+
+def test_allows_other_than_reads_every_bit_of_a_word():
+    from sglang.srt.constrained.grammar_backend import allows_other_than
+
+    row = allocate_bitmask(1, 96)[0].zero_()
+    for token in (31, 63, 64):  # bit 31 is an int32's sign bit
+        row[token // 32] |= torch.tensor(1 << (token % 32), dtype=torch.int64).to(torch.int32)
+        assert not allows_other_than(row, [31, 63, 64]) and allows_other_than(row, [5])
+    assert allows_other_than(row, [31, 63]) and not allows_other_than(row.zero_(), [])
+
+
+def test_tp_replica_admits_a_constrained_request_in_the_step_that_received_it():
+    import time
+
+    h = make_harness()
+    h.sched.wait_for_grammars = True  # TP replicas: each compiles on its own thread, all must agree
+    compile_on_pool = h.sched.grammar_backend._compile
+    h.sched.grammar_backend._compile = lambda key: time.sleep(0.2) or compile_on_pool(key)
+    h.add("re", 3, max_new_tokens=10, regex=REGEX)
+    assert h.step() == [("re", 3, True)]
+    h.run()
+    assert h.outputs["re"] == tokens("fffx") + [EOS]
+
+
 def test_scheduler_compile_failure_aborts_the_request():
     h = make_harness()
     h.sched.grammar_backend._compile = lambda key: (_ for _ in ()).throw(ValueError("regex does not compile: boom"))

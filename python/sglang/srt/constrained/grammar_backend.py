@@ -76,6 +76,17 @@ def allocate_bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:
     return torch.full((num_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
+def allows_other_than(bitmask_row: torch.Tensor, token_ids: list[int]) -> bool:
+    """Whether a bitmask row (int32 words) allows any token outside `token_ids`."""
+    row = bitmask_row.clone()
+    for token in token_ids:
+        word, bit = divmod(token, 32)
+        if word < row.numel():
+            clear = ~(1 << bit) & 0xFFFFFFFF  # as an int32: the same 32 bits, signed
+            row[word] &= clear - (1 << 32) if clear >= 1 << 31 else clear
+    return bool(row.any())
+
+
 class Grammar:
     """One request's position in its grammar: which tokens may come next."""
 

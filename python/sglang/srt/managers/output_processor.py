@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from sglang.srt.constrained.grammar_backend import allocate_bitmask
+from sglang.srt.constrained.grammar_backend import allocate_bitmask, allows_other_than
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.sampler import Sampler, SamplerOutput
 from sglang.srt.managers.io_struct import ReqOutput
@@ -47,16 +47,17 @@ class OutputProcessor:
         reqs = [it.req for it in batch.items if it.samples]
         if not reqs:
             return None
+        token_bitmask = self._token_bitmask(reqs)
         info = SamplingBatchInfo.build(
             params=[r.sampling_params for r in reqs],
             seeds=[r.seed for r in reqs],
             steps=[len(r.output_ids) for r in reqs],
             output_ids=[r.output_ids for r in reqs],
             input_ids=[r.origin_input_ids for r in reqs],
-            banned_token_ids=[self._banned(r) for r in reqs],
+            banned_token_ids=self._banned_rows(reqs, token_bitmask),
             vocab_size=self.vocab_size,
             device=logits.next_token_logits.device,  # every table beside the logits it works on
-            token_bitmask=self._token_bitmask(reqs),
+            token_bitmask=token_bitmask,
         )
         return_logprob = any(r.return_logprob for r in reqs)
         top_nums = [r.top_logprobs_num if r.return_logprob else 0 for r in reqs] if return_logprob else None
@@ -102,6 +103,17 @@ class OutputProcessor:
         for i, row in enumerate(rows):
             reqs[row].grammar.fill_next_token_bitmask(bitmask, i)
         return rows, bitmask
+
+    def _banned_rows(
+        self, reqs: list[Req], token_bitmask: Optional[tuple[list[int], torch.Tensor]]
+    ) -> list[Optional[list[int]]]:
+        """Each row's banned stop tokens (before min_new_tokens). A grammar that allows nothing
+        but a banned token has ended: its end wins over min_new_tokens, as over ignore_eos."""
+        banned = [self._banned(r) for r in reqs]
+        for i, row in enumerate(token_bitmask[0] if token_bitmask is not None else ()):
+            if banned[row] and not allows_other_than(token_bitmask[1][i], banned[row]):
+                banned[row] = None
+        return banned
 
     def _banned(self, req: Req) -> Optional[list[int]]:
         params = req.sampling_params
@@ -189,7 +201,7 @@ class OutputProcessor:
         grammar_ended = False
         if req.grammar is not None:
             if not req.grammar.accept_token(token):
-                # only when every allowed token was banned too (min_new_tokens before the end)
+                # a safety net: the mask leaves every row a token it allows (see _banned_rows)
                 return FinishReason("abort", message=f"the sampled token {token} does not match the request's grammar")
             grammar_ended = req.grammar.is_terminated()
         if len(req.output_ids) >= params.max_new_tokens:
