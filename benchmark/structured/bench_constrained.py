@@ -10,10 +10,14 @@ Prints the CPU, then:
      their "title" (so each one misses the cache);
   2. throughput: the N prompts (chat template, each asking for one JSON profile) go in as one
      engine.generate call, greedy, capped at --max-new-tokens; unconstrained requests end at
-     EOS or the cap, constrained ones when the grammar ends. Modes alternate (U, C, U, C, ...)
+     EOS or the cap, constrained ones when the grammar ends. Modes alternate (U, S, C, ...)
      after one untimed warm-up of each; every constrained run uses a schema the engine has not
      seen (a new "title"), so its wall time includes one cold compile. Output tokens/s = all
-     output tokens / wall time (prefill included); the ratio pairs each C with the U before it;
+     output tokens / wall time (prefill included); the ratio pairs each C with the U before it.
+     A third mode, S, runs the same prompts unconstrained with each request's max_new_tokens set
+     to its constrained output's length (ignore_eos): the same prefill and the same number of
+     tokens, so C / S is the grammar's own cost (C / U also counts that the unconstrained model
+     writes longer answers, over which the prefill spreads);
   3. per step, from timers wrapped around the engine's own functions during the timed runs:
      the median decode step while at least 3/4 of the N requests run (about the same batch in
      both modes, so the cleanest view of the grammar's per-step cost), and the mean per step
@@ -235,15 +239,21 @@ def print_runs(runs: list[dict], num_requests: int, max_new_tokens: int) -> tupl
             f"{ph.get('forward', 0)} | {ph.get('sample', 0)} | "
             f"{ph.get('bitmask_fill', '-')} | {ph.get('bitmask_apply', '-')} |"
         )
-    ratios = [c["tok_s"] / u["tok_s"] for u, c in zip(runs[0::2], runs[1::2])]
+    by_repeat = [{r["mode"]: r for r in runs if r["repeat"] == i} for i in sorted({r["repeat"] for r in runs})]
+    ratios = [rep["constrained"]["tok_s"] / rep["unconstrained"]["tok_s"] for rep in by_repeat]
     print(
         f"\nconstrained / unconstrained tok/s per repeat: {', '.join(f'{x:.2f}' for x in ratios)}; "
         f"median {statistics.median(ratios):.2f}"
     )
+    same = [rep["constrained"]["tok_s"] / rep["same_lengths"]["tok_s"] for rep in by_repeat]
+    print(
+        "constrained / unconstrained with the constrained outputs' lengths (ignore_eos), tok/s per repeat: "
+        f"{', '.join(f'{x:.2f}' for x in same)}; median {statistics.median(same):.2f}"
+    )
     decode_ratios = [
-        u["full_decode_ms"] / c["full_decode_ms"]
-        for u, c in zip(runs[0::2], runs[1::2])
-        if u["full_decode_ms"] and c["full_decode_ms"]
+        rep["unconstrained"]["full_decode_ms"] / rep["constrained"]["full_decode_ms"]
+        for rep in by_repeat
+        if rep["unconstrained"]["full_decode_ms"] and rep["constrained"]["full_decode_ms"]
     ]
     print(
         "decode step (>= 3/4 of the requests running), unconstrained / constrained time: "
@@ -290,12 +300,15 @@ def main() -> int:
     batch = prompts(tokenizer, args.num_requests)
     timers = instrument(engine, args.num_requests)
     num_runs = {"constrained": 0}
+    lengths: list[int] = []  # of the constrained outputs (greedy: the same every run)
 
     def run(mode: str) -> dict[str, Any]:
-        params: dict[str, Any] = {"temperature": 0, "max_new_tokens": args.max_new_tokens}
+        params: Any = {"temperature": 0, "max_new_tokens": args.max_new_tokens}
         if mode == "constrained":
             params["json_schema"] = schema_text(f"run {num_runs['constrained']}")  # a cold compile each run
             num_runs["constrained"] += 1
+        elif mode == "same_lengths":  # unconstrained, each request as long as its constrained output
+            params = [{"temperature": 0, "max_new_tokens": n, "ignore_eos": True} for n in lengths]
         engine.flush_cache()
         timers.reset()
         start = time.perf_counter()
@@ -322,16 +335,20 @@ def main() -> int:
             "full_decode_batch": round(statistics.mean(b for b, _ in full_decode), 1) if full_decode else None,
             "full_decode_ms": round(1e3 * statistics.median(s for _, s in full_decode), 2) if full_decode else None,
             "phase_ms_per_step": per_step,
+            "lengths": tokens,
         }
 
     for mode in ("unconstrained", "constrained"):
         r = run(mode)
         log(f"warm-up {mode}: {r['elapsed_s']} s, {r['tok_s']} tok/s")
+        if mode == "constrained":
+            lengths = r["lengths"]
     runs = []
     for i in range(args.repeats):
-        for mode in ("unconstrained", "constrained"):
+        for mode in ("unconstrained", "same_lengths", "constrained"):
             r = run(mode)
             r["repeat"] = i
+            del r["lengths"]
             runs.append(r)
             log(f"repeat {i} {mode}: {r['elapsed_s']} s, {r['tok_s']} tok/s, load {os.getloadavg()[0]:.2f}")
 

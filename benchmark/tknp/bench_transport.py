@@ -85,6 +85,8 @@ def main() -> None:
     world = 2
     cores = sorted(os.sched_getaffinity(0))
     cpus = [[cores[r % len(cores)]] for r in range(world)] if args.bind == "own" and len(cores) >= world else None
+    if cpus is None:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the server starts ranks that share cores
     # q/k/v of 1 and 32 decode tokens in SmolLM2-135M's shape (9 + 2 * 3 heads of 64), a
     # 2048-token prefill chunk of it, and an 8 MiB tensor
     width = (9 + 2 * 3) * 64
