@@ -402,18 +402,25 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed_w, const c10::op
 // step. weights: input norm, qkv, o, post-attention norm, gate_up, down (the linears packed);
 // biases: the four linears' (float32, padded) or None; sizes: heads, KV heads, head dim and the
 // four linears' output sizes. Returns the layer's output; `residual` is updated in place.
-at::Tensor decode_layer(at::Tensor& hidden, at::Tensor& residual, bool add_residual, at::TensorList weights,
-                        at::ArrayRef<c10::optional<at::Tensor>> biases, at::IntArrayRef sizes, double eps, double scale,
-                        const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                        at::Tensor& v_cache, const at::Tensor& loc, const at::Tensor& req_to_token,
-                        const at::Tensor& req_pool_indices, const at::Tensor& seq_lens) {
-  TORCH_CHECK(weights.size() == 6 && biases.size() == 4 && sizes.size() == 7,
-              "sgl_kernel.decode_layer: 6 weights, 4 biases, 7 sizes");
+// decode_layer_qkv and decode_layer_out are its two halves, for a layer whose attention runs
+// elsewhere (a TKNP root scatters q/k/v to the ranks between them).
+void check_layer_args(at::TensorList weights, at::ArrayRef<c10::optional<at::Tensor>> biases, at::IntArrayRef sizes,
+                      const char* op) {
+  TORCH_CHECK(weights.size() == 6 && biases.size() == 4 && sizes.size() == 7, "sgl_kernel.", op,
+              ": 6 weights, 4 biases, 7 sizes");
+  TORCH_CHECK(sizes[3] == sizes[0] * sizes[2] + 2 * sizes[1] * sizes[2], "sgl_kernel.", op,
+              ": the qkv size is not the heads'");
+}
+
+// The layer up to attention: norms, qkv, rope. Returns qkv [T, q + 2 kv] (q and k rotated).
+at::Tensor decode_layer_qkv(at::Tensor& hidden, at::Tensor& residual, bool add_residual, at::TensorList weights,
+                            at::ArrayRef<c10::optional<at::Tensor>> biases, at::IntArrayRef sizes, double eps,
+                            const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
+  check_layer_args(weights, biases, sizes, "decode_layer_qkv");
   TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous() && residual.sizes() == hidden.sizes(),
               "sgl_kernel.decode_layer: hidden and residual are [T, H], hidden contiguous");
   const int64_t heads = sizes[0], kv_heads = sizes[1], d = sizes[2], t = hidden.size(0);
   const int64_t q_size = heads * d, kv_size = kv_heads * d;
-  TORCH_CHECK(sizes[3] == q_size + 2 * kv_size, "sgl_kernel.decode_layer: the qkv size is not the heads'");
   at::Tensor x = hidden;
   if (add_residual) {
     fused_add_rmsnorm(x, residual, weights[0], eps);
@@ -425,17 +432,38 @@ at::Tensor decode_layer(at::Tensor& hidden, at::Tensor& residual, bool add_resid
   at::Tensor qkv = linear(x, weights[1], biases[0], sizes[3], false);
   at::Tensor q = qkv.narrow(1, 0, q_size).view({t, heads, d});
   at::Tensor k = qkv.narrow(1, q_size, kv_size).view({t, kv_heads, d});
-  at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({t, kv_heads, d});
   rotary_embedding(positions, q, k, cos, sin);
-  store_kv(k_cache, v_cache, loc, k, v);
-  at::Tensor attn = at::empty({t, heads, d}, q.options());
-  decode_attention(attn, q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale);
-  at::Tensor o = linear(attn.view({t, q_size}), weights[2], biases[1], sizes[4], false);
+  return qkv;
+}
+
+// The layer after attention: o, add-rmsnorm, gate_up, silu-and-mul, down; `residual` updated.
+at::Tensor decode_layer_out(const at::Tensor& attn, at::Tensor& residual, at::TensorList weights,
+                            at::ArrayRef<c10::optional<at::Tensor>> biases, at::IntArrayRef sizes, double eps) {
+  check_layer_args(weights, biases, sizes, "decode_layer_out");
+  const int64_t t = attn.size(0);
+  at::Tensor o = linear(attn.reshape({t, sizes[0] * sizes[2]}), weights[2], biases[1], sizes[4], false);
   fused_add_rmsnorm(o, residual, weights[3], eps);
   at::Tensor gate_up = linear(o, weights[4], biases[2], sizes[5], false);
   at::Tensor act = at::empty({t, sizes[5] / 2}, gate_up.options());
   silu_and_mul(act, gate_up);
   return linear(act, weights[5], biases[3], sizes[6], false);
+}
+
+at::Tensor decode_layer(at::Tensor& hidden, at::Tensor& residual, bool add_residual, at::TensorList weights,
+                        at::ArrayRef<c10::optional<at::Tensor>> biases, at::IntArrayRef sizes, double eps, double scale,
+                        const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                        at::Tensor& v_cache, const at::Tensor& loc, const at::Tensor& req_to_token,
+                        const at::Tensor& req_pool_indices, const at::Tensor& seq_lens) {
+  at::Tensor qkv = decode_layer_qkv(hidden, residual, add_residual, weights, biases, sizes, eps, positions, cos, sin);
+  const int64_t heads = sizes[0], kv_heads = sizes[1], d = sizes[2], t = hidden.size(0);
+  const int64_t q_size = heads * d, kv_size = kv_heads * d;
+  at::Tensor q = qkv.narrow(1, 0, q_size).view({t, heads, d});
+  at::Tensor k = qkv.narrow(1, q_size, kv_size).view({t, kv_heads, d});
+  at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({t, kv_heads, d});
+  store_kv(k_cache, v_cache, loc, k, v);
+  at::Tensor attn = at::empty({t, heads, d}, q.options());
+  decode_attention(attn, q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale);
+  return decode_layer_out(attn, residual, weights, biases, sizes, eps);
 }
 
 }  // namespace
@@ -465,6 +493,12 @@ TORCH_LIBRARY(sgl_kernel, m) {
         "int[] sizes, float eps, float scale, Tensor positions, Tensor cos, Tensor sin, Tensor(c!) k_cache, "
         "Tensor(d!) v_cache, Tensor loc, Tensor req_to_token, Tensor req_pool_indices, Tensor seq_lens) -> Tensor",
         decode_layer);
+  m.def("decode_layer_qkv(Tensor(a!) hidden, Tensor(b!) residual, bool add_residual, Tensor[] weights, "
+        "Tensor?[] biases, int[] sizes, float eps, Tensor positions, Tensor cos, Tensor sin) -> Tensor",
+        decode_layer_qkv);
+  m.def("decode_layer_out(Tensor attn, Tensor(a!) residual, Tensor[] weights, Tensor?[] biases, int[] sizes, "
+        "float eps) -> Tensor",
+        decode_layer_out);
 }
 
 }  // namespace sgl_kernel

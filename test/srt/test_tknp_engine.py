@@ -62,3 +62,21 @@ def test_a_rank_that_dies_fails_the_engines_requests_instead_of_hanging(make_tin
             engine.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})
     finally:
         engine.shutdown()
+
+
+def test_bf16_tknp_root_takes_the_fused_layer_halves_and_matches_tknp_1(engine_factory, make_tiny_model):
+    """In bf16 a decode layer runs as sgl_kernel calls: whole (decode_layer) at tknp 1, in two
+    halves around the ranks' attention (decode_layer_qkv, decode_layer_out) on a TKNP root.
+    Both are the layer-by-layer ops in the same order, so greedy tokens agree."""
+    from sglang import Engine
+
+    path = str(make_tiny_model("llama", seed=6))
+    prompts = [[5 + i] * (3 + 7 * i) for i in range(7)]
+    params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    plain = engine_factory(model_path=path, dtype="bfloat16", max_total_tokens=2048)
+    assert all(layer.fused_decode is not None for layer in plain.scheduler.runner.model.model.layers)
+    expected = [o["output_ids"] for o in plain.generate(input_ids=prompts, sampling_params=params)]
+    kwargs = dict(model_path=path, dtype="bfloat16", max_total_tokens=2048, log_level="warning")
+    with Engine(**kwargs, tknp_size=2, load_balance_method="round_robin") as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params=params)
+    assert [o["output_ids"] for o in outs] == expected

@@ -8,8 +8,10 @@ dispatch per layer.
 It is the layer-by-layer path's fast form, never a second model: a layer takes it only where
 that path would have run every one of these ops on the kernels (bf16 weights packed for
 sgl_kernel.linear, the kernels' norms, rotary and activation, no q/k norm, no tensor
-parallelism), and a forward only for a decode batch whose attention is the plain `cpu` backend
-(a TKNP rank's attention goes through its own wrapper) and whose rows the packed linears take.
+parallelism), and a forward only for a decode batch whose rows the packed linears take and whose
+attention is the plain `cpu` backend or a TKNP root's: there the layer runs in two calls,
+`decode_layer_qkv` and `decode_layer_out`, with the root's scatter/gather of attention between
+them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from sglang.srt.layers.attention.cpu_backend import CpuAttnBackend
 from sglang.srt.layers.linear import LINEAR_KERNEL_MAX_ROWS, Linear, MergedLinear
+from sglang.srt.layers.tknp_attention import TknpAttentionBackend
 from sglang.srt.model_executor.forward_batch import ForwardMode
 
 if TYPE_CHECKING:
@@ -35,6 +38,7 @@ class CpuDecodeLayer:
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         kernels = [lin._kernel for lin in linears]
         self.ops = ops
+        self.attention = attn.attn  # RadixAttention: how a TKNP root's layer reaches its ranks
         self.layer_id = attn.attn.layer_id
         self.eps = layer.input_layernorm.variance_epsilon
         self.scale = attn.attn.scaling
@@ -72,7 +76,7 @@ class CpuDecodeLayer:
     def takes(self, hidden: torch.Tensor, forward_batch: "ForwardBatch") -> bool:
         return (
             forward_batch.forward_mode == ForwardMode.DECODE
-            and type(forward_batch.attn_backend) is CpuAttnBackend
+            and type(forward_batch.attn_backend) in (CpuAttnBackend, TknpAttentionBackend)
             and hidden.dtype == torch.bfloat16
             and hidden.dim() == 2
             and hidden.shape[0] <= LINEAR_KERNEL_MAX_ROWS
@@ -89,6 +93,8 @@ class CpuDecodeLayer:
         first = residual is None
         if first:
             residual = torch.empty_like(hidden)
+        if type(forward_batch.attn_backend) is TknpAttentionBackend:
+            return self._split(positions, hidden, residual, first, forward_batch), residual
         k_cache, v_cache = forward_batch.token_to_kv_pool.get_kv_buffer(self.layer_id)
         out = self.ops.decode_layer(
             hidden,
@@ -109,3 +115,21 @@ class CpuDecodeLayer:
             forward_batch.seq_lens,
         )
         return out, residual
+
+    def _split(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor,
+        first: bool,
+        forward_batch: "ForwardBatch",
+    ) -> torch.Tensor:
+        """The layer in two calls around the attention, which a TKNP root runs through its ranks
+        (each stores its own requests' k/v)."""
+        qkv = self.ops.decode_layer_qkv(
+            hidden, residual, not first, self.weights, self.biases, self.sizes, self.eps, positions, *self.cos_sin
+        )
+        heads, kv_heads, head_dim = self.sizes[:3]
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        attn = self.attention(q, k, v, forward_batch)
+        return self.ops.decode_layer_out(attn, residual, self.weights, self.biases, self.sizes, self.eps)
