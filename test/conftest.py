@@ -109,6 +109,18 @@ def engine_factory():
         engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def tiny_llama(make_tiny_model) -> str:
+    """The tiny random Llama (seed 2) the engine tests of sampling and grammars run on."""
+    return str(make_tiny_model("llama", seed=2))
+
+
+@pytest.fixture
+def tiny_engine(engine_factory, tiny_llama):
+    """An engine on `tiny_llama` in float32 with 4096 KV tokens (its pool checked clean after)."""
+    return engine_factory(model_path=tiny_llama, dtype="float32", max_total_tokens=4096)
+
+
 class ServerProcess:
     """A real `python -m sglang.launch_server` child on a free local port."""
 
@@ -231,14 +243,9 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     """No shared-memory segment outlives the server that made it: one left in /dev/shm by a
     process that is gone fails the run (segments are unlinked once every rank mapped them)."""
     from sglang.srt.distributed.shm_comm import SEGMENT_DIR
-    from sglang.srt.entrypoints.subprocesses import SOCKET_DIR_PREFIX, _owner_alive
+    from sglang.srt.entrypoints.subprocesses import stale_socket_dirs
 
-    left = []
-    for name in os.listdir(SEGMENT_DIR) if os.path.isdir(SEGMENT_DIR) else []:
-        owner = name[len(SOCKET_DIR_PREFIX) :].split("-")
-        if name.startswith(SOCKET_DIR_PREFIX) and len(owner) >= 3 and owner[0].isdigit() and owner[1].isdigit():
-            if not _owner_alive(int(owner[0]), int(owner[1])):
-                left.append(name)
+    left = [os.path.basename(path) for path in stale_socket_dirs(SEGMENT_DIR)]
     if left:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         reporter.write_line(f"shared-memory segments left in {SEGMENT_DIR} by servers that are gone: {left}", red=True)

@@ -21,16 +21,6 @@ SCHEMA = {
 PROMPT = "The quick brown fox jumps over the lazy dog. Then"
 
 
-@pytest.fixture(scope="module")
-def model_path(make_tiny_model):
-    return str(make_tiny_model("llama", seed=2))
-
-
-@pytest.fixture
-def engine(engine_factory, model_path):
-    return engine_factory(model_path=model_path, dtype="float32", max_total_tokens=4096)
-
-
 def check_schema(text: str) -> None:
     value = json.loads(text)
     assert set(value) == {"age", "color"}, text
@@ -44,21 +34,21 @@ def assert_ended_by_grammar(out: dict) -> None:
     assert reason["matched"] in out["output_ids"][-1:], out
 
 
-def test_regex_greedy_sampled_and_n(engine):
+def test_regex_greedy_sampled_and_n(tiny_engine):
     params = {"regex": REGEX, "max_new_tokens": 32}
-    outs = [engine.generate(PROMPT, {**params, "temperature": 0})]
-    outs += [engine.generate(PROMPT, {**params, "temperature": 1.0, "sampling_seed": s}) for s in range(3)]
-    outs += engine.generate(PROMPT, {**params, "temperature": 1.0, "sampling_seed": 7, "n": 3})
+    outs = [tiny_engine.generate(PROMPT, {**params, "temperature": 0})]
+    outs += [tiny_engine.generate(PROMPT, {**params, "temperature": 1.0, "sampling_seed": s}) for s in range(3)]
+    outs += tiny_engine.generate(PROMPT, {**params, "temperature": 1.0, "sampling_seed": 7, "n": 3})
     for out in outs:
         assert re.fullmatch(REGEX, out["text"]), out["text"]
         assert_ended_by_grammar(out)
     assert len({o["text"] for o in outs}) > 1, "sampling should vary the output"
 
 
-def test_json_schema_greedy_and_sampled(engine_factory, model_path):
+def test_json_schema_greedy_and_sampled(engine_factory, tiny_llama):
     # without the whitespace limit a random model fills the JSON with whitespace until max_new_tokens
     engine = engine_factory(
-        model_path=model_path, dtype="float32", max_total_tokens=4096, constrained_json_disable_any_whitespace=True
+        model_path=tiny_llama, dtype="float32", max_total_tokens=4096, constrained_json_disable_any_whitespace=True
     )
     params = {"json_schema": json.dumps(SCHEMA), "max_new_tokens": 64}
     outs = [engine.generate(PROMPT, {**params, "temperature": 0})]
@@ -68,21 +58,21 @@ def test_json_schema_greedy_and_sampled(engine_factory, model_path):
         assert_ended_by_grammar(out)
 
 
-def test_max_new_tokens_still_bounds_and_streaming_follows(engine):
-    out = engine.generate(PROMPT, {"regex": REGEX, "max_new_tokens": 2, "temperature": 0})
+def test_max_new_tokens_still_bounds_and_streaming_follows(tiny_engine):
+    out = tiny_engine.generate(PROMPT, {"regex": REGEX, "max_new_tokens": 2, "temperature": 0})
     assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 2}
     assert re.fullmatch("[0-9]+", out["text"]), out["text"]
-    full = engine.generate(PROMPT, {"regex": REGEX, "max_new_tokens": 32, "temperature": 0})
-    chunks = list(engine.generate(PROMPT, {"regex": REGEX, "max_new_tokens": 32, "temperature": 0}, stream=True))
+    full = tiny_engine.generate(PROMPT, {"regex": REGEX, "max_new_tokens": 32, "temperature": 0})
+    chunks = list(tiny_engine.generate(PROMPT, {"regex": REGEX, "max_new_tokens": 32, "temperature": 0}, stream=True))
     assert len(chunks) > 1 and chunks[-1]["text"] == full["text"]
 
 
-def test_bad_grammar_is_rejected_before_the_scheduler(engine):
+def test_bad_grammar_is_rejected_before_the_scheduler(tiny_engine):
     with pytest.raises(ValueError, match="regex is not a valid grammar"):
-        engine.generate(PROMPT, {"regex": "[0-9"})
+        tiny_engine.generate(PROMPT, {"regex": "[0-9"})
 
 
-def test_tknp_matches_plain_engine(engine_factory, model_path):
+def test_tknp_matches_plain_engine(engine_factory, tiny_llama):
     from sglang import Engine
 
     params = [
@@ -91,7 +81,7 @@ def test_tknp_matches_plain_engine(engine_factory, model_path):
     ]
     prompts = [PROMPT, "Hello there", "One two three four", "A"]
     args = dict(
-        model_path=model_path, dtype="float32", max_total_tokens=4096, constrained_json_disable_any_whitespace=True
+        model_path=tiny_llama, dtype="float32", max_total_tokens=4096, constrained_json_disable_any_whitespace=True
     )
     plain = engine_factory(**args)
     expected = [[o["output_ids"] for o in plain.generate(prompts, p)] for p in params]

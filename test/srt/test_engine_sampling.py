@@ -10,50 +10,40 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 PROMPT = "The quick brown fox jumps over the lazy dog. Then"
 
 
-@pytest.fixture(scope="module")
-def model_path(make_tiny_model):
-    return str(make_tiny_model("llama", seed=2))
-
-
-@pytest.fixture
-def engine(engine_factory, model_path):
-    return engine_factory(model_path=model_path, dtype="float32", max_total_tokens=4096)
-
-
-def test_seeded_sampling_is_reproducible_and_n_gives_distinct_samples(engine):
+def test_seeded_sampling_is_reproducible_and_n_gives_distinct_samples(tiny_engine):
     params = {"temperature": 1.0, "max_new_tokens": 12, "sampling_seed": 1234, "ignore_eos": True}
-    a = engine.generate(PROMPT, params)
-    b = engine.generate(PROMPT, params)
-    c = engine.generate(PROMPT, {**params, "sampling_seed": 99})
+    a = tiny_engine.generate(PROMPT, params)
+    b = tiny_engine.generate(PROMPT, params)
+    c = tiny_engine.generate(PROMPT, {**params, "sampling_seed": 99})
     assert a["output_ids"] == b["output_ids"]
     assert a["output_ids"] != c["output_ids"]
-    outs = engine.generate(PROMPT, {**params, "n": 3})
+    outs = tiny_engine.generate(PROMPT, {**params, "n": 3})
     assert isinstance(outs, list) and len(outs) == 3
     assert len({tuple(o["output_ids"]) for o in outs}) == 3
 
 
-def test_top_k_1_equals_greedy_and_top_p_small_equals_greedy(engine):
-    greedy = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 8})["output_ids"]
-    top_k = engine.generate(PROMPT, {"temperature": 0.8, "top_k": 1, "max_new_tokens": 8, "ignore_eos": True})
-    top_p = engine.generate(PROMPT, {"temperature": 0.8, "top_p": 1e-6, "max_new_tokens": 8, "ignore_eos": True})
+def test_top_k_1_equals_greedy_and_top_p_small_equals_greedy(tiny_engine):
+    greedy = tiny_engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 8})["output_ids"]
+    top_k = tiny_engine.generate(PROMPT, {"temperature": 0.8, "top_k": 1, "max_new_tokens": 8, "ignore_eos": True})
+    top_p = tiny_engine.generate(PROMPT, {"temperature": 0.8, "top_p": 1e-6, "max_new_tokens": 8, "ignore_eos": True})
     assert top_k["output_ids"] == greedy == top_p["output_ids"]
 
 
-def test_stop_string_is_trimmed(engine):
-    full = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 24})
+def test_stop_string_is_trimmed(tiny_engine):
+    full = tiny_engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 24})
     text = full["text"]
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip(), "need a visible stop string"
-    out = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 24, "stop": stop})
+    out = tiny_engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 24, "stop": stop})
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
     assert out["text"] == text[: text.find(stop)]
-    kept = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 24, "stop": [stop], "no_stop_trim": True})
+    kept = tiny_engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 24, "stop": [stop], "no_stop_trim": True})
     assert stop in kept["text"]
 
 
-def test_the_stop_string_that_starts_first_wins_within_one_token(engine):
-    full = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 24})
-    ids, decode = full["output_ids"], engine.tokenizer.decode
+def test_the_stop_string_that_starts_first_wins_within_one_token(tiny_engine):
+    full = tiny_engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 24})
+    ids, decode = full["output_ids"], tiny_engine.tokenizer.decode
     for i in range(len(ids)):
         prefix, text = decode(ids[:i]), decode(ids[: i + 1])
         piece = text[len(prefix) :]
@@ -63,46 +53,48 @@ def test_the_stop_string_that_starts_first_wins_within_one_token(engine):
     else:
         raise AssertionError(f"no token of 3+ characters in {full['text']!r}")
     late, early = piece[1:], piece[:2]
-    out = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 24, "stop": [late, early]})
+    out = tiny_engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 24, "stop": [late, early]})
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": early}
     assert out["text"] == prefix
 
 
-def test_stop_token_ids_and_min_new_tokens(engine):
-    full = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 16})["output_ids"]
+def test_stop_token_ids_and_min_new_tokens(tiny_engine):
+    full = tiny_engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 16})["output_ids"]
     stop_id = full[3]
     first = full.index(stop_id)
-    out = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 16, "stop_token_ids": [stop_id]})
+    out = tiny_engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 16, "stop_token_ids": [stop_id]})
     assert out["output_ids"] == full[: first + 1]
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop_id}
-    held = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 16, "stop_token_ids": [stop_id], "min_new_tokens": 10})
+    held = tiny_engine.generate(
+        PROMPT, {**GREEDY, "max_new_tokens": 16, "stop_token_ids": [stop_id], "min_new_tokens": 10}
+    )
     assert len(held["output_ids"]) >= 10
     assert stop_id not in held["output_ids"][:10]
 
 
-def test_eos_ignore_eos_and_special_tokens(engine):
+def test_eos_ignore_eos_and_special_tokens(tiny_engine):
     eos = 2
     force_eos = {"temperature": 0, "max_new_tokens": 5, "logit_bias": {str(eos): 100.0}}
-    stopped = engine.generate(PROMPT, force_eos)
+    stopped = tiny_engine.generate(PROMPT, force_eos)
     assert stopped["output_ids"] == [eos]
     assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": eos}
     assert stopped["text"] == ""
-    ignored = engine.generate(PROMPT, {**force_eos, "ignore_eos": True})
+    ignored = tiny_engine.generate(PROMPT, {**force_eos, "ignore_eos": True})
     assert ignored["output_ids"] == [eos] * 5
     assert ignored["meta_info"]["finish_reason"] == {"type": "length", "length": 5}
-    shown = engine.generate(PROMPT, {**force_eos, "skip_special_tokens": False, "ignore_eos": True})
+    shown = tiny_engine.generate(PROMPT, {**force_eos, "skip_special_tokens": False, "ignore_eos": True})
     assert "<|im_end|>" in shown["text"]
 
 
-def test_frequency_penalty_reduces_repetition(engine):
-    plain = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 40})["output_ids"]
-    penalized = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 40, "frequency_penalty": 2.0})["output_ids"]
+def test_frequency_penalty_reduces_repetition(tiny_engine):
+    plain = tiny_engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 40})["output_ids"]
+    penalized = tiny_engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 40, "frequency_penalty": 2.0})["output_ids"]
     assert len(set(penalized)) > len(set(plain))
 
 
-def test_prefill_only_request_returns_input_logprobs_matching_transformers(engine, model_path):
-    ids = engine.tokenizer.encode(PROMPT)
-    out = engine.generate(
+def test_prefill_only_request_returns_input_logprobs_matching_transformers(tiny_engine, tiny_llama):
+    ids = tiny_engine.tokenizer.encode(PROMPT)
+    out = tiny_engine.generate(
         input_ids=ids,
         sampling_params={"max_new_tokens": 0},
         return_logprob=True,
@@ -116,7 +108,7 @@ def test_prefill_only_request_returns_input_logprobs_matching_transformers(engin
     entries = meta["input_token_logprobs"]
     assert len(entries) == len(ids) and entries[0][0] is None
     assert [e[1] for e in entries] == ids and all(isinstance(e[2], str) for e in entries)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0], dim=-1)
     expected = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
@@ -125,9 +117,9 @@ def test_prefill_only_request_returns_input_logprobs_matching_transformers(engin
     assert tops[0] is None and all(len(t) == 2 and t[0][0] >= t[1][0] for t in tops[1:])
 
 
-def test_logprob_window_and_output_logprobs(engine):
-    ids = engine.tokenizer.encode(PROMPT)
-    out = engine.generate(
+def test_logprob_window_and_output_logprobs(tiny_engine):
+    ids = tiny_engine.tokenizer.encode(PROMPT)
+    out = tiny_engine.generate(
         input_ids=ids,
         sampling_params={**GREEDY, "max_new_tokens": 6},
         return_logprob=True,
@@ -135,7 +127,7 @@ def test_logprob_window_and_output_logprobs(engine):
         top_logprobs_num=3,
     )
     meta = out["meta_info"]
-    whole = engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, return_logprob=True)
+    whole = tiny_engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, return_logprob=True)
     whole = whole["meta_info"]["input_token_logprobs"]  # prefill-only: the whole prompt by default
     assert len(whole) == len(ids) and whole[0][0] is None  # position 0 has no context
     window = meta["input_token_logprobs"]
@@ -147,15 +139,15 @@ def test_logprob_window_and_output_logprobs(engine):
     for entry, top in zip(meta["output_token_logprobs"], meta["output_top_logprobs"]):
         assert len(top) == 3 and top[0][1] == entry[1]  # greedy picks the most likely token
         assert top[0][0] == pytest.approx(entry[0], abs=1e-6)
-    only_output = engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 3}, return_logprob=True)
+    only_output = tiny_engine.generate(PROMPT, {**GREEDY, "max_new_tokens": 3}, return_logprob=True)
     assert only_output["meta_info"]["input_token_logprobs"] == []
     assert len(only_output["meta_info"]["output_token_logprobs"]) == 3
 
 
-def test_stream_chunks_are_cumulative_and_end_like_the_plain_call(engine):
+def test_stream_chunks_are_cumulative_and_end_like_the_plain_call(tiny_engine):
     params = {**GREEDY, "max_new_tokens": 10}
-    chunks = list(engine.generate(PROMPT, params, stream=True))
-    plain = engine.generate(PROMPT, params)
+    chunks = list(tiny_engine.generate(PROMPT, params, stream=True))
+    plain = tiny_engine.generate(PROMPT, params)
     assert len(chunks) >= 2
     for before, after in zip(chunks, chunks[1:]):
         assert after["text"].startswith(before["text"])
@@ -179,15 +171,15 @@ def test_stream_chunks_are_cumulative_and_end_like_the_plain_call(engine):
         ({"temprature": 0.5}, "temprature"),
     ],
 )
-def test_bad_sampling_params_raise_value_error_naming_the_field(engine, params, field):
+def test_bad_sampling_params_raise_value_error_naming_the_field(tiny_engine, params, field):
     with pytest.raises(ValueError, match=field):
-        engine.generate(PROMPT, params)
+        tiny_engine.generate(PROMPT, params)
 
 
-def test_bad_inputs_raise_clear_errors(engine):
+def test_bad_inputs_raise_clear_errors(tiny_engine):
     with pytest.raises(ValueError, match="empty"):
-        engine.generate("", {"max_new_tokens": 1})
+        tiny_engine.generate("", {"max_new_tokens": 1})
     with pytest.raises(ValueError, match="context length"):
-        engine.generate(input_ids=[5] * 5000, sampling_params={"max_new_tokens": 1})
+        tiny_engine.generate(input_ids=[5] * 5000, sampling_params={"max_new_tokens": 1})
     with pytest.raises(ValueError, match="input_ids"):
-        engine.generate(input_ids=[5, -1], sampling_params={"max_new_tokens": 1})
+        tiny_engine.generate(input_ids=[5, -1], sampling_params={"max_new_tokens": 1})

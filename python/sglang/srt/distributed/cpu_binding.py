@@ -62,17 +62,13 @@ def parse_cpu_list(text: str) -> list[int]:
 
 def format_cpu_list(cpus: tuple[int, ...] | list[int]) -> str:
     """[0, 1, 2, 3, 8] -> '0-3,8'."""
-    parts, run = [], []
+    runs: list[list[int]] = []
     for cpu in sorted(cpus):
-        if run and cpu == run[-1] + 1:
-            run.append(cpu)
-            continue
-        if run:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [cpu]
-    if run:
-        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(parts)
+        if runs and cpu == runs[-1][-1] + 1:
+            runs[-1].append(cpu)
+        else:
+            runs.append([cpu])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 def numa_nodes(root: Path = _NODE_ROOT) -> dict[int, list[int]]:
@@ -94,16 +90,14 @@ def plan_bindings(
     nodes = numa_nodes() if nodes is None else nodes
     node_of = {cpu: node for node, cpus in nodes.items() for cpu in cpus}
     if spec == "all":
-        return [CpuBinding()] * num_ranks
-    if spec == "auto":
+        shares = []
+    elif spec == "auto":
         shares = _auto_shares(num_ranks, allowed, nodes)
     else:
         shares = _explicit_shares(spec, num_ranks, allowed)
-    return (
-        [CpuBinding(tuple(s), tuple(sorted({node_of.get(c, 0) for c in s}))) for s in shares]
-        if shares
-        else [CpuBinding()] * num_ranks
-    )
+    if not shares:
+        return [CpuBinding()] * num_ranks
+    return [CpuBinding(tuple(share), tuple(sorted({node_of.get(c, 0) for c in share}))) for share in shares]
 
 
 def _explicit_shares(spec: str, num_ranks: int, allowed: list[int]) -> list[list[int]]:

@@ -80,16 +80,16 @@ def make_socket_dir() -> str:
     return tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{pid}-{_process_start_time(pid)}-")
 
 
-def remove_stale_socket_dirs(parent: Optional[str] = None) -> list[str]:
-    """Removes the socket directories (or shared-memory segments) in `parent` (the temp
-    directory) whose owner process is gone; returns them. Those of other users, and ones not
-    named after an owner, stay."""
+def stale_socket_dirs(parent: Optional[str] = None) -> list[str]:
+    """The socket directories (or shared-memory segments) in `parent` (the temp directory)
+    whose owner process is gone. Those of other users, and ones not named after an owner, are
+    not listed."""
     parent = parent or tempfile.gettempdir()
-    removed = []
     try:
         names = os.listdir(parent)
     except OSError:
-        return removed
+        return []
+    stale = []
     for name in names:
         owner = name[len(SOCKET_DIR_PREFIX) :].split("-")
         if not name.startswith(SOCKET_DIR_PREFIX) or len(owner) < 3:
@@ -100,10 +100,17 @@ def remove_stale_socket_dirs(parent: Optional[str] = None) -> list[str]:
             continue
         path = os.path.join(parent, name)
         try:
-            if os.stat(path).st_uid != os.getuid() or _owner_alive(pid, start_time):
-                continue
+            if os.stat(path).st_uid == os.getuid() and not _owner_alive(pid, start_time):
+                stale.append(path)
         except OSError:
             continue
+    return stale
+
+
+def remove_stale_socket_dirs(parent: Optional[str] = None) -> list[str]:
+    """Removes `stale_socket_dirs(parent)`; returns them."""
+    removed = []
+    for path in stale_socket_dirs(parent):
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
         else:

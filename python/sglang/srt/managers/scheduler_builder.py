@@ -93,7 +93,7 @@ def init_rank_distributed(args: ServerArgs, ipc: dict[str, str], global_rank: in
         backend = "nccl"
     # Ranks on this host exchange data through shared memory (TKNP's q/k/v, outputs, batches and
     # logits; TP's all-reduce and all-gather); ranks with cores of their own spin briefly first.
-    shm_prefix = None if args.disable_shm_transport or backend != "gloo" else ipc.get("shm_prefix")
+    shm_prefix = None if args.disable_shm_transport else ipc.get("shm_prefix")
     spin = SPIN_BOUND if ipc.get("ranks_bound") == "1" else 0
     # Idle ranks wait inside a collective for as long as the server is idle.
     return init_distributed(

@@ -10,12 +10,10 @@ the request says `continue_final_message: false`.
 
 from __future__ import annotations
 
-import json
 from typing import Any, AsyncIterator, Optional, Union
 
 from jinja2 import TemplateError
 
-from sglang.srt.constrained.grammar_backend import check_grammar
 from sglang.srt.entrypoints.openai.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -40,7 +38,14 @@ from sglang.srt.entrypoints.openai.serving import (
     token_text,
 )
 from sglang.srt.entrypoints.openai.tool_parsers import TOOL_CALL_FORMATS
-from sglang.srt.entrypoints.openai.tools import ToolChoiceStream, ToolPlan, new_call_id, template_tool_calls, tool_plan
+from sglang.srt.entrypoints.openai.tools import (
+    ToolChoiceStream,
+    ToolPlan,
+    checked_json_schema,
+    new_call_id,
+    template_tool_calls,
+    tool_plan,
+)
 from sglang.srt.managers.io_struct import GenerateReqInput
 
 # "developer" is OpenAI's newer name for "system", "function" its old one for "tool"; chat
@@ -109,12 +114,8 @@ def _response_format_params(request: ChatCompletionRequest) -> dict[str, str]:
         return {"json_schema": '{"type": "object"}'}
     if fmt.json_schema is None:
         raise bad_request("response_format.json_schema is required for type json_schema", "response_format.json_schema")
-    schema = json.dumps(fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {})
-    try:
-        check_grammar("json_schema", schema)
-    except ValueError as exc:  # the engine would say the same, naming its own field
-        raise bad_request(str(exc), "response_format.json_schema.schema") from None
-    return {"json_schema": schema}
+    schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {}
+    return {"json_schema": checked_json_schema(schema, "response_format.json_schema.schema")}
 
 
 def _check_supported(request: ChatCompletionRequest) -> None:
@@ -227,9 +228,6 @@ class _Chat(ResponseBuilder):
         # per streamed choice, when the tools change what is sent
         self.tool_streams: dict[int, ToolChoiceStream] = {}
 
-    def _changes_output(self) -> bool:
-        return self.plan.mode in ("required", "named") or (self.plan.mode == "auto" and self.plan.fmt is not None)
-
     def _logprobs(self, entries: list, tops: list) -> Optional[ChatLogprobs]:
         if not self.with_logprobs:
             return None
@@ -238,7 +236,7 @@ class _Chat(ResponseBuilder):
     def choice(self, index: int, result: dict, finish_reason: Optional[str], matched: Any) -> ChatChoice:
         meta = result["meta_info"]
         content, calls = result["text"], None
-        if self._changes_output():
+        if self.plan.changes_output:
             content, parsed = self.plan.parse(content)
             if parsed:
                 calls = [
@@ -264,7 +262,7 @@ class _Chat(ResponseBuilder):
         if step.first:
             chunks.append(self.chunk(_stream_choice(index, {"role": "assistant", "content": ""})))
         text, calls, finish_reason = step.text, [], step.finish_reason
-        if self._changes_output():
+        if self.plan.changes_output:
             tools = self.tool_streams.setdefault(index, ToolChoiceStream(self.plan))
             text, calls = tools.step(step.text)
             if finish_reason is not None:

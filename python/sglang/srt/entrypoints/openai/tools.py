@@ -41,6 +41,11 @@ class ToolPlan:
     function: Optional[str] = None  # named: the function
     schema: Optional[str] = None  # required/named: the JSON schema the output follows
 
+    @property
+    def changes_output(self) -> bool:
+        """Whether the output is turned into tool calls (else it is plain content)."""
+        return self.mode in ("required", "named") or (self.mode == "auto" and self.fmt is not None)
+
     def template_tools(self) -> Optional[list[dict]]:
         """The tools as the chat template takes them (OpenAI's shape, as HF templates expect)."""
         if self.mode == "none":
@@ -142,12 +147,17 @@ def _parameters(tool: Tool) -> dict:
 
 
 def _checked_parameters(tool: Tool, index: int) -> str:
-    """A function's parameters as a JSON schema text; a 400 naming it when it cannot be compiled."""
-    text = json.dumps(_parameters(tool))
+    return checked_json_schema(_parameters(tool), f"tools[{index}].function.parameters")
+
+
+def checked_json_schema(schema: dict, param: str) -> str:
+    """`schema` as the engine's json_schema text; a 400 naming `param` when the grammar backend
+    cannot compile it (the engine would say the same, naming its own field)."""
+    text = json.dumps(schema)
     try:
         check_grammar("json_schema", text)
     except ValueError as exc:
-        raise bad_request(str(exc), f"tools[{index}].function.parameters") from None
+        raise bad_request(str(exc), param) from None
     return text
 
 
@@ -165,11 +175,11 @@ def template_tool_calls(calls: list[Any]) -> list[dict]:
     return rendered
 
 
-def call_deltas(calls: list[ParsedToolCall], first_index: int = 0) -> list[dict]:
+def call_deltas(calls: list[ParsedToolCall]) -> list[dict]:
     """OpenAI stream deltas for whole calls: each named and given its arguments at once."""
     return [
         {
-            "index": first_index + i,
+            "index": i,
             "id": new_call_id(),
             "type": "function",
             "function": {"name": call.name, "arguments": call.arguments},
