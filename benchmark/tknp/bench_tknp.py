@@ -6,8 +6,9 @@
 `--configs` lists TKNP sizes, or TKNPxTP pairs (`2x2`: --tknp-size 2 --tp-size 2, 4 processes;
 the shape's heads must split over the TP size: llama-160m's 12 do, smollm2-135m's 9 do not),
 each optionally with a `/` and its --cpu-omp-threads-bind (`2/all`: ranks share every core;
-`2/0|1`: one core each; empty: the server's default, auto) and a second `/gloo` to force gloo
-instead of the shared-memory transport (`2//gloo`).
+`2/0|1`: one core each; empty: the server's default, auto) and a second `/` with options joined
+by `+`: `gloo` forces gloo instead of the shared-memory transport (`2//gloo`), `tbo` turns on
+--enable-two-batch-overlap (`2/0|1/tbo`, `2//gloo+tbo`).
 For each it starts `python -m sglang.launch_server` on a random-weight model in a real model's
 shape (SmolLM2-135M's by default, written to a temp dir; no download), sized by memory
 (no --max-total-tokens), and reports:
@@ -124,9 +125,18 @@ def run_batch(url: str, prompts: list[list[int]], max_new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
-    layout, bind, transport = (config.split("/") + ["", ""])[:3]
+def parse_config(config: str) -> tuple[str, str, str, set[str]]:
+    """TKNP size, TP size ('' for 1), --cpu-omp-threads-bind ('' for the default), options."""
+    layout, bind, options = (config.split("/") + ["", ""])[:3]
     tknp, _, tp = layout.partition("x")
+    chosen = set(options.split("+")) - {""}
+    if chosen - {"gloo", "tbo"}:
+        raise SystemExit(f"config {config!r}: unknown options {sorted(chosen - {'gloo', 'tbo'})}; known: gloo, tbo")
+    return tknp, tp, bind, chosen
+
+
+def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
+    tknp, tp, bind, options = parse_config(config)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = (
@@ -154,7 +164,8 @@ def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
             str(args.context_len + args.output_len + 8),
         ]
         + (["--cpu-omp-threads-bind", bind] if bind else [])
-        + (["--disable-shm-transport"] if transport == "gloo" else [])
+        + (["--disable-shm-transport"] if "gloo" in options else [])
+        + (["--enable-two-batch-overlap"] if "tbo" in options else [])
     )
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -184,6 +195,7 @@ def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
             "prefill_s": round(prefill, 2),
             "decode_tok_s": round(args.num_requests * (args.output_len - 1) / (decode - first_token), 1),
             "comm_share": round(comm / forward, 3) if forward > 0 else 0.0,
+            "overlapped_steps": root["tknp_overlapped_steps"] - before["tknp_overlapped_steps"],
             "cpu_binding": [b["cpus"] for b in info["cpu_binding"]],
             "transport": info.get("transport", {}),
         }
@@ -193,13 +205,12 @@ def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
 
 
 def _label(config: str) -> str:
-    layout, bind, transport = (config.split("/") + ["", ""])[:3]
-    tknp, _, tp = layout.partition("x")
+    tknp, tp, bind, options = parse_config(config)
     return (
         f"tknp {tknp}"
         + (f" x tp {tp}" if tp else "")
         + (f" [{bind}]" if bind else "")
-        + (f" {transport}" if transport else "")
+        + "".join(f" {o}" for o in sorted(options))
     )
 
 
@@ -241,11 +252,11 @@ def main() -> None:
         f"shape={args.shape} dtype={args.dtype} requests={args.num_requests} context={args.context_len} output={args.output_len}"
     )
     print(
-        f"{'config':>20} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} {'decode tok/s':>12} {'comm share':>10}  cores per rank, transport"
+        f"{'config':>20} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} {'decode tok/s':>12} {'comm share':>10} {'split steps':>11}  cores per rank, transport"
     )
     for r in results:
         print(
-            f"{_label(r['config']):>20} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} {r['decode_tok_s']:>12} {r['comm_share']:>10.1%}  {r['cpu_binding']} {r['transport']}"
+            f"{_label(r['config']):>20} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} {r['decode_tok_s']:>12} {r['comm_share']:>10.1%} {r['overlapped_steps']:>11}  {r['cpu_binding']} {r['transport']}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -67,7 +67,8 @@ def test_a_rank_that_dies_fails_the_engines_requests_instead_of_hanging(make_tin
 def test_bf16_tknp_root_takes_the_fused_layer_halves_and_matches_tknp_1(engine_factory, make_tiny_model):
     """In bf16 a decode layer runs as sgl_kernel calls: whole (decode_layer) at tknp 1, in two
     halves around the ranks' attention (decode_layer_qkv, decode_layer_out) on a TKNP root.
-    Both are the layer-by-layer ops in the same order, so greedy tokens agree."""
+    Both are the layer-by-layer ops in the same order, so greedy tokens agree; with two-batch
+    overlap too, where the halves of two micro-batches take turns."""
     from sglang import Engine
 
     path = str(make_tiny_model("llama", seed=6))
@@ -77,6 +78,8 @@ def test_bf16_tknp_root_takes_the_fused_layer_halves_and_matches_tknp_1(engine_f
     assert all(layer.fused_decode is not None for layer in plain.scheduler.runner.model.model.layers)
     expected = [o["output_ids"] for o in plain.generate(input_ids=prompts, sampling_params=params)]
     kwargs = dict(model_path=path, dtype="bfloat16", max_total_tokens=2048, log_level="warning")
-    with Engine(**kwargs, tknp_size=2, load_balance_method="round_robin") as engine:
-        outs = engine.generate(input_ids=prompts, sampling_params=params)
-    assert [o["output_ids"] for o in outs] == expected
+    for overlap in (False, True):
+        with Engine(**kwargs, tknp_size=2, load_balance_method="round_robin", enable_two_batch_overlap=overlap) as e:
+            outs = e.generate(input_ids=prompts, sampling_params=params)
+            assert (e.get_server_info()["ranks"][0]["tknp_overlapped_steps"] > 0) == overlap
+        assert [o["output_ids"] for o in outs] == expected, f"two-batch overlap {overlap}"

@@ -82,7 +82,7 @@ def _runner(
     )
 
 
-def _rank_main(rank, tknp, tp, all_to_all, page_size, init_file, model_path):
+def _rank_main(rank, tknp, tp, all_to_all, overlap, page_size, init_file, model_path):
     from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
     from sglang.srt.distributed.tknp_comm import TknpComm
     from sglang.srt.layers.tensor_parallel import TpGroup
@@ -92,53 +92,73 @@ def _rank_main(rank, tknp, tp, all_to_all, page_size, init_file, model_path):
     state = init_distributed(RankLayout(tknp_size=tknp, tp_size=tp), rank, f"file://{init_file}", "gloo")
     runner = _runner(model_path, hold_weights=state.coords.tknp == 0, tp=TpGroup.of(state), page_size=page_size)
     param_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters() if not p.is_meta)
-    forward = (
-        TknpModelRunner(runner, TknpComm.of(state, use_all_to_all=all_to_all)).forward if tknp > 1 else runner.forward
-    )
+    forward = runner.forward
+    if tknp > 1:
+        forward = TknpModelRunner(runner, TknpComm.of(state, use_all_to_all=all_to_all), two_batch_overlap=overlap)
     # shifted so the root is idle in some steps (tknp 2, 3) or all of them (tknp 6)
     mine = [i for i in range(len(PROMPTS)) if (i + 1) % tknp == state.coords.tknp]
     results = _run_requests(forward, runner, PROMPTS, mine)
     destroy_distributed()
-    return param_bytes, {i: (ids, logits.tolist()) for i, (ids, logits) in results.items()}
+    overlapped = getattr(forward, "overlapped_steps", 0)
+    return param_bytes, {i: (ids, logits.tolist()) for i, (ids, logits) in results.items()}, overlapped
 
 
 @pytest.mark.parametrize(
-    "tknp,tp,all_to_all,page_size",
+    "tknp,tp,all_to_all,overlap,page_size",
     [
-        (2, 1, False, 1),
-        (3, 1, True, 1),
-        (6, 1, False, 1),
-        (6, 1, True, 1),
-        (1, 2, False, 1),
-        (2, 2, True, 1),
-        (3, 1, False, 16),
+        (2, 1, False, False, 1),
+        (3, 1, True, False, 1),
+        (6, 1, False, False, 1),
+        (6, 1, True, False, 1),
+        (1, 2, False, False, 1),
+        (2, 2, True, False, 1),
+        (3, 1, False, False, 16),
+        (2, 1, False, True, 1),
+        (3, 1, False, True, 16),
+        (6, 1, False, True, 1),
+        (2, 2, False, True, 1),
     ],
-    ids=["tknp2", "tknp3-a2a", "tknp6", "tknp6-a2a", "tp2", "tknp2xtp2-a2a", "tknp3-page16"],
+    ids=[
+        "tknp2",
+        "tknp3-a2a",
+        "tknp6",
+        "tknp6-a2a",
+        "tp2",
+        "tknp2xtp2-a2a",
+        "tknp3-page16",
+        "tknp2-tbo",
+        "tknp3-tbo-page16",
+        "tknp6-tbo",
+        "tknp2xtp2-tbo",
+    ],
 )
-def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, tp, all_to_all, page_size):
+def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, tp, all_to_all, overlap, page_size):
     """TKNP gives the single-rank logits bit for bit in effect (1e-4); TP to rounding (its
     row-parallel sums run in another order), with the same greedy tokens. `a2a`: the
-    scatter/gather NCCL uses (all_to_all_single with split sizes), run here on gloo. `page16`:
-    the ranks' pools hand out pages of 16 slots (the reference keeps pages of one)."""
+    scatter/gather NCCL uses (all_to_all_single with split sizes), run here on gloo. `tbo`:
+    two-batch overlap, decode steps in two micro-batches whose forwards take turns on the root.
+    `page16`: the ranks' pools hand out pages of 16 slots (the reference keeps pages of one)."""
     model_path = str(make_tiny_model("llama", seed=4))
     ref = _runner(model_path, True)
     reference = _run_requests(ref.forward, ref, PROMPTS, range(len(PROMPTS)))
     full_bytes = sum(p.numel() * p.element_size() for p in ref.model.parameters())
 
     world = tknp * tp
-    got = run_ranks(_rank_main, world, tknp, tp, all_to_all, page_size, str(tmp_path / "init"), model_path)
+    got = run_ranks(_rank_main, world, tknp, tp, all_to_all, overlap, page_size, str(tmp_path / "init"), model_path)
     # global rank = tknp_rank * tp + tp_rank: the first tp ranks are the root's shards
     root_bytes = [got[r][0] for r in range(tp)]
     assert all(0 < b < full_bytes * (0.6 if tp > 1 else 1.01) for b in root_bytes), (
         f"root shards {root_bytes} of {full_bytes}"
     )
     assert all(got[r][0] == 0 for r in range(tp, world)), "only the root holds weights"
+    # the decode steps split (each has requests for both micro-batches); the root counts them
+    assert [got[r][2] for r in range(world)] == [DECODE_STEPS if overlap else 0] * tp + [0] * (world - tp)
     # TP replicas of a TKNP rank return the same thing
     for r in range(world):
         first = got[r - r % tp][1]
         assert {i: ids for i, (ids, _) in got[r][1].items()} == {i: ids for i, (ids, _) in first.items()}
     # with tknp 6 the root owns no request and rank 4's only prompt is one token: empty partitions
-    merged = {i: res for r, (_, results) in got.items() if r % tp == 0 for i, res in results.items()}
+    merged = {i: res for r, (_, results, _) in got.items() if r % tp == 0 for i, res in results.items()}
     assert sorted(merged) == list(range(len(PROMPTS)))
     for i, (ids, logits) in reference.items():
         assert merged[i][0] == ids, f"prompt {i}"

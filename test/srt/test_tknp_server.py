@@ -102,11 +102,21 @@ def _run_concurrently(server, reqs):
 def test_parity_across_tknp_and_tp_sizes_with_retraction(model_path):
     """The oracle is --tknp-size 1: TKNP 2 and 3 must match it, and TP 2 x TKNP 2 must match
     TP 2 x TKNP 1 (4 processes). TP itself changes float rounding (row-parallel sums), so
-    TP 2 is held to the same tokens and logprobs within 1e-4 of TP 1."""
+    TP 2 is held to the same tokens and logprobs within 1e-4 of TP 1. "shm+tbo": two-batch
+    overlap on the decode steps."""
     _check_retraction_is_forced(_workload())
     results = {}
     # the ranks exchange data through shared memory; (2, 1, "gloo") forces gloo for comparison
-    for tknp, tp, transport in ((1, 1, ""), (2, 1, "shm"), (2, 1, "gloo"), (3, 1, "shm"), (1, 2, "shm"), (2, 2, "shm")):
+    configs = (
+        (1, 1, ""),
+        (2, 1, "shm"),
+        (2, 1, "gloo"),
+        (2, 1, "shm+tbo"),
+        (3, 1, "shm+tbo"),
+        (1, 2, "shm"),
+        (2, 2, "shm"),
+    )
+    for tknp, tp, transport in configs:
         # The pool and workload force retraction on every run: see _check_retraction_is_forced.
         server = _server(
             model_path,
@@ -118,6 +128,7 @@ def test_parity_across_tknp_and_tp_sizes_with_retraction(model_path):
             "--chunked-prefill-size",
             str(PARITY_CHUNK),
             *(["--disable-shm-transport"] if transport == "gloo" else []),
+            *(["--enable-two-batch-overlap"] if transport.endswith("+tbo") else []),
         )
         try:
             results[tknp, tp, transport] = _run_concurrently(server, _workload())
@@ -125,13 +136,17 @@ def test_parity_across_tknp_and_tp_sizes_with_retraction(model_path):
             assert info["num_retractions"] > 0, f"tknp {tknp} tp {tp}: the pool was meant to force retraction"
             assert info["kv_tokens_used"] == 0 and info["num_running_reqs"] == 0
             assert len(info["internal_states"]) == tknp, "one entry per TKNP rank (TP replicas are one rank)"
-            assert set(info["transport"].values()) == ({transport} if transport else set()), info["transport"]
+            used = transport.removesuffix("+tbo")
+            assert set(info["transport"].values()) == ({used} if used else set()), info["transport"]
+            overlapped = info["internal_states"][0]["tknp_overlapped_steps"]
+            assert (overlapped > 0) == transport.endswith("+tbo"), overlapped
         finally:
             server.stop()
     pairs = (
         ((2, 1, "shm"), (1, 1, "")),
         ((2, 1, "gloo"), (1, 1, "")),
-        ((3, 1, "shm"), (1, 1, "")),
+        ((2, 1, "shm+tbo"), (1, 1, "")),
+        ((3, 1, "shm+tbo"), (1, 1, "")),
         ((2, 2, "shm"), (1, 2, "shm")),
         ((1, 2, "shm"), (1, 1, "")),
     )

@@ -37,6 +37,7 @@ class FakeForward:
     """A Forward whose logits put all mass on `script.get(last input token, FILLER)`."""
 
     comm_seconds = 0.0
+    overlapped_steps = 0
 
     def __init__(self, script: Optional[dict[int, int]] = None):
         self.script = {TO_EOS: EOS, **(script or {})}

@@ -23,6 +23,11 @@ BAD = [
         dict(tknp_size=2, device="cpu", cpu_omp_threads_bind="0|zero"),
         "--cpu-omp-threads-bind: 'zero' is not a CPU list",
     ),
+    (dict(enable_two_batch_overlap=True), "--enable-two-batch-overlap needs --tknp-size > 1, got 1"),
+    (
+        dict(enable_two_batch_overlap=True, tknp_size=2, device="cuda"),
+        "--enable-two-batch-overlap runs on CPU ranks only (GPU ranks exchange q/k/v with NCCL all_to_all), got 'cuda'",
+    ),
 ]
 
 
@@ -31,7 +36,8 @@ def _build(entry: str, kwargs: dict) -> ServerArgs:
         return ServerArgs(**kwargs)
     if entry == "engine_kwargs":
         return ServerArgs.from_kwargs(**kwargs)
-    return parse_args([x for name, value in kwargs.items() for x in ("--" + name.replace("_", "-"), str(value))])
+    flags = [("--" + name.replace("_", "-"), value) for name, value in kwargs.items()]
+    return parse_args([x for flag, value in flags for x in ((flag,) if value is True else (flag, str(value)))])
 
 
 @pytest.mark.parametrize("kwargs, message", BAD)

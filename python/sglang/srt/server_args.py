@@ -76,6 +76,11 @@ class ServerArgs:
         False,
         "move the ranks' data on gloo even when they share a host (by default it goes through shared memory there)",
     )
+    enable_two_batch_overlap: bool = _opt(
+        False,
+        "under --tknp-size > 1 on CPU, cut each decode step into two micro-batches so that the root runs the dense "
+        "layers of one while the ranks attend the other",
+    )
     dp_size: int = _opt(1, "data parallel size (only 1; use --tknp-size to scale KV capacity)")
     pp_size: int = _opt(1, "pipeline parallel size (only 1: pipeline parallelism is not supported)")
     nnodes: int = _opt(
@@ -226,6 +231,14 @@ class ServerArgs:
         if self.attention_backend == "flashinfer" and (reason := _flashinfer_unusable(self.device, self.dtype)):
             raise ValueError(
                 f"--attention-backend flashinfer cannot run here: {reason}; use --attention-backend torch_native"
+            )
+        if self.enable_two_batch_overlap:
+            _check(self.tknp_size > 1, "--enable-two-batch-overlap needs --tknp-size > 1", self.tknp_size)
+            # NCCL's all_to_all joins every rank to every layer's exchange, in one order
+            _check(
+                self.device == "cpu",
+                "--enable-two-batch-overlap runs on CPU ranks only (GPU ranks exchange q/k/v with NCCL all_to_all)",
+                self.device,
             )
         if self.mem_fraction_static is None:
             self.mem_fraction_static = _GPU_MEM_FRACTION if self.device == "cuda" else _CPU_MEM_FRACTION

@@ -49,7 +49,12 @@ class ShmLayout:
 
     @property
     def channel_bytes(self) -> int:
-        return _CHANNEL_HEADER + self.slot_bytes * self.num_slots
+        return _CHANNEL_HEADER + self.ring_bytes
+
+    @property
+    def ring_bytes(self) -> int:
+        """The most a sender can leave in a channel before it waits for its receiver."""
+        return self.slot_bytes * self.num_slots
 
     def channel(self, src: int, dst: int) -> int:
         """Where messages from group rank `src` to `dst` go."""

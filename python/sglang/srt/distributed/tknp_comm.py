@@ -77,6 +77,12 @@ class TknpComm:
     def is_root(self) -> bool:
         return self.tknp_rank == 0
 
+    @property
+    def send_buffer_bytes(self) -> Optional[int]:
+        """The largest message `send` leaves to a receiver that is itself sending; None: any
+        (gloo's isend returns at once)."""
+        return self.shm.layout.ring_bytes if self.shm is not None else None
+
     def send(self, tensor: torch.Tensor, to: int) -> None:
         if self.shm is not None:
             self.shm.send(tensor, to)

@@ -5,6 +5,7 @@ position up to the context length and looked up by position, so a step costs one
 """
 
 import math
+import threading
 from typing import Any, Optional
 
 import torch
@@ -64,8 +65,8 @@ class RotaryEmbedding(nn.Module):
         # One instance serves every layer of a model: the model looks cos/sin up once per
         # forward (`prepare`), and every layer's rotation reuses them. Once per forward, never
         # cached across forwards: a CUDA graph replays its positions buffer with new contents.
-        self._positions: torch.Tensor | None = None
-        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Per thread: under two-batch overlap two forwards take turns, one in each thread.
+        self._forward = threading.local()
         # sgl_kernel's ops, once use_cpu_kernels switched them on: the kernel rotates q and k in
         # place, reading cos/sin ([max_position, head_dim / 2], float32) by position itself.
         self._ops: Optional[Any] = None
@@ -81,24 +82,26 @@ class RotaryEmbedding(nn.Module):
 
     def prepare(self, positions: torch.Tensor, dtype: torch.dtype) -> None:
         """Looks up cos/sin for this forward's positions, in the dtype q and k will have."""
+        forward = self._forward
+        forward.positions = positions
         if self._use_kernel(positions, dtype):
-            self._positions, self._cos_sin = positions, None
+            forward.cos_sin = None
             return
         if self.cos_cache.device != positions.device:
             self.cos_cache, self.sin_cache = self.cos_cache.to(positions.device), self.sin_cache.to(positions.device)
-        self._positions = positions
-        self._cos_sin = (
+        forward.cos_sin = (
             self.cos_cache[positions].unsqueeze(1).to(dtype),
             self.sin_cache[positions].unsqueeze(1).to(dtype),
         )
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim]
-        assert positions is self._positions, "prepare(positions) comes first in every forward"
-        if self._cos_sin is None:  # prepare chose the kernel
+        forward = self._forward
+        assert positions is getattr(forward, "positions", None), "prepare(positions) comes first in every forward"
+        if forward.cos_sin is None:  # prepare chose the kernel
             self._ops.rotary_embedding(positions, q, k, *self._cos_sin_half)
             return q, k
-        cos, sin = self._cos_sin
+        cos, sin = forward.cos_sin
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     def _use_kernel(self, positions: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -68,6 +68,10 @@ class TknpAttentionBackend(AttentionBackend):
                 if sizes[r]
             ]
             local, local_seconds = self._local(q_parts, k_parts, v_parts, layer, parts.local)
+            if parts.pass_turn is not None:  # the other micro-batch's dense layers, meanwhile
+                turn_start = time.perf_counter()
+                parts.pass_turn()
+                local_seconds += time.perf_counter() - turn_start
             outs = [self.comm.recv((sizes[r], width), q.dtype, r) for r in range(1, self.comm.size) if sizes[r]]
             for work in pending:
                 work.wait()
@@ -88,28 +92,36 @@ class TknpAttentionBackend(AttentionBackend):
 def serve_attention_layers(
     inner: AttentionBackend,
     layers: list["RadixAttention"],
-    local_batch: Optional["ForwardBatch"],
+    batches: list[Optional["ForwardBatch"]],
     comm: TknpComm,
     dtype: torch.dtype,
 ) -> None:
-    """Non-root side of one forward: attention of every layer for this rank's partition, whose
-    metadata for `inner` the caller has built. With all_to_all a rank whose partition is empty
-    (`local_batch` None) still joins every layer."""
-    num_tokens = local_batch.input_ids.numel() if local_batch is not None else 0
-    from_root = [num_tokens] + [0] * (comm.size - 1)
-    nothing = [0] * comm.size
+    """Non-root side of one forward: attention of every layer for this rank's partition, or
+    under two-batch overlap for each of its two halves in turn, whose metadata for `inner` the
+    caller has built. With all_to_all a rank whose partition is empty ([None]) still joins
+    every layer."""
     for layer in layers:
-        width = qkv_width(layer.num_heads, layer.num_kv_heads, layer.head_dim)
-        if comm.use_all_to_all:
-            packed = comm.all_to_all_rows(torch.empty((0, width), dtype=dtype, device=comm.device), nothing, from_root)
-        else:
-            packed = comm.recv((num_tokens, width), dtype, 0)
-        out = (
-            inner.forward(*unpack_qkv(packed, layer.num_heads, layer.num_kv_heads, layer.head_dim), layer, local_batch)
-            if num_tokens
-            else packed[:, : layer.num_heads * layer.head_dim]
-        )
-        if comm.use_all_to_all:
-            comm.all_to_all_rows(out, from_root, nothing)
-        else:
-            comm.send(out, 0)
+        for batch in batches:
+            _serve_layer(inner, layer, batch, comm, dtype)
+
+
+def _serve_layer(
+    inner: AttentionBackend,
+    layer: "RadixAttention",
+    batch: Optional["ForwardBatch"],
+    comm: TknpComm,
+    dtype: torch.dtype,
+) -> None:
+    width = qkv_width(layer.num_heads, layer.num_kv_heads, layer.head_dim)
+    if comm.use_all_to_all:
+        num_tokens = batch.input_ids.numel() if batch is not None else 0
+        from_root, nothing = [num_tokens] + [0] * (comm.size - 1), [0] * comm.size
+        packed = comm.all_to_all_rows(torch.empty((0, width), dtype=dtype, device=comm.device), nothing, from_root)
+        out = packed[:, : layer.num_heads * layer.head_dim]
+        if num_tokens:
+            out = inner.forward(*unpack_qkv(packed, layer.num_heads, layer.num_kv_heads, layer.head_dim), layer, batch)
+        comm.all_to_all_rows(out, from_root, nothing)
+    elif batch is not None:
+        packed = comm.recv((batch.input_ids.numel(), width), dtype, 0)
+        out = inner.forward(*unpack_qkv(packed, layer.num_heads, layer.num_kv_heads, layer.head_dim), layer, batch)
+        comm.send(out, 0)

@@ -72,6 +72,11 @@ class Forward(Protocol):
         """Time spent moving data between ranks (load reports; 0 where nothing is measured)."""
         ...
 
+    @property
+    def overlapped_steps(self) -> int:
+        """Steps run as two micro-batches under two-batch overlap (load reports)."""
+        ...
+
 
 class Scheduler:
     def __init__(
@@ -155,6 +160,7 @@ class Scheduler:
             weight_bytes=self.runner.plan.weight_bytes,
             forward_seconds=self.forward_seconds,
             tknp_comm_seconds=self._forward.comm_seconds,
+            tknp_overlapped_steps=self._forward.overlapped_steps,
             tknp_rank=self.tknp_rank,
         )
 

@@ -48,7 +48,12 @@ def build_scheduler(
     )
     forward = runner
     if args.tknp_size > 1:
-        forward = TknpModelRunner(runner, TknpComm.of(state, args.device), cuda_graph_max_bs=graph_max_bs)
+        forward = TknpModelRunner(
+            runner,
+            TknpComm.of(state, args.device),
+            cuda_graph_max_bs=graph_max_bs,
+            two_batch_overlap=args.enable_two_batch_overlap,
+        )
     scheduler = Scheduler(
         runner,
         tokenizer,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum, auto
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -89,6 +89,30 @@ class ForwardBatch:
     def batch_size(self) -> int:
         return len(self.extend_lens)
 
+    def decode_rows(self, start: int, stop: int) -> Optional["ForwardBatch"]:
+        """Requests [start, stop) of a rank's decode batch that samples every row and scores no
+        prompt tokens, on the same pools and backend (its metadata still to build); None when
+        empty. Two-batch overlap attends a partition in two such halves."""
+        assert self.forward_mode == ForwardMode.DECODE and self.logprob_indices is None
+        if start == stop:
+            return None
+        rows = slice(start, stop)
+        return ForwardBatch(
+            forward_mode=ForwardMode.DECODE,
+            input_ids=self.input_ids[rows],
+            positions=self.positions[rows],
+            out_cache_loc=self.out_cache_loc[rows],
+            req_pool_indices=self.req_pool_indices[rows],
+            seq_lens=self.seq_lens[rows],
+            seq_lens_cpu=self.seq_lens_cpu[rows],
+            kv_lens=self.kv_lens[rows],
+            extend_lens=self.extend_lens[rows],
+            sample_indices=self.sample_indices[rows] - start,
+            req_to_token_pool=self.req_to_token_pool,
+            token_to_kv_pool=self.token_to_kv_pool,
+            attn_backend=self.attn_backend,
+        )
+
     _DEVICE_FIELDS = (
         "input_ids",
         "positions",
@@ -117,3 +141,6 @@ class TknpPartitions:
 
     num_tokens: list[int]  # rows of each rank's partition
     local: Optional[ForwardBatch]  # the root's own partition, on its pools (None when empty)
+    # Under two-batch overlap (a micro-batch's partitions): hands the turn to the other
+    # micro-batch once this one's q/k/v are out and its own rows attended.
+    pass_turn: Optional[Callable[[], None]] = None

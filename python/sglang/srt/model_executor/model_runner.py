@@ -209,6 +209,7 @@ class ModelRunner:
 
     # A runner is its scheduler's Forward: one rank, nothing moves between ranks.
     comm_seconds = 0.0
+    overlapped_steps = 0
 
     def __call__(self, batch: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
         return self.forward(batch)

@@ -17,11 +17,16 @@ scatter/gather has fixed split sizes: the root's graph holds the whole forward w
 collectives inside, each non-root rank's graph its attention loop, and the collectives of the
 two pair up on replay as they did on capture. Batches, headers and logits still move eagerly.
 
+Two-batch overlap (`two_batch_overlap`, CPU transports): an eager decode step runs as two
+micro-batches, each holding half of every partition; the root's two forwards take turns
+(two_batch_overlap.py), and each rank attends its two halves in turn per layer.
+
 The messages' formats are in distributed/tknp_protocol.py, the transport in tknp_comm.py.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -32,6 +37,7 @@ from sglang.srt.distributed.tknp_protocol import (
     StepHeader,
     pack_batch,
     pack_logits,
+    qkv_width,
     unpack_batch,
     unpack_logits,
 )
@@ -40,6 +46,7 @@ from sglang.srt.layers.tknp_attention import TknpAttentionBackend, serve_attenti
 from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner, GraphCapturer, graph_max_bs
 from sglang.srt.model_executor.forward_batch import ForwardBatch, TknpPartitions
 from sglang.srt.model_executor.model_runner import ModelRunner
+from sglang.srt.model_executor.two_batch_overlap import PassTurn, TwoBatchOverlap, split_decode_step
 
 
 class TknpModelRunner:
@@ -49,17 +56,29 @@ class TknpModelRunner:
         comm: TknpComm,
         cuda_graph_max_bs: Optional[int] = None,
         graphs: Optional[GraphCapturer] = None,
+        two_batch_overlap: bool = False,
     ):
         """`runner` must run eagerly (its own graphs would capture a forward of one rank);
-        `cuda_graph_max_bs` and `graphs` are what ModelRunner takes, for the group's graphs."""
+        `cuda_graph_max_bs` and `graphs` are what ModelRunner takes, for the group's graphs.
+        `two_batch_overlap` (point-to-point transports only) runs eager decode steps in two
+        micro-batches (two_batch_overlap.py)."""
         assert runner.hold_weights == comm.is_root, "exactly the TKNP root holds the weights"
         assert runner.cuda_graph_runner is None, "under TKNP the TKNP runner captures the graphs"
+        assert not (two_batch_overlap and comm.use_all_to_all), "two-batch overlap sends point to point"
         self.runner = runner
         self.comm = comm
         self.layers = runner.attention_layers
         self.vocab_size = runner.model_config.vocab_size
         if comm.is_root:
             self.tknp_backend = TknpAttentionBackend(runner.attn_backend, comm)
+        self.two_batch_overlap = two_batch_overlap
+        self._overlap = TwoBatchOverlap() if two_batch_overlap and comm.is_root else None
+        self.overlapped_steps = 0  # root only: steps run as two micro-batches (load reports)
+        # bytes of one token's q/k/v message, the largest message of an overlapped step
+        self._qkv_bytes = (
+            max((qkv_width(a.num_heads, a.num_kv_heads, a.head_dim) for a in self.layers), default=0)
+            * torch.empty((), dtype=runner.compute_dtype).element_size()
+        )
         self.graph_runner = self._init_graphs(cuda_graph_max_bs, graphs)
 
     @property
@@ -78,9 +97,23 @@ class TknpModelRunner:
         if all(h.tokens == 0 for h in headers):
             return None
         size = self._graph_bucket(headers)
+        firsts = self._micro_batches(headers) if size is None else None
         if self.comm.is_root:
+            if firsts is not None:
+                self.overlapped_steps += 1
+                return self._root_overlapped(local, headers, firsts)
             return self._root_forward(local, headers, size)
-        return self._rank_forward(local, headers[self.comm.tknp_rank], size)
+        return self._rank_forward(local, headers[self.comm.tknp_rank], size, firsts)
+
+    def _micro_batches(self, headers: list[StepHeader]) -> Optional[list[int]]:
+        """Under two-batch overlap, how many requests of each partition the first micro-batch
+        takes; None when this step runs as one batch. The same on every rank (headers only).
+        An overlapped root sends one micro-batch's next q/k/v while a rank sends back its
+        output for the other, so each message must fit in what a send leaves unread."""
+        if not self.two_batch_overlap:
+            return None
+        limit = self.comm.send_buffer_bytes
+        return split_decode_step(headers, None if limit is None else limit // max(self._qkv_bytes, 1))
 
     # ---- CUDA graphs ---------------------------------------------------------------------
 
@@ -107,7 +140,7 @@ class TknpModelRunner:
             body = self._root_graph_body
         else:
             body = lambda batch: serve_attention_layers(  # noqa: E731
-                runner.attn_backend, self.layers, batch, self.comm, runner.compute_dtype
+                runner.attn_backend, self.layers, [batch], self.comm, runner.compute_dtype
             )
         graph_runner = CudaGraphRunner(
             body, runner.attn_backend, runner.req_to_token_pool, runner.kv_pool, max_bs, graphs
@@ -158,18 +191,21 @@ class TknpModelRunner:
     # ---- non-root ranks ------------------------------------------------------------------
 
     def _rank_forward(
-        self, local: Optional[ForwardBatch], h: StepHeader, size: Optional[int]
+        self, local: Optional[ForwardBatch], h: StepHeader, size: Optional[int], firsts: Optional[list[int]]
     ) -> Optional[LogitsProcessorOutput]:
         if local is not None:
             self.comm.send(pack_batch(local), 0)
         backend = self.runner.attn_backend
         if size is not None:  # an empty partition replays too: the graphs hold collectives
             self.graph_runner.replay(local, size)
-        elif local is not None:
-            backend.init_forward_metadata(local)
-            serve_attention_layers(backend, self.layers, local, self.comm, self.runner.compute_dtype)
-        elif self.comm.use_all_to_all:  # every rank joins every layer's all_to_all
-            serve_attention_layers(backend, self.layers, None, self.comm, self.runner.compute_dtype)
+        elif local is not None or self.comm.use_all_to_all:  # all_to_all: every rank joins every layer
+            batches = [local]
+            if firsts is not None:  # the halves the root's two micro-batches hold, in their order
+                batches = _halves(local, firsts[self.comm.tknp_rank])
+            for batch in batches:
+                if batch is not None:
+                    backend.init_forward_metadata(batch)
+            serve_attention_layers(backend, self.layers, batches, self.comm, self.runner.compute_dtype)
         return self._recv_logits(h) if local is not None else None
 
     def _recv_logits(self, h: StepHeader) -> LogitsProcessorOutput:
@@ -184,11 +220,7 @@ class TknpModelRunner:
     def _root_forward(
         self, local: Optional[ForwardBatch], headers: list[StepHeader], size: Optional[int]
     ) -> Optional[LogitsProcessorOutput]:
-        batches = [local] + [
-            unpack_batch(self.comm.recv((h.batch_len(),), torch.int64, r), h) if h.tokens else None
-            for r, h in enumerate(headers)
-            if r > 0
-        ]
+        batches = [local] + self._recv_batches(headers)
         if size is not None:
             return self._scatter_logits(self._replay_root(batches, size), headers)
         global_batch = _concat([b for b in batches if b is not None])
@@ -197,6 +229,35 @@ class TknpModelRunner:
         self.tknp_backend.init_forward_metadata(global_batch)
         out = self.runner.model(global_batch.input_ids, global_batch.positions, global_batch)
         return self._scatter_logits(out, headers)
+
+    def _root_overlapped(
+        self, local: Optional[ForwardBatch], headers: list[StepHeader], firsts: list[int]
+    ) -> Optional[LogitsProcessorOutput]:
+        """A decode step as two micro-batches whose forwards take turns (two_batch_overlap.py)."""
+        batches = [local] + self._recv_batches(headers)
+        micro = list(zip(*(_halves(b, n) for b, n in zip(batches, firsts))))  # [2][rank]
+
+        def forward(parts: tuple[Optional[ForwardBatch], ...], pass_turn: PassTurn) -> torch.Tensor:
+            batch = _concat([b for b in parts if b is not None])
+            batch.attn_backend = self.tknp_backend
+            sizes = [b.batch_size if b is not None else 0 for b in parts]
+            batch.tknp_partitions = TknpPartitions(sizes, parts[0], pass_turn)
+            self.tknp_backend.init_forward_metadata(batch)
+            logits = self.runner.model(batch.input_ids, batch.positions, batch).next_token_logits
+            return logits.split(sizes)
+
+        first, second = self._overlap.run(partial(forward, micro[0]), partial(forward, micro[1]))
+        # each partition's rows: its first half's, then its second's
+        logits = torch.cat([rows for pair in zip(first, second) for rows in pair])
+        return self._scatter_logits(LogitsProcessorOutput(next_token_logits=logits), headers)
+
+    def _recv_batches(self, headers: list[StepHeader]) -> list[Optional[ForwardBatch]]:
+        """The non-root ranks' partitions, in rank order (None for an empty one)."""
+        return [
+            unpack_batch(self.comm.recv((h.batch_len(),), torch.int64, r), h) if h.tokens else None
+            for r, h in enumerate(headers)
+            if r > 0
+        ]
 
     def _scatter_logits(self, out: LogitsProcessorOutput, headers: list[StepHeader]) -> Optional[LogitsProcessorOutput]:
         """Sends each rank the rows of its own requests; returns the root's."""
@@ -220,6 +281,13 @@ class TknpModelRunner:
                 if top_ids is not None:
                     self.comm.send(top_ids, r)
         return mine
+
+
+def _halves(batch: Optional[ForwardBatch], first: int) -> tuple[Optional[ForwardBatch], Optional[ForwardBatch]]:
+    """A partition's share of the two micro-batches: its first `first` requests, and the rest."""
+    if batch is None:
+        return None, None
+    return batch.decode_rows(0, first), batch.decode_rows(first, batch.batch_size)
 
 
 def _concat(batches: list[ForwardBatch]) -> ForwardBatch:
