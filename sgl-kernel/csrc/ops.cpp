@@ -436,17 +436,28 @@ at::Tensor decode_layer_qkv(at::Tensor& hidden, at::Tensor& residual, bool add_r
   return qkv;
 }
 
-// The layer after attention: o, add-rmsnorm, gate_up, silu-and-mul, down; `residual` updated.
-at::Tensor decode_layer_out(const at::Tensor& attn, at::Tensor& residual, at::TensorList weights,
+// The MLP block on the attention block's output `o` (overwritten): add-rmsnorm, gate_up,
+// silu-and-mul, down; `residual` updated. Under tensor parallelism `o` is the all-reduced
+// o_proj output, and the caller all-reduces what this returns.
+at::Tensor decode_layer_mlp(at::Tensor& o, at::Tensor& residual, at::TensorList weights,
                             at::ArrayRef<c10::optional<at::Tensor>> biases, at::IntArrayRef sizes, double eps) {
-  check_layer_args(weights, biases, sizes, "decode_layer_out");
-  const int64_t t = attn.size(0);
-  at::Tensor o = linear(attn.reshape({t, sizes[0] * sizes[2]}), weights[2], biases[1], sizes[4], false);
+  check_layer_args(weights, biases, sizes, "decode_layer_mlp");
+  TORCH_CHECK(o.dim() == 2 && residual.sizes() == o.sizes(), "sgl_kernel.decode_layer_mlp: o and residual are [T, H]");
+  const int64_t t = o.size(0);
   fused_add_rmsnorm(o, residual, weights[3], eps);
   at::Tensor gate_up = linear(o, weights[4], biases[2], sizes[5], false);
   at::Tensor act = at::empty({t, sizes[5] / 2}, gate_up.options());
   silu_and_mul(act, gate_up);
   return linear(act, weights[5], biases[3], sizes[6], false);
+}
+
+// The layer after attention: o, then the MLP block; `residual` updated.
+at::Tensor decode_layer_out(const at::Tensor& attn, at::Tensor& residual, at::TensorList weights,
+                            at::ArrayRef<c10::optional<at::Tensor>> biases, at::IntArrayRef sizes, double eps) {
+  check_layer_args(weights, biases, sizes, "decode_layer_out");
+  const int64_t t = attn.size(0);
+  at::Tensor o = linear(attn.reshape({t, sizes[0] * sizes[2]}), weights[2], biases[1], sizes[4], false);
+  return decode_layer_mlp(o, residual, weights, biases, sizes, eps);
 }
 
 at::Tensor decode_layer(at::Tensor& hidden, at::Tensor& residual, bool add_residual, at::TensorList weights,
@@ -499,6 +510,9 @@ TORCH_LIBRARY(sgl_kernel, m) {
   m.def("decode_layer_out(Tensor attn, Tensor(a!) residual, Tensor[] weights, Tensor?[] biases, int[] sizes, "
         "float eps) -> Tensor",
         decode_layer_out);
+  m.def("decode_layer_mlp(Tensor(a!) o, Tensor(b!) residual, Tensor[] weights, Tensor?[] biases, int[] sizes, "
+        "float eps) -> Tensor",
+        decode_layer_mlp);
 }
 
 }  // namespace sgl_kernel

@@ -83,3 +83,18 @@ def test_bf16_tknp_root_takes_the_fused_layer_halves_and_matches_tknp_1(engine_f
             outs = e.generate(input_ids=prompts, sampling_params=params)
             assert (e.get_server_info()["ranks"][0]["tknp_overlapped_steps"] > 0) == overlap
         assert [o["output_ids"] for o in outs] == expected, f"two-batch overlap {overlap}"
+
+
+def test_bf16_tknp_x_tp_matches_tp_alone(make_tiny_model):
+    """Under TP a bf16 decode layer runs as sgl_kernel calls around its all-reduces, on a TKNP
+    root too (with the ranks' attention between); TKNP on top of TP 2 changes no token."""
+    from sglang import Engine
+
+    kwargs = dict(model_path=str(make_tiny_model("llama", seed=6)), dtype="bfloat16", max_total_tokens=2048)
+    prompts = [[5 + i] * (3 + 7 * i) for i in range(6)]
+    params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    outs = {}
+    for tknp in (1, 2):
+        with Engine(**kwargs, tknp_size=tknp, tp_size=2, load_balance_method="round_robin", log_level="warning") as e:
+            outs[tknp] = [o["output_ids"] for o in e.generate(input_ids=prompts, sampling_params=params)]
+    assert outs[2] == outs[1]

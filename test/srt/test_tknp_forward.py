@@ -163,3 +163,37 @@ def test_parallel_forward_matches_single_rank(make_tiny_model, tmp_path, tknp, t
     for i, (ids, logits) in reference.items():
         assert merged[i][0] == ids, f"prompt {i}"
         assert torch.allclose(torch.tensor(merged[i][1]), logits, atol=1e-4), f"prompt {i}"
+
+
+def _tp_fused_main(rank, init_file, model_path):
+    from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
+    from sglang.srt.layers.tensor_parallel import TpGroup
+
+    torch.set_num_threads(1)
+    state = init_distributed(RankLayout(tp_size=2), rank, f"file://{init_file}", "gloo")
+    results = []
+    for fused in (True, False):
+        runner = _runner(model_path, True, tp=TpGroup.of(state), dtype="bfloat16", attention_backend="cpu")
+        for layer in runner.model.model.layers:
+            assert layer.fused_decode is not None and layer.fused_decode.tp is not None
+            if not fused:
+                layer.fused_decode = None
+        results.append(_run_requests(runner.forward, runner, PROMPTS, range(len(PROMPTS))))
+    fused, plain = results
+    destroy_distributed()
+    return [{i: (ids, logits.float().tolist()) for i, (ids, logits) in r.items()} for r in (fused, plain)]
+
+
+def test_tp_decode_layer_on_the_kernels_is_the_layer_by_layer_path(make_tiny_model, tmp_path):
+    """In bf16 a TP rank's decode layer runs as sgl_kernel calls around its all-reduces
+    (decode_layer_qkv, attention, o_proj, all-reduce, decode_layer_mlp, all-reduce): the same
+    ops in the same order as the layer-by-layer path, so the same logits, bit for bit."""
+    from sglang.srt.layers.cpu_kernels import sgl_kernel_ops
+
+    if sgl_kernel_ops() is None or not sgl_kernel_ops().has_bf16_linear():
+        pytest.skip("sgl_kernel's bf16 linears are not built for this CPU")
+    model_path = str(make_tiny_model("llama", seed=4))
+    got = run_ranks(_tp_fused_main, 2, str(tmp_path / "init"), model_path)
+    for rank in range(2):
+        fused, plain = got[rank]
+        assert fused == plain, f"TP rank {rank}"

@@ -7,11 +7,12 @@ dispatch per layer.
 
 It is the layer-by-layer path's fast form, never a second model: a layer takes it only where
 that path would have run every one of these ops on the kernels (bf16 weights packed for
-sgl_kernel.linear, the kernels' norms, rotary and activation, no q/k norm, no tensor
-parallelism), and a forward only for a decode batch whose rows the packed linears take and whose
-attention is the plain `cpu` backend or a TKNP root's: there the layer runs in two calls,
-`decode_layer_qkv` and `decode_layer_out`, with the root's scatter/gather of attention between
-them.
+sgl_kernel.linear, the kernels' norms, rotary and activation, no q/k norm, no bias on a
+row-parallel linear), and a forward only for a decode batch whose rows the packed linears take
+and whose attention is the plain `cpu` backend or a TKNP root's. The attention runs between two
+calls, `decode_layer_qkv` and `decode_layer_out`, on a TKNP root (its scatter/gather) and under
+tensor parallelism, where `decode_layer_out` is itself split around the two all-reduces:
+o_proj, all-reduce, `decode_layer_mlp`, all-reduce, as the layer-by-layer path runs them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from sglang.srt.layers.attention.cpu_backend import CpuAttnBackend
 from sglang.srt.layers.linear import LINEAR_KERNEL_MAX_ROWS, Linear, MergedLinear
+from sglang.srt.layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from sglang.srt.layers.tknp_attention import TknpAttentionBackend
 from sglang.srt.model_executor.forward_batch import ForwardMode
 
@@ -53,18 +55,23 @@ class CpuDecodeLayer:
         ]
         self.biases = [k.bias for k in kernels]
         self.sizes = [attn.num_heads, attn.num_kv_heads, attn.head_dim] + [k.out_features for k in kernels]
+        self.o_proj = kernels[1]
+        self.tp = attn.o_proj.tp if isinstance(attn.o_proj, RowParallelLinear) else None
 
     @classmethod
     def of(cls, ops: Any, layer: nn.Module) -> Optional["CpuDecodeLayer"]:
         """The fast form of `layer`, or None where its layer-by-layer path is not all kernels."""
         attn, mlp = layer.self_attn, layer.mlp
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        # exact types: tensor parallelism's subclasses all-reduce between the ops
+        # exact types: the plain ones, or tensor parallelism's, whose all-reduces this mirrors
         merged, plain = (attn.qkv_proj, mlp.gate_up_proj), (attn.o_proj, mlp.down_proj)
+        row_parallel = [type(lin) is RowParallelLinear for lin in plain]
         if (
             attn.qk_norm
-            or any(type(lin) is not MergedLinear or lin._kernel is None for lin in merged)
-            or any(type(lin) is not Linear or lin._kernel is None for lin in plain)
+            or any(type(lin) not in (MergedLinear, ColumnParallelLinear) or lin._kernel is None for lin in merged)
+            or any(type(lin) not in (Linear, RowParallelLinear) or lin._kernel is None for lin in plain)
+            or row_parallel[0] != row_parallel[1]
+            or any(lin.bias is not None for lin, row in zip(plain, row_parallel) if row)
             or any(norm._ops is None for norm in norms)
             or norms[0].variance_epsilon != norms[1].variance_epsilon
             or mlp.act_fn._ops is None
@@ -93,7 +100,7 @@ class CpuDecodeLayer:
         first = residual is None
         if first:
             residual = torch.empty_like(hidden)
-        if type(forward_batch.attn_backend) is TknpAttentionBackend:
+        if self.tp is not None or type(forward_batch.attn_backend) is TknpAttentionBackend:
             return self._split(positions, hidden, residual, first, forward_batch), residual
         k_cache, v_cache = forward_batch.token_to_kv_pool.get_kv_buffer(self.layer_id)
         out = self.ops.decode_layer(
@@ -124,12 +131,17 @@ class CpuDecodeLayer:
         first: bool,
         forward_batch: "ForwardBatch",
     ) -> torch.Tensor:
-        """The layer in two calls around the attention, which a TKNP root runs through its ranks
-        (each stores its own requests' k/v)."""
+        """The layer in calls around the attention, which a TKNP root runs through its ranks
+        (each stores its own requests' k/v), and around TP's all-reduces."""
         qkv = self.ops.decode_layer_qkv(
             hidden, residual, not first, self.weights, self.biases, self.sizes, self.eps, positions, *self.cos_sin
         )
         heads, kv_heads, head_dim = self.sizes[:3]
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         attn = self.attention(q, k, v, forward_batch)
-        return self.ops.decode_layer_out(attn, residual, self.weights, self.biases, self.sizes, self.eps)
+        if self.tp is None:
+            return self.ops.decode_layer_out(attn, residual, self.weights, self.biases, self.sizes, self.eps)
+        o = self.tp.all_reduce(self.o_proj(attn))
+        return self.tp.all_reduce(
+            self.ops.decode_layer_mlp(o, residual, self.weights, self.biases, self.sizes, self.eps)
+        )
