@@ -30,23 +30,17 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+from bench_kernels import timed  # noqa: E402
 from bench_tknp import SHAPES, make_model  # noqa: E402
 
 
 def _timed(fn, repeats: int) -> float:
-    """Median seconds of one call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    """Median seconds of one call (bench_kernels.timed gives milliseconds)."""
+    return timed(fn, repeats) / 1e3
 
 
 class LayerParts:

@@ -223,12 +223,7 @@ class TknpModelRunner:
         batches = [local] + self._recv_batches(headers)
         if size is not None:
             return self._scatter_logits(self._replay_root(batches, size), headers)
-        global_batch = _concat([b for b in batches if b is not None])
-        global_batch.attn_backend = self.tknp_backend
-        global_batch.tknp_partitions = TknpPartitions([h.tokens for h in headers], local)
-        self.tknp_backend.init_forward_metadata(global_batch)
-        out = self.runner.model(global_batch.input_ids, global_batch.positions, global_batch)
-        return self._scatter_logits(out, headers)
+        return self._scatter_logits(self._run_partitions(batches), headers)
 
     def _root_overlapped(
         self, local: Optional[ForwardBatch], headers: list[StepHeader], firsts: list[int]
@@ -237,19 +232,25 @@ class TknpModelRunner:
         batches = [local] + self._recv_batches(headers)
         micro = list(zip(*(_halves(b, n) for b, n in zip(batches, firsts))))  # [2][rank]
 
-        def forward(parts: tuple[Optional[ForwardBatch], ...], pass_turn: PassTurn) -> torch.Tensor:
-            batch = _concat([b for b in parts if b is not None])
-            batch.attn_backend = self.tknp_backend
-            sizes = [b.batch_size if b is not None else 0 for b in parts]
-            batch.tknp_partitions = TknpPartitions(sizes, parts[0], pass_turn)
-            self.tknp_backend.init_forward_metadata(batch)
-            logits = self.runner.model(batch.input_ids, batch.positions, batch).next_token_logits
-            return logits.split(sizes)
+        def forward(parts: list[Optional[ForwardBatch]], pass_turn: PassTurn) -> tuple[torch.Tensor, ...]:
+            logits = self._run_partitions(parts, pass_turn).next_token_logits
+            return logits.split([b.batch_size if b is not None else 0 for b in parts])
 
         first, second = self._overlap.run(partial(forward, micro[0]), partial(forward, micro[1]))
         # each partition's rows: its first half's, then its second's
         logits = torch.cat([rows for pair in zip(first, second) for rows in pair])
         return self._scatter_logits(LogitsProcessorOutput(next_token_logits=logits), headers)
+
+    def _run_partitions(
+        self, parts: list[Optional[ForwardBatch]], pass_turn: Optional[PassTurn] = None
+    ) -> LogitsProcessorOutput:
+        """The model on the global batch of the ranks' partitions (None: empty), in rank order."""
+        batch = _concat([b for b in parts if b is not None])
+        batch.attn_backend = self.tknp_backend
+        sizes = [b.input_ids.numel() if b is not None else 0 for b in parts]
+        batch.tknp_partitions = TknpPartitions(sizes, parts[0], pass_turn)
+        self.tknp_backend.init_forward_metadata(batch)
+        return self.runner.model(batch.input_ids, batch.positions, batch)
 
     def _recv_batches(self, headers: list[StepHeader]) -> list[Optional[ForwardBatch]]:
         """The non-root ranks' partitions, in rank order (None for an empty one)."""
