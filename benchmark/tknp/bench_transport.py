@@ -6,7 +6,9 @@ on the messages a TKNP layer and a TP all-reduce move.
 
 For each message size: the round trip of a send root -> rank and a send back (what one TKNP
 attention layer costs the root beyond the ranks' attention, q/k/v out and outputs back), and an
-all-reduce (a TP row-parallel layer). Times are medians over --iters, in microseconds.
+all-reduce (a TP row-parallel layer); then the control collectives of one lockstep iteration
+(`control`: the message counts, the has-work flags and a step header, DistLockstepGroup).
+Times are medians over --iters, in microseconds.
 """
 
 from __future__ import annotations
@@ -70,6 +72,20 @@ def _rank(rank: int, world: int, init_file: str, cpus, sizes, iters, dtype, resu
                 if i >= 3:
                     times.append(time.perf_counter() - start)
             out[(numel, name, "all-reduce")] = statistics.median(times) * 1e6
+    # one lockstep iteration's control plane: the counts, the has-work flags, a step header
+    from sglang.srt.managers.lockstep import DistLockstepGroup
+
+    for name, group in (("shm", DistLockstepGroup(rank, world, None, shm)), ("gloo", DistLockstepGroup(rank, world))):
+        times = []
+        for i in range(iters + 3):
+            dist.barrier()
+            start = time.perf_counter()
+            group.broadcast_counts([i, i])
+            group.any_busy(True)
+            group.all_gather_ints([i] * 8)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+        out[(0, name, "control")] = statistics.median(times) * 1e6
     if rank == 0:
         results.update(out)
     dist.destroy_process_group()
@@ -98,11 +114,10 @@ def main() -> None:
     print(f"CPU: {cpu['model']}, {os.cpu_count()} cores, flags {[f for f, on in cpu['flags'].items() if on]}")
     print(f"2 ranks, {'one core each' if cpus else 'sharing every core'}, {args.dtype}, median of {args.iters}")
     print(f"{'elements':>10} {'KiB':>8} {'what':>12} {'shm us':>9} {'gloo us':>9} {'gloo/shm':>9}")
-    for numel in sizes:
-        for what in ("round trip", "all-reduce"):
-            shm, gloo = results[(numel, "shm", what)], results[(numel, "gloo", what)]
-            kib = numel * dtype.itemsize / 1024
-            print(f"{numel:>10} {kib:>8.0f} {what:>12} {shm:>9.1f} {gloo:>9.1f} {gloo / shm:>8.1f}x")
+    for numel, what in [(n, w) for n in sizes for w in ("round trip", "all-reduce")] + [(0, "control")]:
+        shm, gloo = results[(numel, "shm", what)], results[(numel, "gloo", what)]
+        kib = numel * dtype.itemsize / 1024
+        print(f"{numel:>10} {kib:>8.0f} {what:>12} {shm:>9.1f} {gloo:>9.1f} {gloo / shm:>8.1f}x")
 
 
 if __name__ == "__main__":

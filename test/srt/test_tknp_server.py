@@ -184,7 +184,7 @@ def test_root_only_weights_capacity_and_observability(model_path):
         # each rank runs on the cores it was given, with one OpenMP thread per core
         cores = binding.split("|")
         assert [(b["rank"], b["cpus"]) for b in info["cpu_binding"]] == [(0, cores[0]), (1, cores[1])]
-        assert info["transport"] == {"tknp": "shm"}, "ranks on one host exchange data in shared memory"
+        assert info["transport"] == {"tknp": "shm", "lockstep": "shm"}, "ranks on one host use shared memory"
         for pid, cpu in zip(_rank_pids(server.proc.pid)[:2], cores):
             with open(f"/proc/{pid}/status") as f:
                 assert f"Cpus_allowed_list:\t{cpu}\n" in f.read()

@@ -121,6 +121,41 @@ def test_a_rank_that_dies_mid_transfer_is_an_error_not_a_hang(tmp_path):
     assert not os.path.exists(path)
 
 
+def _control_worker(rank, world, init_file, prefix):
+    from sglang.srt.distributed import parallel_state as ps
+    from sglang.srt.distributed.tknp_comm import TknpComm
+    from sglang.srt.managers.lockstep import DistLockstepGroup
+
+    torch.set_num_threads(1)
+    layout = ps.RankLayout(tknp_size=world)
+    state = ps.init_distributed(
+        layout, rank, f"file://{init_file}", "gloo", shm_prefix=prefix, local_ranks=range(world)
+    )
+    try:
+        assert state.world_shm is not None and state.tknp_shm is not None
+        comm = TknpComm.of(state)
+        on_shm = DistLockstepGroup(rank, world, None, state.world_shm)
+        on_gloo = DistLockstepGroup(rank, world, None)
+        for step in range(3):  # the same answers from both, call after call
+            for group in (on_shm, on_gloo):
+                assert group.broadcast_counts([10 * rank + step, 7]) == [step, 7]
+                assert group.any_busy(rank == world - 1 and step != 1) == (step != 1)
+                assert group.all_gather_ints([rank, step]) == [[r, step] for r in range(world)]
+            assert comm.all_gather_ints([rank, -step]) == [[r, -step] for r in range(world)]  # the step headers
+    finally:
+        ps.destroy_distributed()
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_lockstep_and_step_headers_on_shared_memory(tmp_path, world):
+    """Ranks on one host run the lockstep's collectives (every rank) and the TKNP step headers on
+    shared memory, with gloo's answers; the segments are gone once the ranks have mapped them."""
+    prefix = f"sglang-tknp-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    assert all(run_ranks(_control_worker, world, world, str(tmp_path / "init"), prefix).values())
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
+
+
 def test_layout_offsets_do_not_overlap():
     from sglang.srt.distributed.shm_comm import ShmLayout
 

@@ -138,6 +138,10 @@ class ParallelState:
     # host (shm_comm.py); the data then moves there instead of on the groups above.
     tknp_shm: Optional["ShmGroup"] = None
     tp_shm: Optional["ShmGroup"] = None
+    # Every rank, for the lockstep's small collectives, where every rank is on this host (any
+    # backend: they carry CPU ints); they then move off gloo, whose loopback round trip costs
+    # about a millisecond per collective, a few percent of a decode step.
+    world_shm: Optional["ShmGroup"] = None
 
     def __post_init__(self) -> None:
         self.coords = self.layout.coords(self.global_rank)
@@ -163,7 +167,9 @@ def init_distributed(
     call new_group for every group in the same order, even groups they are not in. A world
     of one process creates nothing and makes no torch.distributed call. With `shm_prefix`
     (gloo only), a group whose ranks are all in `local_ranks` (this host's) also gets a
-    shared-memory transport, its segment named `<shm_prefix>-<axis><first rank>` in /dev/shm.
+    shared-memory transport, its segment named `<shm_prefix>-<axis><first rank>` in /dev/shm;
+    and, when every rank is in `local_ranks` (any backend), the whole world gets a small one for
+    the control plane (`world_shm`).
     """
     global _state
     if _state is not None:
@@ -191,16 +197,25 @@ def init_distributed(
                     if shm_prefix is not None and backend == "gloo" and set(ranks) <= set(local_ranks):
                         shm = _open_shm(shm_prefix, axis, ranks, global_rank, cpu_group, shm_spin)
                         setattr(state, f"{axis}_shm", shm)
+        world = list(range(layout.world_size))
+        if shm_prefix is not None and set(world) <= set(local_ranks):
+            state.world_shm = _open_shm(
+                shm_prefix, "world", world, global_rank, state.world_cpu_group, shm_spin, control=True
+            )
     _state = state
     return state
 
 
-def _open_shm(prefix: str, axis: str, ranks: list[int], global_rank: int, cpu_group, spin: int) -> Optional["ShmGroup"]:
-    from sglang.srt.distributed.shm_comm import open_group, segment_path
+def _open_shm(
+    prefix: str, axis: str, ranks: list[int], global_rank: int, cpu_group, spin: int, control: bool = False
+) -> Optional["ShmGroup"]:
+    """`control`: a group for small collectives only, with one small slot per channel."""
+    from sglang.srt.distributed.shm_comm import CONTROL_SLOT_BYTES, ShmLayout, open_group, segment_path
 
     path = segment_path(prefix, f"{axis}{ranks[0]}")
     exchange = lambda fields: all_gather_ints(fields, len(ranks), cpu_group)  # noqa: E731
-    return open_group(path, ranks.index(global_rank), len(ranks), exchange, spin)
+    layout = ShmLayout(len(ranks), CONTROL_SLOT_BYTES, 1) if control else None
+    return open_group(path, ranks.index(global_rank), len(ranks), exchange, spin, layout)
 
 
 def destroy_distributed() -> None:
@@ -214,12 +229,17 @@ def destroy_distributed() -> None:
             dist.destroy_process_group()
 
 
-def all_gather_ints(fields: list[int], world_size: int, group: Optional[ProcessGroup]) -> list[list[int]]:
-    """Every rank's `fields` (the same length on every rank) in group rank order, on a gloo
-    group: the small integer exchanges of the control plane (step headers, capacities, flags)."""
+def all_gather_ints(
+    fields: list[int], world_size: int, group: Optional[ProcessGroup], shm: Optional["ShmGroup"] = None
+) -> list[list[int]]:
+    """Every rank's `fields` (the same length on every rank) in group rank order, on the
+    group's shared memory when it has some, else on its gloo group: the small integer exchanges
+    of the control plane (step headers, capacities, flags)."""
     import torch
     import torch.distributed as dist
 
+    if shm is not None:
+        return shm.all_gather(torch.tensor(fields, dtype=torch.int64)).tolist()
     gathered = [torch.zeros(len(fields), dtype=torch.int64) for _ in range(world_size)]
     dist.all_gather(gathered, torch.tensor(fields, dtype=torch.int64), group=group)
     return [t.tolist() for t in gathered]

@@ -33,6 +33,8 @@ _LINE = 64
 _CHANNEL_HEADER = 2 * _LINE
 SLOT_BYTES = 1 << 20
 NUM_SLOTS = 4
+# The control group (every rank of a server: lockstep counts, has-work flags) moves a few ints.
+CONTROL_SLOT_BYTES = 4096
 # Pause iterations a waiting rank spins before it sleeps on the futex (about 20-50 us): long
 # enough to catch a peer's reply within a layer, short enough not to burn a core it shares.
 SPIN_BOUND = 20000

@@ -2,9 +2,9 @@
 
 Everything a TKNP group exchanges goes through `TknpComm`: the step headers, each rank's batch,
 the per-layer q/k/v and attention outputs, and the logits (the messages' formats are in
-tknp_protocol.py). The data runs on the shared-memory transport when every rank of the group is
-on one host (shm_comm.py), else on torch.distributed (gloo on CPU, NCCL on GPUs); the step
-headers always on gloo, where idle ranks wait without spinning.
+tknp_protocol.py). Everything runs on the shared-memory transport when every rank of the group
+is on one host (shm_comm.py), else on torch.distributed: the data on gloo (CPU) or NCCL (GPUs),
+the step headers on gloo.
 """
 
 from __future__ import annotations
@@ -111,5 +111,5 @@ class TknpComm:
         return out
 
     def all_gather_ints(self, fields: list[int]) -> list[list[int]]:
-        """Every rank's `fields` (the same length on every rank), in rank order, over gloo."""
-        return all_gather_ints(fields, self.size, self.cpu_group)
+        """Every rank's `fields` (the same length on every rank), in rank order."""
+        return all_gather_ints(fields, self.size, self.cpu_group, self.shm)

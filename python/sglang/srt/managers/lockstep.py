@@ -8,8 +8,9 @@ those messages were sent before the tick), then the ranks agree whether any has 
 one has, all run one step. Idle ranks wait inside the broadcast. TP replicas read the same
 messages in the same iterations, so their schedulers make the same decisions.
 
-The collectives are a `LockstepGroup` (gloo over every rank in a server; threads in the unit
-test), the socket and scheduler a `RankIO`, so the protocol runs without processes in tests.
+The collectives are a `LockstepGroup` (every rank in a server, on shared memory when they are
+all on one host, else gloo; threads in the unit test), the socket and scheduler a `RankIO`, so
+the protocol runs without processes in tests.
 """
 
 from __future__ import annotations
@@ -57,15 +58,20 @@ class RankIO(Protocol):
     def parent_alive(self) -> bool: ...
 
 
-class GlooLockstepGroup:
-    """Every rank of the layout, on a gloo group (the default group when it is gloo)."""
+class DistLockstepGroup:
+    """Every rank of the layout: on `shm` (shm_comm.ShmGroup) when given, else on a gloo group
+    (the default group when it is gloo). An idle rank waits in `broadcast_counts` either way
+    without using CPU: gloo blocks on its socket, shared memory sleeps on a futex."""
 
-    def __init__(self, rank: int, world_size: int, group: Any = None):
+    def __init__(self, rank: int, world_size: int, group: Any = None, shm: Any = None):
         self.rank = rank
         self.world_size = world_size
         self.group = group
+        self.shm = shm
 
     def broadcast_counts(self, counts: list[int]) -> list[int]:
+        if self.shm is not None:  # shared memory has no broadcast: everyone's, then rank 0's
+            return self.all_gather_ints(counts)[0]
         t = torch.tensor(counts, dtype=torch.int64)
         dist.broadcast(t, src=0, group=self.group)
         return t.tolist()
@@ -75,7 +81,7 @@ class GlooLockstepGroup:
 
     def all_gather_ints(self, fields: list[int]) -> list[list[int]]:
         """Every rank's `fields`, in global rank order (start-up: every rank's capacity)."""
-        return all_gather_ints(fields, self.world_size, self.group)
+        return all_gather_ints(fields, self.world_size, self.group, self.shm)
 
 
 class Lockstep:

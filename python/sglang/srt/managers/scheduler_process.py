@@ -20,7 +20,7 @@ from typing import Any, Optional
 import zmq
 
 from sglang.srt.managers.io_struct import BatchTokenIDOut, LoadReport, decode, encode
-from sglang.srt.managers.lockstep import IDLE_POLL_MS, GlooLockstepGroup, Lockstep
+from sglang.srt.managers.lockstep import IDLE_POLL_MS, DistLockstepGroup, Lockstep
 from sglang.srt.managers.scheduler import Scheduler
 from sglang.srt.managers.scheduler_builder import build_scheduler, init_rank_distributed
 from sglang.srt.server_args import ServerArgs
@@ -29,8 +29,9 @@ from sglang.srt.utils import configure_logging, kill_with_parent
 logger = logging.getLogger(__name__)
 
 _LOAD_REPORT_INTERVAL_S = 0.02
-# What gloo's RuntimeError says when a peer's connection went away.
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+# What gloo's RuntimeError says when a peer's connection went away, and the shared-memory
+# transport's when a peer process ended (csrc/shm.cpp).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "a rank died during a transfer")
 
 
 def run_scheduler_process(
@@ -56,7 +57,8 @@ def run_scheduler_process(
                 for axis in ("tknp", "tp")
                 if getattr(state, f"{axis}_group") is not None
             }
-            group = GlooLockstepGroup(global_rank, state.layout.world_size, state.world_cpu_group)
+            ready["transport"]["lockstep"] = "shm" if state.world_shm else "gloo"
+            group = DistLockstepGroup(global_rank, state.layout.world_size, state.world_cpu_group, state.world_shm)
             # every rank learns every rank's capacity: node 0 places requests on other nodes' too
             ready["ranks"] = group.all_gather_ints([load.max_total_num_tokens, load.max_running_requests])
     except Exception as exc:  # reported to the parent, which prints one line and exits
@@ -94,7 +96,7 @@ def run_scheduler_process(
 
 
 def _peer_gone(exc: BaseException) -> bool:
-    """Whether gloo raised `exc` because a peer's connection went away."""
+    """Whether gloo or the shared-memory transport raised `exc` because a peer went away."""
     return isinstance(exc, RuntimeError) and any(why in str(exc) for why in _PEER_GONE)
 
 
