@@ -5,8 +5,10 @@
 Linear: every projection of the shape (qkv, o, gate_up, down, the LM head) at each batch size,
 sgl_kernel.linear on prepacked weights against F.linear (oneDNN), in bf16; the ratio is what
 `linear_kernel_max_rows` in sglang/srt/layers/linear.py is chosen from. Attention: decode over
-a paged pool (batch x context) against the torch_native backend's gathered SDPA. Times are the
-median of --repeats calls after a warm-up; the machine is noisy, so read the ratios.
+a paged pool (batch x context) against the torch_native backend's gathered SDPA, and the kernel
+again with its KV cold (`--cold-layers` pools called in turn, as a step's layers read theirs
+from memory; 0 skips it). Times are the median of --repeats calls after a warm-up; the machine
+is noisy, so read the ratios.
 """
 
 from __future__ import annotations
@@ -63,12 +65,12 @@ def bench_linear(shape: tuple, batch_sizes: list[int], repeats: int) -> None:
             )
 
 
-def bench_decode_attention(shape: tuple, batch_sizes: list[int], context: int, repeats: int) -> None:
+def bench_decode_attention(shape: tuple, batch_sizes: list[int], context: int, repeats: int, cold_layers: int) -> None:
     from sglang.srt.layers.attention.torch_native import TorchNativeAttnBackend  # noqa: F401 (the same SDPA call)
 
     _, _, heads, kv_heads, head_dim, _ = shape
     print(f"decode attention, bf16, context {context}, ms per layer")
-    print(f"{'batch':>5} {'torch SDPA':>10} {'kernel':>8} {'speed-up':>8}")
+    print(f"{'batch':>5} {'torch SDPA':>10} {'kernel':>8} {'speed-up':>8} {'kernel cold':>11} {'cold GB/s':>9}")
     for b in batch_sizes:
         # each request's tokens in a run of slots, as a prefill allocates them; requests shuffled
         slots = (torch.randperm(b).unsqueeze(1) * context + torch.arange(context)).flatten() + 1
@@ -90,7 +92,19 @@ def bench_decode_attention(shape: tuple, batch_sizes: list[int], context: int, r
         t_kernel = timed(
             lambda: ops.decode_attention(out, q, k_cache, v_cache, r2t, rows, seq_lens, head_dim**-0.5), repeats
         )
-        print(f"{b:>5} {t_torch:10.3f} {t_kernel:8.3f} {t_torch / t_kernel:7.2f}x")
+        cold = ""
+        if cold_layers:
+            pools = [(torch.randn_like(k_cache), torch.randn_like(v_cache)) for _ in range(cold_layers)]
+
+            def every_layer():
+                for k, v in pools:
+                    ops.decode_attention(out, q, k, v, r2t, rows, seq_lens, head_dim**-0.5)
+
+            t_cold = timed(every_layer, max(3, repeats // 4)) / cold_layers
+            kv_bytes = 2 * b * context * kv_heads * head_dim * 2
+            cold = f"{t_cold:11.3f} {kv_bytes / t_cold / 1e6:9.1f}"
+            del pools
+        print(f"{b:>5} {t_torch:10.3f} {t_kernel:8.3f} {t_torch / t_kernel:7.2f}x {cold}")
 
 
 def main() -> None:
@@ -99,14 +113,18 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8,32,128")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--cold-layers", type=int, default=30, help="KV pools the cold attention run cycles through")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     shape = SHAPES[args.shape]
     if sgl_kernel.has_bf16_linear():
         bench_linear(shape, batch_sizes, args.repeats)
     else:
         print(f"linear: skipped, the {sgl_kernel.isa()} kernels have no bf16 linear")
-    bench_decode_attention(shape, batch_sizes, args.context, args.repeats)
+    bench_decode_attention(shape, batch_sizes, args.context, args.repeats, args.cold_layers)
 
 
 if __name__ == "__main__":

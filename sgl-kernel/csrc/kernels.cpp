@@ -183,10 +183,15 @@ void store_kv_tokens(const StoreKVArgs& a, int64_t begin, int64_t end) {
 // ---------------------------------------------------------------- decode attention
 //
 // Work item (b, kv head, split): the query heads of that KV head, over the split's run of the
-// request's tokens, with a float32 online softmax. K and V rows are read in place from the pool.
+// request's tokens, with a float32 online softmax. K and V rows are read in place from the pool,
+// a block of tokens at a time: each row is converted to float32 once, into a tile the group's
+// query heads then share; scores come W tokens at a time, the W dot products reduced together
+// (VecF::transpose_sum), and P.V runs two tokens at a time into two accumulators, so the FMA
+// chains overlap. Work per token and head is then a few vector ops, and the kernel keeps up with
+// what one core can read.
 
 constexpr int kDecodeBlock = 32;  // tokens scored before a softmax update
-constexpr int kPrefetchAhead = 16;  // tokens: a request's slots need not be adjacent, so the
+constexpr int kPrefetchAhead = 32;  // tokens: a request's slots need not be adjacent, so the
                                    // hardware prefetcher cannot follow them; req_to_token can
 
 template <typename T>
@@ -198,7 +203,9 @@ constexpr int kMaxGroup = 8;  // query heads per pass (a larger GQA group takes 
 template <int D, typename TQ, typename TKV>
 void decode_attention_items(const AttnArgs& a, int64_t begin, int64_t end) {
   static_assert(D % W == 0, "head_dim must be a multiple of the vector width");
+  static_assert(kDecodeBlock % W == 0, "a block is whole vectors of scores");
   constexpr int DV = D / W;
+  constexpr int U = DV <= 8 ? 2 : 1;  // P.V accumulators per head: as many as the registers hold
   const int64_t hkv = a.num_kv_heads, group = a.num_heads / hkv, splits = a.num_splits;
   const int64_t kv_row = hkv * D;
   const TKV* kc = static_cast<const TKV*>(a.k_cache);
@@ -206,6 +213,8 @@ void decode_attention_items(const AttnArgs& a, int64_t begin, int64_t end) {
   alignas(64) float q[kMaxGroup][D];
   alignas(64) float acc[kMaxGroup][D];
   alignas(64) float score[kMaxGroup][kDecodeBlock];
+  alignas(64) float kt[kDecodeBlock][D];  // the block's K rows in float32; rows past its end are 0
+  alignas(64) float vt[kDecodeBlock][D];  // its V rows
   float mx[kMaxGroup], sum[kMaxGroup];
 
   for (int64_t item = begin; item < end; ++item) {
@@ -225,46 +234,65 @@ void decode_attention_items(const AttnArgs& a, int64_t begin, int64_t end) {
       }
       for (int64_t j0 = t0; j0 < t1; j0 += kDecodeBlock) {
         const int64_t jn = lmin(kDecodeBlock, t1 - j0);
+        const int64_t jw = (jn + W - 1) / W * W;  // scored in whole vectors
         for (int64_t j = 0; j < jn; ++j) {
           if (j0 + j + kPrefetchAhead < t1) {
             const int64_t ahead = slots[j0 + j + kPrefetchAhead] * kv_row + h * D;
             prefetch_row(kc + ahead, D);
             prefetch_row(vc + ahead, D);
           }
-          const TKV* kr = kc + slots[j0 + j] * kv_row + h * D;
-          V k[DV];
-          for (int c = 0; c < DV; ++c) k[c] = V::load(kr + c * W);
-          for (int64_t g = 0; g < gn; ++g) {
-            V dot = V::zero();
-            for (int c = 0; c < DV; ++c) dot = fmadd(V::load(q[g] + c * W), k[c], dot);
-            score[g][j] = dot.reduce_add();
-          }
+          const int64_t row = slots[j0 + j] * kv_row + h * D;
+          for (int c = 0; c < DV; ++c) V::load(kc + row + c * W).store(kt[j] + c * W);
+          for (int c = 0; c < DV; ++c) V::load(vc + row + c * W).store(vt[j] + c * W);
         }
+        for (int64_t j = jn; j < jw; ++j)
+          for (int c = 0; c < DV; ++c) V::zero().store(kt[j] + c * W);
         for (int64_t g = 0; g < gn; ++g) {
-          float block_max = kNegInf;
-          for (int64_t j = 0; j < jn; ++j) block_max = fmax_(block_max, score[g][j]);
+          for (int64_t jc = 0; jc < jw; jc += W) {
+            V dots[W];
+            for (int t = 0; t < W; ++t) {
+              V dot = V::load(q[g]) * V::load(kt[jc + t]);
+              for (int c = 1; c < DV; ++c) dot = fmadd(V::load(q[g] + c * W), V::load(kt[jc + t] + c * W), dot);
+              dots[t] = dot;
+            }
+            V::transpose_sum(dots).store(score[g] + jc);
+          }
+          // online softmax over the block's jn scores (those past jn are padding)
+          const int64_t jv = jn - jn % W;
+          V vmx = V::set1(kNegInf);
+          for (int64_t j = 0; j < jv; j += W) vmx = vmax(vmx, V::load(score[g] + j));
+          float block_max = vmx.reduce_max();
+          for (int64_t j = jv; j < jn; ++j) block_max = fmax_(block_max, score[g][j]);
           const float new_max = fmax_(mx[g], block_max);
           const float alpha = std::exp(mx[g] - new_max);
-          int64_t j = 0;
-          for (; j + W <= jn; j += W) vexp(V::load(score[g] + j) - V::set1(new_max)).store(score[g] + j);
-          for (; j < jn; ++j) score[g][j] = std::exp(score[g][j] - new_max);
-          float block_sum = 0.f;
-          for (j = 0; j < jn; ++j) block_sum += score[g][j];
+          V vsum = V::zero();
+          for (int64_t j = 0; j < jv; j += W) {
+            const V p = vexp(V::load(score[g] + j) - V::set1(new_max));
+            p.store(score[g] + j);
+            vsum = vsum + p;
+          }
+          float block_sum = vsum.reduce_add();
+          for (int64_t j = jv; j < jn; ++j) block_sum += score[g][j] = std::exp(score[g][j] - new_max);
           sum[g] = sum[g] * alpha + block_sum;
           mx[g] = new_max;
-          for (int c = 0; c < DV; ++c) (V::load(acc[g] + c * W) * V::set1(alpha)).store(acc[g] + c * W);
-        }
-        // head by head, the accumulator in registers; the block's V rows (prefetched with the K
-        // rows) stay in L1 after the first head reads them
-        for (int64_t g = 0; g < gn; ++g) {
-          V o[DV];
-          for (int c = 0; c < DV; ++c) o[c] = V::load(acc[g] + c * W);
-          for (int64_t j = 0; j < jn; ++j) {
-            const TKV* vr = vc + slots[j0 + j] * kv_row + h * D;
+          // acc = acc * alpha + P.V, U tokens at a time into U accumulators
+          V o[U][DV];
+          for (int c = 0; c < DV; ++c) o[0][c] = V::load(acc[g] + c * W) * V::set1(alpha);
+          for (int u = 1; u < U; ++u)
+            for (int c = 0; c < DV; ++c) o[u][c] = V::zero();
+          int64_t j = 0;
+          for (; j + U <= jn; j += U)
+            for (int u = 0; u < U; ++u) {
+              const V p = V::set1(score[g][j + u]);
+              for (int c = 0; c < DV; ++c) o[u][c] = fmadd(p, V::load(vt[j + u] + c * W), o[u][c]);
+            }
+          for (; j < jn; ++j) {
             const V p = V::set1(score[g][j]);
-            for (int c = 0; c < DV; ++c) o[c] = fmadd(p, V::load(vr + c * W), o[c]);
+            for (int c = 0; c < DV; ++c) o[0][c] = fmadd(p, V::load(vt[j] + c * W), o[0][c]);
           }
-          for (int c = 0; c < DV; ++c) o[c].store(acc[g] + c * W);
+          for (int u = 1; u < U; ++u)
+            for (int c = 0; c < DV; ++c) o[0][c] = o[0][c] + o[u][c];
+          for (int c = 0; c < DV; ++c) o[0][c].store(acc[g] + c * W);
         }
       }
       for (int64_t g = 0; g < gn; ++g) {

@@ -72,6 +72,18 @@ struct VecF {
   }
   float reduce_add() const { return _mm512_reduce_add_ps(v); }
   float reduce_max() const { return _mm512_reduce_max_ps(v); }
+  // Lane i = the sum of v[i]'s lanes, for W vectors: W dot products reduced at once, by a tree of
+  // shuffles and adds (15 adds for 16 sums; one reduce_add each would take 64).
+  static VecF transpose_sum(const VecF* v) {
+    __m512 l1[8], l2[4], l3[2];
+    for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+      l1[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i].v, v[2 * i + 1].v), _mm512_unpackhi_ps(v[2 * i].v, v[2 * i + 1].v));
+    for (int i = 0; i < 4; ++i)  // per 128-bit lane: vectors 4i..4i+3, each the sum of its lane
+      l2[i] = _mm512_add_ps(_mm512_shuffle_ps(l1[2 * i], l1[2 * i + 1], 0x44), _mm512_shuffle_ps(l1[2 * i], l1[2 * i + 1], 0xEE));
+    for (int i = 0; i < 2; ++i)  // lanes: vectors 8i..8i+3 (lanes 0+2, 1+3), 8i+4..8i+7 (the same)
+      l3[i] = _mm512_add_ps(_mm512_shuffle_f32x4(l2[2 * i], l2[2 * i + 1], 0x44), _mm512_shuffle_f32x4(l2[2 * i], l2[2 * i + 1], 0xEE));
+    return {_mm512_add_ps(_mm512_shuffle_f32x4(l3[0], l3[1], 0x88), _mm512_shuffle_f32x4(l3[0], l3[1], 0xDD))};
+  }
   // v rounded to bf16 precision (round to nearest even), still as floats
   VecF round_bf16() const {
     __m512i x = _mm512_castps_si512(v);
@@ -126,6 +138,14 @@ struct VecF {
     s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
     return _mm_cvtss_f32(s);
   }
+  static VecF transpose_sum(const VecF* v) {  // as the AVX-512 one, for 8 vectors
+    __m256 l1[4], l2[2];
+    for (int i = 0; i < 4; ++i)
+      l1[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i].v, v[2 * i + 1].v), _mm256_unpackhi_ps(v[2 * i].v, v[2 * i + 1].v));
+    for (int i = 0; i < 2; ++i)
+      l2[i] = _mm256_add_ps(_mm256_shuffle_ps(l1[2 * i], l1[2 * i + 1], 0x44), _mm256_shuffle_ps(l1[2 * i], l1[2 * i + 1], 0xEE));
+    return {_mm256_add_ps(_mm256_permute2f128_ps(l2[0], l2[1], 0x20), _mm256_permute2f128_ps(l2[0], l2[1], 0x31))};
+  }
   VecF round_bf16() const {
     __m256i x = _mm256_castps_si256(v);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
@@ -159,6 +179,7 @@ struct VecF {
   void store(bf16* p) const { *p = float_to_bf16(v); }
   float reduce_add() const { return v; }
   float reduce_max() const { return v; }
+  static VecF transpose_sum(const VecF* v) { return v[0]; }
   VecF round_bf16() const { return {bf16_to_float(float_to_bf16(v))}; }
 };
 inline VecF operator+(VecF a, VecF b) { return {a.v + b.v}; }
