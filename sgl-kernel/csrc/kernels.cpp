@@ -191,8 +191,10 @@ void store_kv_tokens(const StoreKVArgs& a, int64_t begin, int64_t end) {
 // what one core can read.
 
 constexpr int kDecodeBlock = 32;  // tokens scored before a softmax update
-constexpr int kPrefetchAhead = 32;  // tokens: a request's slots need not be adjacent, so the
-                                   // hardware prefetcher cannot follow them; req_to_token can
+constexpr int kPrefetchAhead = kDecodeBlock;  // tokens: the next block's rows, fetched while
+                                              // this one computes (a request's slots need not be
+                                              // adjacent, so the hardware prefetcher cannot follow
+                                              // them; req_to_token can)
 
 template <typename T>
 inline void prefetch_row(const T* p, int64_t n) {

@@ -2,9 +2,9 @@
 
 Everything a TKNP group exchanges goes through `TknpComm`: the step headers, each rank's batch,
 the per-layer q/k/v and attention outputs, and the logits (the messages' formats are in
-tknp_protocol.py). Everything runs on the shared-memory transport when every rank of the group
-is on one host (shm_comm.py), else on torch.distributed: the data on gloo (CPU) or NCCL (GPUs),
-the step headers on gloo.
+tknp_protocol.py). On CPU, when every rank of the group is on one host, all of it runs on the
+shared-memory transport (shm_comm.py); otherwise on torch.distributed: the data on gloo (CPU) or
+NCCL (GPUs), the step headers on gloo.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ _SENT = _Sent()
 class TknpComm:
     """The links between a TKNP root and its ranks.
 
-    Data (q/k/v, attention outputs, batches, logits) moves on `group`, in tensors on `device`;
-    the step headers on `cpu_group` (gloo). Per attention layer the scatter/gather uses the
+    Data (q/k/v, attention outputs, batches, logits) moves on `group`, in tensors on `device`,
+    and the step headers on `cpu_group` (gloo); both on `shm` instead when it is set. Per attention layer the scatter/gather uses the
     collective that suits the backend: NCCL runs `all_to_all_single` with split sizes (one
     launch for every rank, every rank in it, empty partitions included); gloo runs
     point-to-point sends, which let the root overlap its own attention with the sends and skip

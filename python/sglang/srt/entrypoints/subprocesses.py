@@ -242,7 +242,8 @@ class Backend:
             "max_running_requests": sum(info["max_running_requests"] for info in ranks),
             "ranks": ranks,
             "cpu_binding": binding,  # this node's ranks
-            "transport": first.get("transport", {}),  # of the first rank's groups, e.g. {"tknp": "shm"}
+            # of the first rank's groups, e.g. {"tknp": "shm", "lockstep": "shm"}
+            "transport": first.get("transport", {}),
         }
 
     def _spawn(self, targets: list) -> dict[str, dict]:
