@@ -51,17 +51,26 @@ def bench_linear(shape: tuple, batch_sizes: list[int], repeats: int) -> None:
         "lm_head": (vocab, hidden),
     }
     print(f"linear, bf16, ms per call (isa {sgl_kernel.isa()}, {torch.get_num_threads()} threads)")
-    print(f"{'layer':>8} {'N x K':>13} {'batch':>5} {'torch':>8} {'kernel':>8} {'speed-up':>8} {'kernel GB/s':>11}")
+    # torch f32: float32 x and weights, what a 16-bit model computed in on CPUs without bf16
+    # arithmetic before the kernel ran there
+    print(
+        f"{'layer':>8} {'N x K':>13} {'batch':>5} {'torch':>8} {'torch f32':>9} {'kernel':>8} {'speed-up':>8} "
+        f"{'kernel GB/s':>11}"
+    )
     for name, (n, k) in layers.items():
         w = (torch.randn(n, k) / k**0.5).bfloat16()
+        w32 = w.float()
         packed = ops.pack_linear_weight(w)
         for m in batch_sizes:
             x = torch.randn(m, k).bfloat16()
+            x32 = x.float()
             t_torch = timed(lambda: F.linear(x, w), repeats)
+            t_f32 = timed(lambda: F.linear(x32, w32), repeats)
             t_kernel = timed(lambda: ops.linear(x, packed, None, n, False), repeats)
             gbps = w.numel() * 2 / t_kernel / 1e6
             print(
-                f"{name:>8} {f'{n}x{k}':>13} {m:>5} {t_torch:8.3f} {t_kernel:8.3f} {t_torch / t_kernel:7.2f}x {gbps:11.1f}"
+                f"{name:>8} {f'{n}x{k}':>13} {m:>5} {t_torch:8.3f} {t_f32:9.3f} {t_kernel:8.3f} "
+                f"{t_torch / t_kernel:7.2f}x {gbps:11.1f}"
             )
 
 
@@ -120,10 +129,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     shape = SHAPES[args.shape]
-    if sgl_kernel.has_bf16_linear():
-        bench_linear(shape, batch_sizes, args.repeats)
-    else:
-        print(f"linear: skipped, the {sgl_kernel.isa()} kernels have no bf16 linear")
+    bench_linear(shape, batch_sizes, args.repeats)
     bench_decode_attention(shape, batch_sizes, args.context, args.repeats, args.cold_layers)
 
 

@@ -111,6 +111,8 @@ constexpr int64_t kExtendBlockM = 32;
 struct LinearArgs {
   const bf16* x;
   int64_t x_stride;
+  const float* x32;  // x in float32, for ISAs without bf16 dot products (KernelTable::linear_bf16_dot)
+  int64_t x32_stride;
   const bf16* packed_w;
   const float* bias;  // nullable, [N] float32
   void* out;
@@ -134,8 +136,9 @@ struct KernelTable {
   void (*decode_attention)(const AttnArgs&, int64_t begin, int64_t end);  // (b, kv head, split)
   void (*decode_merge)(const AttnArgs&, int64_t begin, int64_t end);  // (b, head)
   void (*extend_attention)(const AttnArgs&, const ExtendItem*, int64_t begin, int64_t end);
-  // null where the ISA has no bf16 dot products (the caller falls back to torch)
   void (*linear)(const LinearArgs&, int64_t begin, int64_t end);  // items of blocks_per_item x 16 outputs
+  // whether linear multiplies bf16 pairs itself (AVX512-BF16) or widens them to float32 and reads x32
+  bool linear_bf16_dot;
 };
 
 }  // namespace sgl_kernel

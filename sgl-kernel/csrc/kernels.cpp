@@ -681,24 +681,23 @@ void extend_attention_items_bf16(const AttnArgs& a, const ExtendItem* items, int
 }
 #endif
 
-// ---------------------------------------------------------------- bf16 linear (AVX512-BF16)
+// ---------------------------------------------------------------- bf16 linear
+
+// Both forms below walk blocks one after another, so a thread reads its weights as one
+// contiguous stream: interleaving four blocks' streams, as the first version did, left a single
+// row's GEMV at 29-31 GB/s of the machine's 38-40, and two blocks at a time (half the broadcasts
+// per dot product, faster with the weights in cache) lost more to the stream than it gained from
+// 8 to 32 rows with the weights cold, as a decode step reads them. One or two rows go at the
+// pace of memory and the hardware prefetcher keeps up alone; more rows compute longer per
+// weight, and only a prefetch into L2 8 KB ahead kept the stream from stalling behind them (8
+// rows of the 3072 x 576 gate_up, cold: 185 -> 95 us; AVX512-BF16, Zen 4).
+constexpr int64_t kLinearPrefetchL2 = 4096;  // elements
 
 #if defined(__AVX512BF16__)
 
 // Rows [m0, m0 + MR) of output block nb: each pair of bf16 weights loaded feeds MR dot
 // products; U accumulators per row over consecutive k pairs cover the dot products' latency
 // where MR rows alone do not.
-//
-// Blocks are walked one after another, so a thread reads its weights as one contiguous stream:
-// interleaving four blocks' streams, as the first version did, left a single row's GEMV at
-// 29-31 GB/s of the machine's 38-40, and two blocks at a time (half the broadcasts per dot
-// product, faster with the weights in cache) lost more to the stream than it gained from 8 to
-// 32 rows with the weights cold, as a decode step reads them. One or two rows go at the pace of
-// memory and the hardware prefetcher keeps up alone; more rows compute longer per weight, and
-// only a prefetch into L2 8 KB ahead kept the stream from stalling behind them (8 rows of the
-// 3072 x 576 gate_up, cold: 185 -> 95 us).
-constexpr int64_t kLinearPrefetchL2 = 4096;  // elements
-
 template <int MR, int U>
 inline void linear_block_rows(const LinearArgs& a, int64_t m0, int64_t nb) {
   const int64_t k2n = a.k / 2;
@@ -710,7 +709,7 @@ inline void linear_block_rows(const LinearArgs& a, int64_t m0, int64_t nb) {
     for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
   auto step = [&](int64_t k2, int u) {
     const bf16* wp = wb + k2 * 2 * kLinearBlockN;
-    if constexpr (MR > 2) _mm_prefetch(reinterpret_cast<const char*>(wp + kLinearPrefetchL2), _MM_HINT_T1);
+    if constexpr (MR > 2) __builtin_prefetch(wp + kLinearPrefetchL2, 0, 2);  // into L2
     const __m512bh w = (__m512bh)_mm512_loadu_si512(wp);
     for (int m = 0; m < MR; ++m) acc[m][u] = _mm512_dpbf16_ps(acc[m][u], (__m512bh)_mm512_set1_epi32(xr[m][k2]), w);
   };
@@ -747,6 +746,67 @@ void linear(const LinearArgs& a, int64_t begin, int64_t end) {
       case 1: linear_block_rows<1, 4>(a, m0, nb); break;
       default: break;
     }
+  }
+}
+
+#else
+
+// Without bf16 dot products: each pair of packed weights is widened to float32 by a shift (the
+// even k) and a mask (the odd k), and multiplied into float32 accumulators with FMAs against x
+// already in float32 (the binding converts it once, a.x32). The weights stream as above; MR rows
+// per pass share each widened weight vector. torch's own bf16 matmul has no such path where
+// oneDNN does not take bf16 (AVX2): a plain loop, 3-7x slower than its float32 matmul.
+constexpr int kLinearVecs = kLinearBlockN / W;  // vectors per block of 16 outputs
+// AVX2: 5 x 2 accumulators, 4 widened weight vectors, a broadcast and the mask fill its 16 registers
+constexpr int kLinearRows = W >= 16 ? 8 : 5;
+
+template <int MR>
+inline void linear_block_rows_fma(const LinearArgs& a, int64_t m0, int64_t nb) {
+  const int64_t k2n = a.k / 2;
+  const float* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = a.x32 + (m0 + m) * a.x32_stride;
+  const bf16* wb = a.packed_w + nb * kLinearBlockN * a.k;
+  V acc[MR][kLinearVecs];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < kLinearVecs; ++j) acc[m][j] = V::zero();
+  for (int64_t k2 = 0; k2 < k2n; ++k2) {
+    const bf16* wp = wb + k2 * 2 * kLinearBlockN;
+    if constexpr (MR > 2) __builtin_prefetch(wp + kLinearPrefetchL2, 0, 2);  // into L2
+    V even[kLinearVecs], odd[kLinearVecs];
+    for (int j = 0; j < kLinearVecs; ++j) V::load_bf16_pairs(wp + j * 2 * W, even[j], odd[j]);
+    // row by row, so that each broadcast is live for its own FMAs only (AVX2 has 16 registers)
+    for (int m = 0; m < MR; ++m) {
+      const V xe = V::set1(xr[m][2 * k2]);
+      for (int j = 0; j < kLinearVecs; ++j) acc[m][j] = fmadd(xe, even[j], acc[m][j]);
+      const V xo = V::set1(xr[m][2 * k2 + 1]);
+      for (int j = 0; j < kLinearVecs; ++j) acc[m][j] = fmadd(xo, odd[j], acc[m][j]);
+    }
+  }
+  const int64_t n = nb * kLinearBlockN;
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < kLinearVecs; ++j) {
+      V y = a.bias ? acc[m][j] + V::load(a.bias + n + j * W) : acc[m][j];
+      if (a.out_dtype == DType::kBFloat16)
+        y.store(static_cast<bf16*>(a.out) + (m0 + m) * a.out_stride + n + j * W);
+      else
+        y.store(static_cast<float*>(a.out) + (m0 + m) * a.out_stride + n + j * W);
+    }
+}
+
+template <int MR>
+inline void linear_block_tail(const LinearArgs& a, int64_t m0, int64_t nb, int64_t rows) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return linear_block_rows_fma<MR>(a, m0, nb);
+    linear_block_tail<MR - 1>(a, m0, nb, rows);
+  }
+}
+
+// As the AVX512-BF16 linear: items of blocks, each block's rows kLinearRows at a time.
+void linear(const LinearArgs& a, int64_t begin, int64_t end) {
+  for (int64_t nb = begin * a.blocks_per_item; nb < lmin(a.n / kLinearBlockN, end * a.blocks_per_item); ++nb) {
+    int64_t m0 = 0;
+    for (; m0 + kLinearRows <= a.m; m0 += kLinearRows) linear_block_rows_fma<kLinearRows>(a, m0, nb);
+    linear_block_tail<kLinearRows - 1>(a, m0, nb, a.m - m0);
   }
 }
 
@@ -818,10 +878,11 @@ void extend_attention(const AttnArgs& a, const ExtendItem* items, int64_t b, int
 const KernelTable* table() {
   static const KernelTable t = {
       SGL_ISA_NAME, rmsnorm, rope, silu_and_mul, argmax_rows, store_kv, decode_attention, decode_merge, extend_attention,
-#if defined(__AVX512BF16__)
       linear,
+#if defined(__AVX512BF16__)
+      true,
 #else
-      nullptr,
+      false,
 #endif
   };
   return &t;

@@ -78,8 +78,6 @@ void set_isa(const std::string& name) {
   TORCH_CHECK(false, "sgl_kernel: unknown ISA '", name, "'");
 }
 
-bool has_bf16_linear() { return active().linear != nullptr; }
-
 DType dtype_of(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), "sgl_kernel: ", what, " must be on the CPU");
   if (t.scalar_type() == at::kBFloat16) return DType::kBFloat16;
@@ -358,7 +356,6 @@ at::Tensor pack_linear_weight(const at::Tensor& w) {
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed_w, const c10::optional<at::Tensor>& bias, int64_t n,
                   bool out_float) {
   const auto& kt = active();
-  TORCH_CHECK(kt.linear, "sgl_kernel.linear needs AVX512-BF16; active ISA: ", kt.name);
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.device().is_cpu(), "sgl_kernel.linear: x is bfloat16 on the CPU");
   TORCH_CHECK(packed_w.dim() == 4 && packed_w.is_contiguous() && packed_w.size(2) == kLinearBlockN,
               "sgl_kernel.linear: weight comes from pack_linear_weight");
@@ -375,6 +372,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed_w, const c10::op
   at::Tensor out = at::empty({x2.size(0), np}, x.options().dtype(out_float ? at::kFloat : at::kBFloat16));
   a.x = reinterpret_cast<const bf16*>(x2.data_ptr());
   a.x_stride = x2.stride(0);
+  at::Tensor x32;  // ISAs without bf16 dot products read x widened once, here
+  if (!kt.linear_bf16_dot) {
+    x32 = x2.to(at::kFloat).contiguous();
+    a.x32 = x32.data_ptr<float>();
+    a.x32_stride = x32.stride(0);
+  }
   a.packed_w = reinterpret_cast<const bf16*>(packed_w.data_ptr());
   a.out = out.data_ptr();
   a.out_stride = out.stride(0);
@@ -483,7 +486,6 @@ TORCH_LIBRARY(sgl_kernel, m) {
   m.def("isa() -> str", isa);
   m.def("supported_isas() -> str[]", supported_isas);
   m.def("set_isa(str name) -> ()", set_isa);
-  m.def("has_bf16_linear() -> bool", has_bf16_linear);
   m.def("parallel_threads() -> int", parallel_threads);
   m.def("attention_head_dims() -> int[]", [] { return std::vector<int64_t>(std::begin(kAttnHeadDims), std::end(kAttnHeadDims)); });
   m.def("rmsnorm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()", rmsnorm);

@@ -58,6 +58,12 @@ struct VecF {
     __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
   }
+  // W pairs of bf16 (k, k + 1) as two float vectors: the first elements, the second
+  static void load_bf16_pairs(const bf16* p, VecF& first, VecF& second) {
+    __m512i w = _mm512_loadu_si512(p);
+    first.v = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    second.v = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u))));
+  }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store(bf16* p) const {
 #if defined(__AVX512BF16__)
@@ -117,6 +123,11 @@ struct VecF {
     __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
   }
+  static void load_bf16_pairs(const bf16* p, VecF& first, VecF& second) {
+    __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    first.v = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    second.v = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xffff0000u))));
+  }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store(bf16* p) const {
     __m256i x = _mm256_castps_si256(v);
@@ -175,6 +186,10 @@ struct VecF {
   static VecF set1(float x) { return {x}; }
   static VecF load(const float* p) { return {*p}; }
   static VecF load(const bf16* p) { return {bf16_to_float(*p)}; }
+  static void load_bf16_pairs(const bf16* p, VecF& first, VecF& second) {
+    first.v = bf16_to_float(p[0]);
+    second.v = bf16_to_float(p[1]);
+  }
   void store(float* p) const { *p = v; }
   void store(bf16* p) const { *p = float_to_bf16(v); }
   float reduce_add() const { return v; }

@@ -190,8 +190,8 @@ def test_tp_decode_layer_on_the_kernels_is_the_layer_by_layer_path(make_tiny_mod
     ops in the same order as the layer-by-layer path, so the same logits, bit for bit."""
     from sglang.srt.layers.cpu_kernels import sgl_kernel_ops
 
-    if sgl_kernel_ops() is None or not sgl_kernel_ops().has_bf16_linear():
-        pytest.skip("sgl_kernel's bf16 linears are not built for this CPU")
+    if sgl_kernel_ops() is None:
+        pytest.skip("sgl_kernel is not built here")
     model_path = str(make_tiny_model("llama", seed=4))
     got = run_ranks(_tp_fused_main, 2, str(tmp_path / "init"), model_path)
     for rank in range(2):

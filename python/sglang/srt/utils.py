@@ -54,6 +54,11 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_has_bf16_arithmetic() -> bool:
+    """AVX512-BF16 or AMX: bf16 dot products in hardware, and oneDNN's bf16 matmuls at full speed."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def configure_logging(level: str, prefix: str = "") -> None:
     """One log format for every process; `prefix` names the process in each line."""
     import logging

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from sglang.srt.configs.gguf_cache import load_from_gguf
-from sglang.srt.utils import cpu_flags
+from sglang.srt.utils import cpu_has_bf16_arithmetic
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -81,9 +81,16 @@ def check_local_model_path(model_path: str) -> str:
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX). oneDNN also runs bf16 on
-    plain AVX-512 by emulation, but measured 3-5x slower than float32 there, so that counts as no."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    """Whether bfloat16 models run well on this CPU: it has bf16 arithmetic (AVX512-BF16 or AMX),
+    or sgl_kernel runs here on AVX2 or AVX-512, whose linear widens bf16 weights to float32 in
+    registers (half the memory and bandwidth of float32 weights). torch alone does not: its bf16
+    matmuls are oneDNN's emulation on plain AVX-512 and a plain loop on AVX2, 3-7x slower than
+    its float32 ones."""
+    if cpu_has_bf16_arithmetic():
+        return True
+    from sglang.srt.layers.cpu_kernels import cpu_kernels_isa
+
+    return cpu_kernels_isa() in ("avx512", "avx2")
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: Optional[torch.dtype], is_gguf: bool, device: str) -> torch.dtype:

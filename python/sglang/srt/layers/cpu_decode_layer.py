@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sglang.srt.layers.attention.cpu_backend import CpuAttnBackend
-from sglang.srt.layers.linear import LINEAR_KERNEL_MAX_ROWS, Linear, MergedLinear
+from sglang.srt.layers.linear import Linear, MergedLinear, linear_kernel_max_rows
 from sglang.srt.layers.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from sglang.srt.layers.tknp_attention import TknpAttentionBackend
 from sglang.srt.model_executor.forward_batch import ForwardMode
@@ -86,7 +86,7 @@ class CpuDecodeLayer:
             and type(forward_batch.attn_backend) in (CpuAttnBackend, TknpAttentionBackend)
             and hidden.dtype == torch.bfloat16
             and hidden.dim() == 2
-            and hidden.shape[0] <= LINEAR_KERNEL_MAX_ROWS
+            and hidden.shape[0] <= linear_kernel_max_rows()
             and hidden.is_contiguous()
         )
 

@@ -6,11 +6,14 @@ offset. Tensor parallelism replaces them with their sharded forms in one place
 (`tensor_parallel.shard_model`), not in the models.
 """
 
+import sys
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sglang.srt.utils import cpu_has_bf16_arithmetic
 
 
 class Linear(nn.Module):
@@ -27,8 +30,8 @@ class Linear(nn.Module):
         self._kernel: Optional[BF16LinearKernel] = None
 
     def use_cpu_kernels(self, ops: Any) -> bool:
-        """bf16 weights on a CPU with bf16 dot products: prepack them for sgl_kernel.linear."""
-        if not ops.has_bf16_linear() or self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu":
+        """bf16 weights on the CPU: prepack them for sgl_kernel.linear."""
+        if self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu":
             return False
         self._kernel = BF16LinearKernel(ops, self.weight, self.bias if self.bias_in_matmul else None)
         # a buffer, so the memory plan counts it (module.buffers()) beside the weights
@@ -40,7 +43,7 @@ class Linear(nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T, plus the bias where `bias_in_matmul`."""
-        if self._kernel is not None and x.dtype == torch.bfloat16 and x.shape[0] <= LINEAR_KERNEL_MAX_ROWS:
+        if self._kernel is not None and x.dtype == torch.bfloat16 and x.shape[0] <= linear_kernel_max_rows():
             return self._kernel(x)
         return F.linear(x, self.weight, self.bias if self.bias_in_matmul else None)
 
@@ -50,6 +53,13 @@ class Linear(nn.Module):
 # register tiling wins. Measured with benchmark/bench_kernels.py and whole decode steps
 # (docs/benchmarks.md).
 LINEAR_KERNEL_MAX_ROWS = 96
+
+
+def linear_kernel_max_rows(onednn_rows: int = LINEAR_KERNEL_MAX_ROWS) -> int:
+    """Rows up to which bf16 matmuls run on sgl_kernel.linear: `onednn_rows` where oneDNN has
+    bf16 arithmetic to run the rest, every size elsewhere (torch's bf16 matmul without it is an
+    emulation or a plain loop, slower than the kernel at every size: bench_kernels.py)."""
+    return onednn_rows if cpu_has_bf16_arithmetic() else sys.maxsize
 
 
 class BF16LinearKernel:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from sglang.srt.layers.linear import BF16LinearKernel
+from sglang.srt.layers.linear import BF16LinearKernel, linear_kernel_max_rows
 from sglang.srt.model_executor.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
@@ -28,7 +28,8 @@ class LogitsProcessorOutput:
     all_logits: Optional[torch.Tensor] = None  # [T, V] float32, only when return_all_logits
 
 
-# Rows up to which the LM head runs on sgl_kernel.linear: its 49K x 576 weight (SmolLM2) is
+# Rows up to which the LM head runs on sgl_kernel.linear where oneDNN has bf16 arithmetic (every
+# size elsewhere: linear_kernel_max_rows): its 49K x 576 weight (SmolLM2) is
 # past every cache, and oneDNN overtakes the kernel sooner than on the layers' linears
 # (LINEAR_KERNEL_MAX_ROWS): 32 rows 4.5 ms against 5.1, 48 rows 6.4 against 6.2 (Zen 4, bf16).
 HEAD_KERNEL_MAX_ROWS = 40
@@ -41,13 +42,11 @@ class LogitsProcessor(nn.Module):
         # Under tensor parallelism (set by shard_model) the LM head holds a slice of the vocab
         # rows: a rank's logits are columns of the whole, gathered here.
         self.tp: Optional["TpGroup"] = None
-        # sgl_kernel's ops, once use_cpu_kernels switched them on (only where its bf16 linear runs)
+        # sgl_kernel's ops, once use_cpu_kernels switched them on
         self._ops: Optional[Any] = None
         self._head: Optional[tuple[torch.Tensor, BF16LinearKernel]] = None  # (weight, its packed form)
 
     def use_cpu_kernels(self, ops: Any) -> bool:
-        if not ops.has_bf16_linear():
-            return False
         self._ops = ops
         return True
 
@@ -64,7 +63,11 @@ class LogitsProcessor(nn.Module):
         head = self._head_kernel(lm_head_weight)
 
         def logits_of(rows: torch.Tensor) -> torch.Tensor:
-            if head is not None and rows.dtype == torch.bfloat16 and rows.shape[0] <= HEAD_KERNEL_MAX_ROWS:
+            if (
+                head is not None
+                and rows.dtype == torch.bfloat16
+                and rows.shape[0] <= linear_kernel_max_rows(HEAD_KERNEL_MAX_ROWS)
+            ):
                 logits = head(rows, out_float=True)
             else:
                 logits = torch.matmul(rows, lm_head_weight.t()).float()
