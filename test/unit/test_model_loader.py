@@ -164,6 +164,31 @@ def test_resolve_dtype(
     assert resolve_dtype(dtype, checkpoint, is_gguf, device) == expected
 
 
+@pytest.mark.parametrize(
+    "arithmetic,isa,kernels,expected",
+    [
+        (True, "avx512_bf16", False, torch.bfloat16),  # bf16 in hardware: torch runs it too
+        (False, "avx2", True, torch.bfloat16),  # sgl_kernel's linear widens the weights
+        (False, "avx512", True, torch.bfloat16),
+        (False, "avx2", False, torch.float32),  # torch_native: torch's bf16 matmul, 3-7x slower
+        (False, "generic", True, torch.float32),  # the scalar kernels: no faster than torch
+        (False, None, True, torch.float32),  # sgl_kernel not built
+    ],
+)
+def test_bf16_models_compute_in_bf16_where_it_runs_well(
+    monkeypatch: pytest.MonkeyPatch, arithmetic: bool, isa: str | None, kernels: bool, expected: torch.dtype
+) -> None:
+    from sglang.srt.layers import cpu_kernels
+    from sglang.srt.model_executor import model_runner
+
+    monkeypatch.setattr(model_config, "cpu_has_bf16_arithmetic", lambda: arithmetic)
+    monkeypatch.setattr(model_runner, "cpu_has_bf16_arithmetic", lambda: arithmetic)
+    monkeypatch.setattr(cpu_kernels, "cpu_kernels_isa", lambda: isa)
+    assert model_runner.compute_dtype_for(torch.bfloat16, "cpu", kernels) == expected
+    assert model_runner.compute_dtype_for(torch.float32, "cpu", kernels) == torch.float32
+    assert model_runner.compute_dtype_for(torch.bfloat16, "cuda", kernels) == torch.bfloat16
+
+
 def test_unknown_dtype_names_the_choices() -> None:
     with pytest.raises(ValueError, match=r"'int8'.*auto, half, float16, bfloat16, float, float32"):
         resolve_dtype("int8", torch.float16, False, "cpu")

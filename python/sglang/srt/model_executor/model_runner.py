@@ -39,7 +39,7 @@ from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner, GraphCa
 from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 from sglang.srt.model_loader import iter_weights
 from sglang.srt.models.registry import get_model_class
-from sglang.srt.utils import cpu_flags, device_memory, keep_freed_memory
+from sglang.srt.utils import cpu_flags, cpu_has_bf16_arithmetic, device_memory, keep_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class ModelRunner:
         self.tp = tp
         self.num_kv_heads = model_config.num_key_value_heads // tp.size  # the heads this rank keeps
         self.dtype = model_config.dtype
-        self.compute_dtype = compute_dtype_for(self.dtype, device)
+        self.compute_dtype = compute_dtype_for(self.dtype, device, kernels=attention_backend == "cpu")
         self.model = self._load_model()
         # in call order; on a rank without weights too (the model is on the meta device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, RadixAttention)]
@@ -239,10 +239,15 @@ def _usable_backend(name: str, shape: AttentionShape, device: str) -> str:
     return name
 
 
-def compute_dtype_for(dtype: torch.dtype, device: str) -> torch.dtype:
-    """The dtype matmuls run in: float32 for 16-bit models on a CPU without 16-bit arithmetic."""
+def compute_dtype_for(dtype: torch.dtype, device: str, kernels: bool) -> torch.dtype:
+    """The dtype matmuls run in: float32 for 16-bit models on a CPU that runs them badly. A bf16
+    model keeps bf16 where the CPU has bf16 arithmetic, or where `kernels` (the cpu attention
+    backend, which brings sgl_kernel's linears) run bf16 well (cpu_supports_bf16)."""
     if device == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        native = cpu_supports_bf16() if dtype == torch.bfloat16 else bool(cpu_flags() & {"avx512_fp16", "amx_fp16"})
+        if dtype == torch.bfloat16:
+            native = cpu_supports_bf16() if kernels else cpu_has_bf16_arithmetic()
+        else:
+            native = bool(cpu_flags() & {"avx512_fp16", "amx_fp16"})
         if not native:
             return torch.float32
     return dtype
