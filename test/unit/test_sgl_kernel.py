@@ -310,3 +310,26 @@ def test_linear_keeps_leading_dims_and_strided_rows(isa):
     out = ops.linear(x, ops.pack_linear_weight(w), None, 64, False)
     assert out.shape == (2, 3, 64)
     torch.testing.assert_close(out.float(), (x.float() @ w.float().t()), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("arithmetic", [True, False])
+def test_linear_layer_keeps_the_unpacked_weight_only_where_torch_takes_some_sizes(monkeypatch, arithmetic):
+    """With bf16 arithmetic oneDNN runs the bf16 matmuls past LINEAR_KERNEL_MAX_ROWS from the
+    unpacked weight; without it the kernel takes every size and the unpacked weight is freed
+    (the memory plan, which sums parameters and buffers, then counts the packed one only)."""
+    from sglang.srt.layers import linear
+
+    monkeypatch.setattr(linear, "cpu_has_bf16_arithmetic", lambda: arithmetic)
+    layer = linear.Linear(64, 40, bias=True)
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(40, 64, generator=g) / 8).bfloat16()
+    b = torch.randn(40, generator=g).bfloat16()
+    layer.weight.data, layer.bias.data = w.clone(), b.clone()
+    assert layer.use_cpu_kernels(ops)
+    assert layer.weight.numel() == (w.numel() if arithmetic else 0)
+    held = sum(t.numel() for t in list(layer.parameters()) + list(layer.buffers()) if t.dtype == torch.bfloat16)
+    assert held == layer.packed_weight.numel() + b.numel() + (w.numel() if arithmetic else 0)
+    for rows in (1, 3, linear.LINEAR_KERNEL_MAX_ROWS + 30):
+        x = torch.randn(rows, 64, generator=g).bfloat16()
+        ref = x.double() @ w.double().t() + b.double()
+        torch.testing.assert_close(layer(x).double(), ref, atol=3e-2, rtol=2e-2)

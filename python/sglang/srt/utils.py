@@ -54,6 +54,7 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+@functools.cache
 def cpu_has_bf16_arithmetic() -> bool:
     """AVX512-BF16 or AMX: bf16 dot products in hardware, and oneDNN's bf16 matmuls at full speed."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})

@@ -36,6 +36,10 @@ class Linear(nn.Module):
         self._kernel = BF16LinearKernel(ops, self.weight, self.bias if self.bias_in_matmul else None)
         # a buffer, so the memory plan counts it (module.buffers()) beside the weights
         self.register_buffer("packed_weight", self._kernel.packed, persistent=False)
+        if linear_kernel_max_rows() == sys.maxsize:
+            # the kernel takes every bf16 input (activations are in the weights' dtype), so the
+            # unpacked weight would never be read again: its memory goes to the KV cache
+            self.weight = nn.Parameter(self.weight.new_empty((0, self.in_features)), requires_grad=False)
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
