@@ -37,11 +37,12 @@ class TknpComm:
     """The links between a TKNP root and its ranks.
 
     Data (q/k/v, attention outputs, batches, logits) moves on `group`, in tensors on `device`,
-    and the step headers on `cpu_group` (gloo); both on `shm` instead when it is set. Per attention layer the scatter/gather uses the
-    collective that suits the backend: NCCL runs `all_to_all_single` with split sizes (one
-    launch for every rank, every rank in it, empty partitions included); gloo runs
-    point-to-point sends, which let the root overlap its own attention with the sends and skip
-    empty partitions. Both modes run on gloo, so tests cover the NCCL path's logic on CPU.
+    and the step headers on `cpu_group` (gloo); both on `shm` instead when it is set. Per
+    attention layer the scatter/gather uses the collective that suits the backend: NCCL runs
+    `all_to_all_single` with split sizes (one launch for every rank, every rank in it, empty
+    partitions included); gloo runs point-to-point sends, which let the root overlap its own
+    attention with the sends and skip empty partitions. Both modes run on gloo, so tests cover
+    the NCCL path's logic on CPU.
     """
 
     group: Optional[dist.ProcessGroup]

@@ -29,9 +29,9 @@ class LogitsProcessorOutput:
 
 
 # Rows up to which the LM head runs on sgl_kernel.linear where oneDNN has bf16 arithmetic (every
-# size elsewhere: linear_kernel_max_rows): its 49K x 576 weight (SmolLM2) is
-# past every cache, and oneDNN overtakes the kernel sooner than on the layers' linears
-# (LINEAR_KERNEL_MAX_ROWS): 32 rows 4.5 ms against 5.1, 48 rows 6.4 against 6.2 (Zen 4, bf16).
+# size elsewhere: linear_kernel_max_rows): its 49K x 576 weight (SmolLM2) is past every cache,
+# and oneDNN overtakes the kernel sooner than on the layers' linears (LINEAR_KERNEL_MAX_ROWS):
+# 32 rows 4.5 ms against 5.1, 48 rows 6.4 against 6.2 (Zen 4, bf16).
 HEAD_KERNEL_MAX_ROWS = 40
 
 
