@@ -11,6 +11,7 @@ import time
 import pytest
 import requests
 from conftest import ServerProcess, assert_same_generations
+from sglang.srt.distributed.cpu_binding import BORROWER_SPIN_COUNT, numa_nodes
 
 pytestmark = pytest.mark.slow  # server processes with their ranks
 
@@ -137,6 +138,9 @@ def test_parity_across_tknp_and_tp_sizes_with_retraction(model_path):
             assert info["kv_tokens_used"] == 0 and info["num_running_reqs"] == 0
             assert len(info["internal_states"]) == tknp, "one entry per TKNP rank (TP replicas are one rank)"
             used = transport.removesuffix("+tbo")
+            if tknp == 2 and tp == 1 and len(os.sched_getaffinity(0)) >= 2 and len(numa_nodes()) == 1:
+                root, rank = info["cpu_binding"]
+                assert root["own_cpus"] and rank["own_cpus"] == "", "auto: the root borrows its rank's cores"
             assert set(info["transport"].values()) == ({used} if used else set()), info["transport"]
             overlapped = info["internal_states"][0]["tknp_overlapped_steps"]
             assert (overlapped > 0) == transport.endswith("+tbo"), overlapped
@@ -155,7 +159,9 @@ def test_parity_across_tknp_and_tp_sizes_with_retraction(model_path):
 
 
 def test_root_only_weights_capacity_and_observability(model_path):
-    binding = "1|0" if len(os.sched_getaffinity(0)) > 1 else "0|0"
+    # overlapping lists: the root runs on both cores and attends on 1, which is its own
+    two = len(os.sched_getaffinity(0)) > 1
+    binding = "0-1|0" if two else "0|0"
     server = _server(
         model_path, 2, "--enable-metrics", "--load-balance-method", "round_robin", "--cpu-omp-threads-bind", binding
     )
@@ -181,15 +187,24 @@ def test_root_only_weights_capacity_and_observability(model_path):
             )
         assert "sglang:tknp_placements_total" in metrics and "sglang:cache_hit_rate" in metrics
 
-        # each rank runs on the cores it was given, with one OpenMP thread per core
-        cores = binding.split("|")
-        assert [(b["rank"], b["cpus"]) for b in info["cpu_binding"]] == [(0, cores[0]), (1, cores[1])]
+        # each rank runs on the cores it was given, with one OpenMP thread per core; the root's
+        # main thread (it attends and waits for the rank) on its own core
+        planned = [(0, "0-1", "1"), (1, "0", "")] if two else [(0, "0", ""), (1, "0", "")]
+        assert [(b["rank"], b["cpus"], b["own_cpus"]) for b in info["cpu_binding"]] == planned
         assert info["transport"] == {"tknp": "shm", "lockstep": "shm"}, "ranks on one host use shared memory"
-        for pid, cpu in zip(_rank_pids(server.proc.pid)[:2], cores):
-            with open(f"/proc/{pid}/status") as f:
-                assert f"Cpus_allowed_list:\t{cpu}\n" in f.read()
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                assert b"OMP_NUM_THREADS=1" in f.read().split(b"\0")
+        root_pid, rank_pid = _rank_pids(server.proc.pid)[:2]
+        assert _allowed_cpus(root_pid) == ("1" if two else "0")
+        assert {_allowed_cpus(root_pid, t) for t in os.listdir(f"/proc/{root_pid}/task")} == (
+            {"0", "1"} if two else {"0"}
+        ), "the root's dense work runs on both cores, a thread pinned to each"
+        assert _allowed_cpus(rank_pid) == "0"
+        root_env, rank_env = _environ(root_pid), _environ(rank_pid)
+        assert "OMP_NUM_THREADS=1" in rank_env
+        assert (
+            ("OMP_NUM_THREADS=2" in root_env and "OMP_PLACES={1},{0}" in root_env)
+            if two
+            else ("OMP_NUM_THREADS=1" in root_env)
+        )
     finally:
         server.stop()
 
@@ -228,6 +243,17 @@ def test_cache_aware_keeps_a_shared_prefix_on_one_rank(model_path):
         server.stop()
 
 
+def _allowed_cpus(pid, task=None):
+    path = f"/proc/{pid}/task/{task}/status" if task else f"/proc/{pid}/status"
+    with open(path) as f:
+        return next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list:"))
+
+
+def _environ(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return [item.decode(errors="replace") for item in f.read().split(b"\0")]
+
+
 def _rank_pids(server_pid):
     pids = []
     for entry in os.listdir("/proc"):
@@ -255,9 +281,15 @@ def test_idle_ranks_do_not_spin_and_a_dead_rank_fails_requests(model_path):
     try:
         requests.post(server.url + "/generate", json={"text": "warm up", "sampling_params": {"max_new_tokens": 2}})
         pids = _rank_pids(server.proc.pid)
-        for pid in pids[:2]:  # the ranks share this host's cores: their OpenMP threads wait passively
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                assert b"OMP_WAIT_POLICY=PASSIVE" in f.read().split(b"\0")
+        for pid in pids[:2]:
+            # OpenMP threads on cores another rank uses wait passively, or spin briefly (a root
+            # that borrows its rank's cores); a rank alone on one core has no other thread
+            env = _environ(pid)
+            assert (
+                "OMP_WAIT_POLICY=PASSIVE" in env
+                or f"GOMP_SPINCOUNT={BORROWER_SPIN_COUNT}" in env
+                or "OMP_NUM_THREADS=1" in env
+            ), env
         before = {p: _cpu_seconds(p) for p in pids}
         time.sleep(2.0)
         spent = sum(_cpu_seconds(p) - before[p] for p in pids)

@@ -2,8 +2,10 @@
 
 import pytest
 from sglang.srt.distributed.cpu_binding import (
+    BORROWER_SPIN_COUNT,
     CpuBinding,
     format_cpu_list,
+    lend_to_roots,
     numa_nodes,
     parse_cpu_list,
     plan_bindings,
@@ -55,6 +57,7 @@ def test_auto_gives_each_rank_its_own_cores_node_by_node(ranks, allowed, nodes, 
     assert len(flat) == len(set(flat)), "no core is given twice"
     for b in bindings:
         assert b.nodes == tuple(sorted({n for n, cs in nodes.items() for c in b.cpus if c in cs}))
+        assert b.own == b.cpus and not b.borrows and b.attention_threads is None
         assert b.env() == {"OMP_NUM_THREADS": str(len(b.cpus))}
 
 
@@ -73,3 +76,43 @@ def test_explicit_lists_are_taken_as_given_and_checked():
         plan_bindings("0|4", 2, [0, 1], {0: [0, 1]})
     with pytest.raises(ValueError, match="--cpu-omp-threads-bind: 'x' is not a CPU list"):
         plan_bindings("0|x", 2, [0, 1], {0: [0, 1]})
+
+
+def test_a_root_borrows_its_ranks_cores_and_attends_on_its_own(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    root, rank = lend_to_roots(plan_bindings("auto", 2, [0, 1], {0: [0, 1]}), [[0, 1]])
+    assert (root.cpus, root.own, rank.cpus, rank.own) == ((0, 1), (0,), (1,), ())
+    assert root.borrows and root.attention_threads == 1
+    assert not rank.borrows and rank.attention_threads is None
+    # the root's main thread (place 0) on its own core; its second thread, for dense work, on 1
+    assert root.env() == {
+        "OMP_NUM_THREADS": "2",
+        "OMP_PROC_BIND": "close",
+        "OMP_PLACES": "{0},{1}",
+        "GOMP_SPINCOUNT": str(BORROWER_SPIN_COUNT),
+    }
+    assert rank.env() == {"OMP_NUM_THREADS": "1"}
+    assert root.describe() == "cpus 0-1 (NUMA node 0), attending on its own 0"
+    assert rank.describe() == "cpus 1 (NUMA node 0), none of them its own (it waits passively)"
+    # an explicit list says the same with overlapping lists; own cores come first in the places
+    assert plan_bindings("0-1|1", 2, [0, 1], {0: [0, 1]}) == [root, rank]
+    swapped = plan_bindings("0-1|0", 2, [0, 1], {0: [0, 1]})[0]
+    assert swapped.own == (1,) and swapped.env()["OMP_PLACES"] == "{1},{0}"
+    # the user's own OpenMP waiting wins
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    assert "GOMP_SPINCOUNT" not in root.env()
+
+
+def test_lending_follows_each_tknp_group():
+    # TKNP 2 x TP 2 on 8 cores (TP fastest: ranks 0, 1 are the root's TP ranks): TP rank t of the
+    # root borrows the cores of TP rank t of the other TKNP rank
+    plan = plan_bindings("auto", 4, list(range(8)), {0: list(range(8))})
+    lent = lend_to_roots(plan, [[0, 2], [1, 3]])
+    assert cpus(lent) == ["0-1,4-5", "2-3,6-7", "4-5", "6-7"]
+    assert [b.own for b in lent] == [(0, 1), (2, 3), (), ()]
+    assert [b.attention_threads for b in lent] == [2, 2, None, None]
+    # unbound ranks (fewer cores than ranks) stay unbound; lists shared whole leave nothing own
+    assert lend_to_roots([CpuBinding()] * 2, [[0, 1]]) == [CpuBinding()] * 2
+    both = plan_bindings("0-1|0-1", 2, [0, 1], {0: [0, 1]})
+    assert [b.own for b in both] == [(), ()] and not any(b.borrows for b in both)

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sglang.srt.distributed.cpu_binding import CpuBinding, numa_nodes, plan_bindings
+from sglang.srt.distributed.cpu_binding import CpuBinding, lend_to_roots, numa_nodes, plan_bindings
 from sglang.srt.distributed.parallel_state import RankLayout
 from sglang.srt.layers.attention.registry import attention_backend_names
 
@@ -69,8 +69,8 @@ class ServerArgs:
     cpu_omp_threads_bind: str = _opt(
         "auto",
         "CPU cores of each rank on this host: auto (each rank its own share, whole NUMA nodes where there are enough; "
-        "shared when there are fewer cores than ranks, and by TKNP ranks on a single NUMA node), all (no binding), "
-        "or one CPU list per rank, 0-3|4-7",
+        "shared when there are fewer cores than ranks; on a single NUMA node a TKNP root also runs its dense layers on "
+        "its ranks' shares), all (no binding), or one CPU list per rank, 0-3|4-7 (lists may overlap: 0-1|1)",
     )
     disable_shm_transport: bool = _opt(
         False,
@@ -286,16 +286,18 @@ class ServerArgs:
     def cpu_bindings(self) -> list[CpuBinding]:
         """The cores of each rank this node runs (unbound on GPUs, and for a lone rank).
 
-        `auto` leaves TKNP ranks on a host with one NUMA node unbound: the root runs every
-        rank's dense layers, which want all the cores, while the others attend; measured in
-        docs/benchmarks.md ("Core binding")."""
+        `auto` lends TKNP ranks' cores to their root on a host with one NUMA node: the root runs
+        every rank's dense layers, which want all the cores, while the others attend; measured
+        in docs/benchmarks.md ("Core binding")."""
         spec = self.cpu_omp_threads_bind
-        unbound = [CpuBinding()] * self.ranks_per_node
         if self.device != "cpu" or (spec == "auto" and self.ranks_per_node == 1):
-            return unbound
+            return [CpuBinding()] * self.ranks_per_node
+        bindings = plan_bindings(spec, self.ranks_per_node)
         if spec == "auto" and self.tknp_size > 1 and len(numa_nodes()) < 2:
-            return unbound
-        return plan_bindings(spec, self.ranks_per_node)
+            first = self.node_rank * self.ranks_per_node
+            local = [[r - first for r in group] for group in self.rank_layout().tknp_group_ranks()]
+            return lend_to_roots(bindings, [g for g in local if all(0 <= i < self.ranks_per_node for i in g)])
+        return bindings
 
     def rank_layout(self) -> RankLayout:
         """Where each scheduler process sits: one per (TKNP rank, TP rank), TP fastest."""

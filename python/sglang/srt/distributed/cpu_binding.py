@@ -12,10 +12,18 @@ Specs:
   nodes per rank when there are at least as many nodes as ranks (evenly), else an even share
   of each node's cores per rank when the ranks divide evenly among the nodes, else contiguous
   shares in node order. With fewer cores than ranks, nothing is bound (ranks share, waiting
-  passively; see subprocesses.py).
+  passively; see subprocesses.py). TKNP ranks on a single NUMA node are planned by
+  ServerArgs.cpu_bindings, which lends each rank's share to its root (`lend_to_roots`).
 - `all`: nothing is bound (every rank may run on every core).
 - `0-3|4-7|...`: one CPU list per rank on this host, in rank order (SGLang's
-  SGLANG_CPU_OMP_THREADS_BIND spelling).
+  SGLANG_CPU_OMP_THREADS_BIND spelling). Lists may overlap: `0-1|1` lets the first rank run on
+  core 1 too, where the second one attends.
+
+A rank's own cores are those of its list that no other rank on the host has. A rank that shares
+some of its cores (a TKNP root that borrows its ranks' cores for the dense layers) attends on
+its own cores only, and its OpenMP threads are pinned own cores first, so its main thread (the
+one that attends and waits for the ranks) never runs on a lent core; a rank with no core of its
+own waits passively, leaving its cores to the borrower.
 """
 
 from __future__ import annotations
@@ -26,24 +34,56 @@ from pathlib import Path
 from typing import Optional
 
 _NODE_ROOT = Path("/sys/devices/system/node")
+# libgomp's spin count for a borrower's OpenMP threads (about 10 ns each): they catch the next
+# parallel region within a layer's dense work spinning, and sleep about 0.1 ms after it, leaving
+# the lent cores to the ranks' attention (libgomp's default spins about 3 ms).
+BORROWER_SPIN_COUNT = 10000
 
 
 @dataclass(frozen=True)
 class CpuBinding:
-    """One rank's cores (empty: not bound) and the NUMA nodes they belong to."""
+    """One rank's cores (empty: not bound), the NUMA nodes they belong to, and its own cores:
+    those no other rank on the host runs on (see the module's docstring)."""
 
     cpus: tuple[int, ...] = ()
     nodes: tuple[int, ...] = ()
+    own: tuple[int, ...] = ()
+
+    @property
+    def borrows(self) -> bool:
+        """Runs on other ranks' cores too (its dense work), keeping its attention on its own."""
+        return 0 < len(self.own) < len(self.cpus)
+
+    @property
+    def attention_threads(self) -> Optional[int]:
+        """How many threads this rank attends with; None: all of them."""
+        return len(self.own) if self.borrows else None
 
     def describe(self) -> str:
         if not self.cpus:
             return "every core (not bound)"
         nodes = ",".join(map(str, self.nodes))
-        return f"cpus {format_cpu_list(self.cpus)} (NUMA node{'s' if len(self.nodes) > 1 else ''} {nodes})"
+        text = f"cpus {format_cpu_list(self.cpus)} (NUMA node{'s' if len(self.nodes) > 1 else ''} {nodes})"
+        if not self.own:
+            text += ", none of them its own (it waits passively)"
+        elif self.own != self.cpus:
+            text += f", attending on its own {format_cpu_list(self.own)}"
+        return text
 
     def env(self) -> dict[str, str]:
-        """What a bound rank's process starts with: one OpenMP thread per core it owns."""
-        return {"OMP_NUM_THREADS": str(len(self.cpus))} if self.cpus else {}
+        """What a bound rank's process starts with: one OpenMP thread per core it may run on; a
+        borrower's threads pinned own cores first (its main thread on the first) and spinning
+        briefly, unless the user set OpenMP's waiting."""
+        if not self.cpus:
+            return {}
+        env = {"OMP_NUM_THREADS": str(len(self.cpus))}
+        if self.borrows:
+            lent = [c for c in self.cpus if c not in self.own]
+            env["OMP_PROC_BIND"] = "close"
+            env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in list(self.own) + lent)
+            if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+                env["GOMP_SPINCOUNT"] = str(BORROWER_SPIN_COUNT)
+        return env
 
 
 def parse_cpu_list(text: str) -> list[int]:
@@ -97,7 +137,34 @@ def plan_bindings(
         shares = _explicit_shares(spec, num_ranks, allowed)
     if not shares:
         return [CpuBinding()] * num_ranks
-    return [CpuBinding(tuple(share), tuple(sorted({node_of.get(c, 0) for c in share}))) for share in shares]
+    return _bindings(shares, [{node_of.get(c, 0) for c in share} for share in shares])
+
+
+def lend_to_roots(bindings: list[CpuBinding], groups: list[list[int]]) -> list[CpuBinding]:
+    """`bindings` with the first rank of each group (indices into `bindings`: a TKNP root and its
+    ranks) also running on the others' cores. The root runs the dense layers of every rank's
+    tokens and the others only attend, so the root borrows their cores while they wait; each
+    attends on its own share."""
+    if not all(b.cpus for b in bindings):
+        return bindings
+    shares = [list(b.cpus) for b in bindings]
+    nodes = [set(b.nodes) for b in bindings]
+    for group in groups:
+        shares[group[0]] = sorted({c for member in group for c in bindings[member].cpus})
+        nodes[group[0]] = {n for member in group for n in bindings[member].nodes}
+    return _bindings(shares, nodes)
+
+
+def _bindings(shares: list[list[int]], nodes: list[set[int]]) -> list[CpuBinding]:
+    """A binding per share; a rank's own cores are those of its share in no other share."""
+    holders: dict[int, int] = {}
+    for share in shares:
+        for cpu in set(share):
+            holders[cpu] = holders.get(cpu, 0) + 1
+    return [
+        CpuBinding(tuple(share), tuple(sorted(node_set)), tuple(c for c in share if holders[c] == 1))
+        for share, node_set in zip(shares, nodes)
+    ]
 
 
 def _explicit_shares(spec: str, num_ranks: int, allowed: list[int]) -> list[list[int]]:

@@ -199,7 +199,6 @@ class Backend:
             if self.args.ranks_per_node > 1:
                 logger.info("rank %d runs on %s", rank, binding.describe())
         shared = not all(binding.cpus for binding in self.bindings)
-        self.ipc["ranks_bound"] = "0" if shared else "1"  # each rank on cores of its own
         if shared and self.args.ranks_per_node > 1 and "OMP_WAIT_POLICY" not in os.environ:
             # Ranks sharing a host's cores take turns (the root's dense layers, then every rank's
             # attention): OpenMP threads that spin while their rank waits steal the cores the
@@ -214,14 +213,20 @@ class Backend:
         # measured once, before any rank loads weights: ranks on one host split this budget
         available = device_memory(self.args.device)[0] if multi and self.args.device == "cpu" else None
         schedulers = [
-            (f"scheduler{r}" if multi else "scheduler", _SCHEDULER, (r, available), binding)
+            (f"scheduler{r}" if multi else "scheduler", _SCHEDULER, (r, available, binding), binding)
             for r, binding in zip(self.args.node_ranks(), self.bindings)
         ]
         head = self.args.node_rank == 0  # node 0 serves: the detokenizer and controller live there
         infos = self._spawn(schedulers + ([("detokenizer", _DETOKENIZER, (), CpuBinding())] if head else []))
         first = infos[schedulers[0][0]]
         binding = [
-            {"rank": r, "cpus": format_cpu_list(b.cpus) if b.cpus else None, "numa_nodes": list(b.nodes)}
+            {
+                "rank": r,
+                "cpus": format_cpu_list(b.cpus) if b.cpus else None,
+                # where it attends: all of cpus but those it shares (a TKNP root borrows its ranks')
+                "own_cpus": format_cpu_list(b.own) if b.cpus else None,
+                "numa_nodes": list(b.nodes),
+            }
             for r, b in zip(self.args.node_ranks(), self.bindings)
         ]
         if not multi:

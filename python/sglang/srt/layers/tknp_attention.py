@@ -33,11 +33,14 @@ class TknpAttentionBackend(AttentionBackend):
     graph runner builds that (capture and replay, as for any backend), so the root's graph body
     runs the model without calling `init_forward_metadata`."""
 
-    def __init__(self, inner: AttentionBackend, comm: TknpComm):
+    def __init__(self, inner: AttentionBackend, comm: TknpComm, attention_threads: Optional[int] = None):
         assert comm.is_root
         super().__init__(inner.shape, inner.device)
         self.inner = inner
         self.comm = comm
+        # A root that borrows its ranks' cores (cpu_binding.py) attends on its own ones only,
+        # which are its first OpenMP threads' (None: on all of its threads).
+        self.attention_threads = attention_threads
         self.comm_seconds = 0.0  # time spent sending q/k/v and waiting for outputs (benchmarks)
 
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
@@ -85,7 +88,15 @@ class TknpAttentionBackend(AttentionBackend):
         if local is None:
             return None, 0.0
         start = time.perf_counter()
-        out = self.inner.forward(q_parts[0], k_parts[0], v_parts[0], layer, local)
+        if self.attention_threads is None:
+            out = self.inner.forward(q_parts[0], k_parts[0], v_parts[0], layer, local)
+        else:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(self.attention_threads)
+            try:
+                out = self.inner.forward(q_parts[0], k_parts[0], v_parts[0], layer, local)
+            finally:
+                torch.set_num_threads(threads)
         return out, time.perf_counter() - start
 
 

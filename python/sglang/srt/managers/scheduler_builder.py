@@ -9,6 +9,7 @@ import torch
 
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.constrained.grammar_backend import GrammarBackend
+from sglang.srt.distributed.cpu_binding import CpuBinding
 from sglang.srt.distributed.parallel_state import ParallelState, init_distributed
 from sglang.srt.distributed.shm_comm import SPIN_BOUND
 from sglang.srt.distributed.tknp_comm import TknpComm
@@ -21,10 +22,14 @@ from sglang.srt.server_args import ServerArgs
 
 
 def build_scheduler(
-    args: ServerArgs, state: Optional[ParallelState] = None, host_available: Optional[int] = None
+    args: ServerArgs,
+    state: Optional[ParallelState] = None,
+    host_available: Optional[int] = None,
+    attention_threads: Optional[int] = None,
 ) -> tuple[Scheduler, ModelConfig, Any]:
     """The model, its KV memory and a scheduler over them, per the (resolved) server args;
-    with `state`, one rank of a TKNP x TP layout (weights on the root's TP ranks only)."""
+    with `state`, one rank of a TKNP x TP layout (weights on the root's TP ranks only).
+    `attention_threads`: a TKNP root that borrows its ranks' cores attends on that many."""
     model_config, tokenizer = load_model_config_and_tokenizer(
         args.model_path, args.tokenizer_path, args.dtype, args.context_length, args.device
     )
@@ -53,6 +58,7 @@ def build_scheduler(
             TknpComm.of(state, args.device),
             cuda_graph_max_bs=graph_max_bs,
             two_batch_overlap=args.enable_two_batch_overlap,
+            attention_threads=attention_threads,
         )
     scheduler = Scheduler(
         runner,
@@ -87,7 +93,9 @@ def _cuda_graph_max_bs(args: ServerArgs) -> Optional[int]:
     return args.cuda_graph_max_bs
 
 
-def init_rank_distributed(args: ServerArgs, ipc: dict[str, str], global_rank: int) -> ParallelState:
+def init_rank_distributed(
+    args: ServerArgs, ipc: dict[str, str], global_rank: int, binding: CpuBinding = CpuBinding()
+) -> ParallelState:
     """NCCL for the data (activations, q/k/v, logits) on GPUs, one GPU per rank; gloo on CPU and
     for the control plane everywhere."""
     layout = args.rank_layout()
@@ -97,9 +105,10 @@ def init_rank_distributed(args: ServerArgs, ipc: dict[str, str], global_rank: in
         torch.cuda.set_device(global_rank % args.ranks_per_node)
         backend = "nccl"
     # Ranks on this host exchange data through shared memory (TKNP's q/k/v, outputs, batches and
-    # logits; TP's all-reduce and all-gather); ranks with cores of their own spin briefly first.
+    # logits; TP's all-reduce and all-gather). A rank with cores of its own (its main thread runs
+    # there) spins briefly first; one whose cores are shared or lent sleeps at once.
     shm_prefix = None if args.disable_shm_transport else ipc.get("shm_prefix")
-    spin = SPIN_BOUND if ipc.get("ranks_bound") == "1" else 0
+    spin = SPIN_BOUND if binding.own else 0
     # Idle ranks wait inside a collective for as long as the server is idle.
     return init_distributed(
         layout,

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import zmq
 
+from sglang.srt.distributed.cpu_binding import CpuBinding
 from sglang.srt.managers.io_struct import BatchTokenIDOut, LoadReport, decode, encode
 from sglang.srt.managers.lockstep import IDLE_POLL_MS, DistLockstepGroup, Lockstep
 from sglang.srt.managers.scheduler import Scheduler
@@ -35,7 +36,12 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
 
 
 def run_scheduler_process(
-    args: ServerArgs, ipc: dict[str, str], ready_pipe: Any, global_rank: int = 0, host_available: Optional[int] = None
+    args: ServerArgs,
+    ipc: dict[str, str],
+    ready_pipe: Any,
+    global_rank: int = 0,
+    host_available: Optional[int] = None,
+    binding: CpuBinding = CpuBinding(),
 ) -> None:
     """Entry point of a scheduler process; reports readiness (or the start-up error) on ready_pipe.
 
@@ -47,8 +53,8 @@ def run_scheduler_process(
     multi = args.world_size > 1
     configure_logging(args.log_level, prefix=f"scheduler{global_rank}" if multi else "scheduler")
     try:
-        state = init_rank_distributed(args, ipc, global_rank) if multi else None
-        scheduler, _, _ = build_scheduler(args, state, host_available)
+        state = init_rank_distributed(args, ipc, global_rank, binding) if multi else None
+        scheduler, _, _ = build_scheduler(args, state, host_available, binding.attention_threads)
         load = scheduler.get_load()
         ready = {"max_total_num_tokens": load.max_total_num_tokens, "max_running_requests": load.max_running_requests}
         if multi:

@@ -57,11 +57,13 @@ class TknpModelRunner:
         cuda_graph_max_bs: Optional[int] = None,
         graphs: Optional[GraphCapturer] = None,
         two_batch_overlap: bool = False,
+        attention_threads: Optional[int] = None,
     ):
         """`runner` must run eagerly (its own graphs would capture a forward of one rank);
         `cuda_graph_max_bs` and `graphs` are what ModelRunner takes, for the group's graphs.
         `two_batch_overlap` (point-to-point transports only) runs eager decode steps in two
-        micro-batches (two_batch_overlap.py)."""
+        micro-batches (two_batch_overlap.py). `attention_threads`: the root's own attention runs
+        on that many threads (its own cores, when it borrows its ranks' cores for the rest)."""
         assert runner.hold_weights == comm.is_root, "exactly the TKNP root holds the weights"
         assert runner.cuda_graph_runner is None, "under TKNP the TKNP runner captures the graphs"
         assert not (two_batch_overlap and comm.use_all_to_all), "two-batch overlap sends point to point"
@@ -70,7 +72,7 @@ class TknpModelRunner:
         self.layers = runner.attention_layers
         self.vocab_size = runner.model_config.vocab_size
         if comm.is_root:
-            self.tknp_backend = TknpAttentionBackend(runner.attn_backend, comm)
+            self.tknp_backend = TknpAttentionBackend(runner.attn_backend, comm, attention_threads)
         self.two_batch_overlap = two_batch_overlap
         self._overlap = TwoBatchOverlap() if two_batch_overlap and comm.is_root else None
         self.overlapped_steps = 0  # root only: steps run as two micro-batches (load reports)
