@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 from conftest import ServerProcess, assert_same_generations
-from sglang.srt.distributed.cpu_binding import BORROWER_SPIN_COUNT, numa_nodes
+from sglang.srt.distributed.cpu_binding import SHARED_CORE_SPIN_COUNT, numa_nodes
 
 pytestmark = pytest.mark.slow  # server processes with their ranks
 
@@ -283,11 +283,11 @@ def test_idle_ranks_do_not_spin_and_a_dead_rank_fails_requests(model_path):
         pids = _rank_pids(server.proc.pid)
         for pid in pids[:2]:
             # OpenMP threads on cores another rank uses wait passively, or spin briefly (a root
-            # that borrows its rank's cores); a rank alone on one core has no other thread
+            # that borrows its rank's cores, and the rank that lends them)
             env = _environ(pid)
             assert (
                 "OMP_WAIT_POLICY=PASSIVE" in env
-                or f"GOMP_SPINCOUNT={BORROWER_SPIN_COUNT}" in env
+                or f"GOMP_SPINCOUNT={SHARED_CORE_SPIN_COUNT}" in env
                 or "OMP_NUM_THREADS=1" in env
             ), env
         before = {p: _cpu_seconds(p) for p in pids}

@@ -2,7 +2,7 @@
 
 import pytest
 from sglang.srt.distributed.cpu_binding import (
-    BORROWER_SPIN_COUNT,
+    SHARED_CORE_SPIN_COUNT,
     CpuBinding,
     format_cpu_list,
     lend_to_roots,
@@ -90,9 +90,9 @@ def test_a_root_borrows_its_ranks_cores_and_attends_on_its_own(monkeypatch):
         "OMP_NUM_THREADS": "2",
         "OMP_PROC_BIND": "close",
         "OMP_PLACES": "{0},{1}",
-        "GOMP_SPINCOUNT": str(BORROWER_SPIN_COUNT),
+        "GOMP_SPINCOUNT": str(SHARED_CORE_SPIN_COUNT),
     }
-    assert rank.env() == {"OMP_NUM_THREADS": "1"}
+    assert rank.env() == {"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": str(SHARED_CORE_SPIN_COUNT)}
     assert root.describe() == "cpus 0-1 (NUMA node 0), attending on its own 0"
     assert rank.describe() == "cpus 1 (NUMA node 0), none of them its own (it waits passively)"
     # an explicit list says the same with overlapping lists; own cores come first in the places
@@ -101,10 +101,12 @@ def test_a_root_borrows_its_ranks_cores_and_attends_on_its_own(monkeypatch):
     assert swapped.own == (1,) and swapped.env()["OMP_PLACES"] == "{1},{0}"
     # the user's own OpenMP waiting wins
     monkeypatch.setenv("GOMP_SPINCOUNT", "0")
-    assert "GOMP_SPINCOUNT" not in root.env()
+    assert "GOMP_SPINCOUNT" not in root.env() and "GOMP_SPINCOUNT" not in rank.env()
 
 
-def test_lending_follows_each_tknp_group():
+def test_lending_follows_each_tknp_group(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     # TKNP 2 x TP 2 on 8 cores (TP fastest: ranks 0, 1 are the root's TP ranks): TP rank t of the
     # root borrows the cores of TP rank t of the other TKNP rank
     plan = plan_bindings("auto", 4, list(range(8)), {0: list(range(8))})
@@ -112,6 +114,8 @@ def test_lending_follows_each_tknp_group():
     assert cpus(lent) == ["0-1,4-5", "2-3,6-7", "4-5", "6-7"]
     assert [b.own for b in lent] == [(0, 1), (2, 3), (), ()]
     assert [b.attention_threads for b in lent] == [2, 2, None, None]
+    # a lender's threads, on cores its root's dense work uses, spin briefly too
+    assert all(b.env()["GOMP_SPINCOUNT"] == str(SHARED_CORE_SPIN_COUNT) for b in lent)
     # unbound ranks (fewer cores than ranks) stay unbound; lists shared whole leave nothing own
     assert lend_to_roots([CpuBinding()] * 2, [[0, 1]]) == [CpuBinding()] * 2
     both = plan_bindings("0-1|0-1", 2, [0, 1], {0: [0, 1]})

@@ -29,15 +29,17 @@ own waits passively, leaving its cores to the borrower.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 _NODE_ROOT = Path("/sys/devices/system/node")
-# libgomp's spin count for a borrower's OpenMP threads (about 10 ns each): they catch the next
-# parallel region within a layer's dense work spinning, and sleep about 0.1 ms after it, leaving
-# the lent cores to the ranks' attention (libgomp's default spins about 3 ms).
-BORROWER_SPIN_COUNT = 10000
+# libgomp's spin count (about 10 ns each) for the OpenMP threads of a rank that shares cores
+# with another (a borrowing root, the ranks that lend to it): they catch the next parallel
+# region of their own phase spinning, and sleep about 0.1 ms after it, leaving the shared cores
+# to the other rank's phase (libgomp's default spins about 3 ms).
+SHARED_CORE_SPIN_COUNT = 10000
 
 
 @dataclass(frozen=True)
@@ -71,18 +73,18 @@ class CpuBinding:
         return text
 
     def env(self) -> dict[str, str]:
-        """What a bound rank's process starts with: one OpenMP thread per core it may run on; a
-        borrower's threads pinned own cores first (its main thread on the first) and spinning
-        briefly, unless the user set OpenMP's waiting."""
+        """What a bound rank's process starts with: one OpenMP thread per core it may run on;
+        where it shares cores, threads that spin briefly (unless the user set OpenMP's waiting),
+        and for a borrower, pinned own cores first (its main thread on the first)."""
         if not self.cpus:
             return {}
         env = {"OMP_NUM_THREADS": str(len(self.cpus))}
+        if self.own != self.cpus and "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+            env["GOMP_SPINCOUNT"] = str(SHARED_CORE_SPIN_COUNT)
         if self.borrows:
             lent = [c for c in self.cpus if c not in self.own]
             env["OMP_PROC_BIND"] = "close"
             env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in list(self.own) + lent)
-            if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-                env["GOMP_SPINCOUNT"] = str(BORROWER_SPIN_COUNT)
         return env
 
 
@@ -157,10 +159,7 @@ def lend_to_roots(bindings: list[CpuBinding], groups: list[list[int]]) -> list[C
 
 def _bindings(shares: list[list[int]], nodes: list[set[int]]) -> list[CpuBinding]:
     """A binding per share; a rank's own cores are those of its share in no other share."""
-    holders: dict[int, int] = {}
-    for share in shares:
-        for cpu in set(share):
-            holders[cpu] = holders.get(cpu, 0) + 1
+    holders = Counter(cpu for share in shares for cpu in set(share))
     return [
         CpuBinding(tuple(share), tuple(sorted(node_set)), tuple(c for c in share if holders[c] == 1))
         for share, node_set in zip(shares, nodes)
