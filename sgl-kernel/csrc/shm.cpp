@@ -159,8 +159,10 @@ void shm_send(const at::Tensor& segment, int64_t channel, int64_t slot_bytes, in
   }
 }
 
-void shm_recv(const at::Tensor& segment, int64_t channel, int64_t slot_bytes, int64_t num_slots, at::Tensor& dst,
-              int64_t peer_pid, int64_t spin) {
+// Returns the nanoseconds spent waiting for the message's first chunk: the time its sender took
+// to produce it, as opposed to moving it (benchmarks tell the two apart).
+int64_t shm_recv(const at::Tensor& segment, int64_t channel, int64_t slot_bytes, int64_t num_slots, at::Tensor& dst,
+                 int64_t peer_pid, int64_t spin) {
   check_data(dst, "dst");
   check_range(segment, channel, kChannelHeader + slot_bytes * num_slots);
   uint8_t* base = segment_base(segment);
@@ -171,12 +173,17 @@ void shm_recv(const at::Tensor& segment, int64_t channel, int64_t slot_bytes, in
   const int64_t total = dst.numel() * dst.element_size();
   const std::vector<int64_t> peers{peer_pid};
   uint32_t count = consumed->load(std::memory_order_relaxed);  // only this process writes it
+  const auto start = std::chrono::steady_clock::now();
+  int64_t waited_ns = 0;
   for (int64_t c = 0, chunks = num_chunks(total, slot_bytes); c < chunks; ++c) {
     wait_for(produced, [&](uint32_t made) { return made != count; }, spin, peers);
+    if (c == 0)
+      waited_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
     const int64_t at = c * slot_bytes;
     copy_bytes(data + at, slots + (count % num_slots) * slot_bytes, std::min(slot_bytes, total - at));
     publish(consumed, ++count);
   }
+  return waited_ns;
 }
 
 // ---- collectives ------------------------------------------------------------------------------
@@ -259,7 +266,7 @@ TORCH_LIBRARY_FRAGMENT(sgl_kernel, m) {
   m.def("shm_send(Tensor segment, int channel, int slot_bytes, int num_slots, Tensor src, int peer_pid, int spin) -> ()",
         shm_send);
   m.def(
-      "shm_recv(Tensor segment, int channel, int slot_bytes, int num_slots, Tensor(a!) dst, int peer_pid, int spin) -> ()",
+      "shm_recv(Tensor segment, int channel, int slot_bytes, int num_slots, Tensor(a!) dst, int peer_pid, int spin) -> int",
       shm_recv);
   m.def(
       "shm_all_gather(Tensor segment, int offset, int slot_bytes, int rank, int[] pids, Tensor src, Tensor(a!) out, "

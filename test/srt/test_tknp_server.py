@@ -144,6 +144,13 @@ def test_parity_across_tknp_and_tp_sizes_with_retraction(model_path):
             assert set(info["transport"].values()) == ({used} if used else set()), info["transport"]
             overlapped = info["internal_states"][0]["tknp_overlapped_steps"]
             assert (overlapped > 0) == transport.endswith("+tbo"), overlapped
+            states = info["internal_states"]
+            if used == "shm" and tknp > 1:
+                # the root's waits for the ranks' outputs are part of its exchange's time
+                assert 0 < states[0]["tknp_wait_seconds"] <= states[0]["tknp_comm_seconds"], states[0]
+                assert all(s["tknp_wait_seconds"] > 0 for s in states[1:]), "the ranks wait for their q/k/v"
+            else:  # gloo does not tell waiting from moving, and tknp 1 exchanges nothing
+                assert all(s["tknp_wait_seconds"] == 0 for s in states), states
         finally:
             server.stop()
     pairs = (

@@ -36,7 +36,7 @@ RATIO_DECAY = scheduler_module._NEW_TOKEN_RATIO_DECAY
 class FakeForward:
     """A Forward whose logits put all mass on `script.get(last input token, FILLER)`."""
 
-    comm_seconds = 0.0
+    comm_seconds = wait_seconds = 0.0
     overlapped_steps = 0
 
     def __init__(self, script: Optional[dict[int, int]] = None):

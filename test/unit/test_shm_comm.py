@@ -84,6 +84,36 @@ def test_transport_matches_gloo(tmp_path, world, dtype):
     assert not os.path.exists(path)
 
 
+def _late_sender(rank, world, init_file, path):
+    import torch.distributed as dist
+
+    shm = _group(rank, world, init_file, path, **SMALL)
+    message = torch.arange(10_000, dtype=torch.float32)  # 10 slots through a 2-slot ring
+    if rank == 1:
+        time.sleep(0.3)  # late: the receiver waits for it
+        shm.send(message, 0)
+        dist.barrier()
+        shm.send(message, 0)  # early: in the ring before the receiver asks
+        dist.barrier()
+        return None
+    start = time.perf_counter()
+    assert torch.equal(shm.recv_into(torch.empty(10_000), 1), message)
+    late = (shm.waited_seconds, time.perf_counter() - start)
+    dist.barrier()
+    time.sleep(0.2)  # the sender's first chunk is in; it waits for a free slot for the rest
+    waited = shm.waited_seconds
+    assert torch.equal(shm.recv_into(torch.empty(10_000), 1), message)
+    dist.barrier()
+    return late, shm.waited_seconds - waited
+
+
+def test_recv_tells_waiting_for_the_sender_from_moving_data(tmp_path):
+    path = f"/dev/shm/sglang-tknp-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    (waited, elapsed), early = run_ranks(_late_sender, 2, 2, str(tmp_path / "init"), path)[0]
+    assert 0.2 < waited <= elapsed, (waited, elapsed)
+    assert early < 0.05, "a message already started costs no wait, though later chunks waited for slots"
+
+
 def _dying_worker(rank, world, init_file, path):
     shm = _group(rank, world, init_file, path)
     if rank == 1:

@@ -98,6 +98,12 @@ class TknpComm:
             return _SENT
         return dist.isend(tensor.contiguous(), dst=self.group_ranks[to], group=self.group)
 
+    @property
+    def waited_seconds(self) -> Optional[float]:
+        """Time `recv` spent waiting for its peers to start sending, as opposed to moving the
+        data (benchmarks); None on gloo, which does not tell the two apart."""
+        return self.shm.waited_seconds if self.shm is not None else None
+
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, frm: int) -> torch.Tensor:
         out = torch.empty(shape, dtype=dtype, device=self.device)
         if self.shm is not None:

@@ -42,6 +42,7 @@ class TknpAttentionBackend(AttentionBackend):
         # which are its first OpenMP threads' (None: on all of its threads).
         self.attention_threads = attention_threads
         self.comm_seconds = 0.0  # time spent sending q/k/v and waiting for outputs (benchmarks)
+        self.wait_seconds = 0.0  # of which waiting for the ranks' outputs to start arriving (shm only)
 
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
         local = forward_batch.tknp_partitions.local
@@ -75,7 +76,10 @@ class TknpAttentionBackend(AttentionBackend):
                 turn_start = time.perf_counter()
                 parts.pass_turn()
                 local_seconds += time.perf_counter() - turn_start
+            waited = self.comm.waited_seconds
             outs = [self.comm.recv((sizes[r], width), q.dtype, r) for r in range(1, self.comm.size) if sizes[r]]
+            if waited is not None:
+                self.wait_seconds += self.comm.waited_seconds - waited
             for work in pending:
                 work.wait()
         self.comm_seconds += time.perf_counter() - start - local_seconds

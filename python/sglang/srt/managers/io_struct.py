@@ -148,6 +148,9 @@ class GetLoadReqOutput:
     weight_bytes: int = 0  # parameters this rank holds (0 on a non-root TKNP rank)
     forward_seconds: float = 0.0  # wall time inside model forwards so far
     tknp_comm_seconds: float = 0.0  # of which the TKNP root spent on scatter/gather
+    # TKNP on shared memory: time the root's gather waited for the ranks' outputs to start
+    # arriving (part of tknp_comm_seconds; the rest moves data), or a rank waited for its q/k/v
+    tknp_wait_seconds: float = 0.0
     tknp_overlapped_steps: int = 0  # the TKNP root's steps run as two micro-batches (--enable-two-batch-overlap)
     tknp_rank: int = 0
     # Under TKNP the controller's aggregate: one entry per rank, and requests placed per rank.

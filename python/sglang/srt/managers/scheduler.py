@@ -73,6 +73,11 @@ class Forward(Protocol):
         ...
 
     @property
+    def wait_seconds(self) -> float:
+        """Time spent waiting for other ranks' messages to start arriving (load reports)."""
+        ...
+
+    @property
     def overlapped_steps(self) -> int:
         """Steps run as two micro-batches under two-batch overlap (load reports)."""
         ...
@@ -160,6 +165,7 @@ class Scheduler:
             weight_bytes=self.runner.plan.weight_bytes,
             forward_seconds=self.forward_seconds,
             tknp_comm_seconds=self._forward.comm_seconds,
+            tknp_wait_seconds=self._forward.wait_seconds,
             tknp_overlapped_steps=self._forward.overlapped_steps,
             tknp_rank=self.tknp_rank,
         )

@@ -208,7 +208,7 @@ class ModelRunner:
         return self.cuda_graph_runner.bucket(batch.batch_size)
 
     # A runner is its scheduler's Forward: one rank, nothing moves between ranks.
-    comm_seconds = 0.0
+    comm_seconds = wait_seconds = 0.0
     overlapped_steps = 0
 
     def __call__(self, batch: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:

@@ -75,6 +75,7 @@ class TknpModelRunner:
             self.tknp_backend = TknpAttentionBackend(runner.attn_backend, comm, attention_threads)
         self.two_batch_overlap = two_batch_overlap
         self._overlap = TwoBatchOverlap() if two_batch_overlap and comm.is_root else None
+        self._rank_wait_seconds = 0.0
         self.overlapped_steps = 0  # root only: steps run as two micro-batches (load reports)
         # bytes of one token's q/k/v message, the largest message of an overlapped step
         self._qkv_bytes = (
@@ -87,6 +88,12 @@ class TknpModelRunner:
     def comm_seconds(self) -> float:
         """Root only: time its attention spent on scatter/gather, including waiting for ranks."""
         return self.tknp_backend.comm_seconds if self.comm.is_root else 0.0
+
+    @property
+    def wait_seconds(self) -> float:
+        """Time the attention exchange waited for peers to start sending (shared memory only):
+        on the root for the ranks' outputs (part of comm_seconds), on a rank for its q/k/v."""
+        return self.tknp_backend.wait_seconds if self.comm.is_root else self._rank_wait_seconds
 
     def __call__(self, local: Optional[ForwardBatch]) -> Optional[LogitsProcessorOutput]:
         return self.forward(local)
@@ -148,7 +155,7 @@ class TknpModelRunner:
             body, runner.attn_backend, runner.req_to_token_pool, runner.kv_pool, max_bs, graphs
         )
         if self.comm.is_root:
-            self.tknp_backend.comm_seconds = 0.0  # the captures' runs are not steps
+            self.tknp_backend.comm_seconds = self.tknp_backend.wait_seconds = 0.0  # the captures' runs are not steps
         return graph_runner
 
     def _graph_bucket(self, headers: list[StepHeader]) -> Optional[int]:
@@ -207,7 +214,10 @@ class TknpModelRunner:
             for batch in batches:
                 if batch is not None:
                     backend.init_forward_metadata(batch)
+            waited = self.comm.waited_seconds
             serve_attention_layers(backend, self.layers, batches, self.comm, self.runner.compute_dtype)
+            if waited is not None:
+                self._rank_wait_seconds += self.comm.waited_seconds - waited
         return self._recv_logits(h) if local is not None else None
 
     def _recv_logits(self, h: StepHeader) -> LogitsProcessorOutput:
