@@ -187,8 +187,12 @@ def main() -> None:
     paths = {
         # one process, both cores: the dense layers, then every request's attention
         "tknp 1": p("dense", B, 2) + p("attention", B, 2),
-        # the root's dense layers with both cores, then both ranks' attention sharing them
-        "tknp 2": p("dense", B, 2) + p("attention", B, 2),
+        # the root's dense layers on both cores (auto lends it the rank's), then the root and
+        # the rank attend their halves side by side, on a core each
+        "tknp 2": p("dense", B, 2) + max(attn_pair),
+        # the same, each micro-batch's dense half on both cores: no core idles for the overlap
+        # to fill, so at best it costs the second pass over the weights
+        "tknp 2 tbo": 2 * p("dense", half, 2) + max(attn_pair),
         # the root's dense layers on its core, then the two ranks attend side by side
         "tknp 2 [0|1]": p("dense", B, 1) + max(attn_pair),
         # per layer and micro-batch the root's dense half runs beside a rank's attention; the

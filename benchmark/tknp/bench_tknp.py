@@ -18,8 +18,19 @@ shape (SmolLM2-135M's by default, written to a temp dir; no download), sized by 
     prefilled first (max_new_tokens 1), then the same requests with `--output-len` new tokens,
     their prompts now cached: decode tok/s = N * (output_len - 1) / (t_decode_run - t_first_token)
     where the first-token time is measured by a prefill-only rerun of the cached prompts;
-  - the share of the root's forward time spent in TKNP scatter/gather (including waiting for
-    the other ranks' attention); under TP, of TP rank 0 of the root.
+  - the share of the root's forward time spent in TKNP scatter/gather (`comm share`), and on
+    shared memory its two parts: `moving` (cutting and packing q/k/v, copying messages in and
+    out of the rings, waking the ranks) and `root waits` (for the ranks' outputs to start
+    arriving: their attention beyond the root's own, and their wake-up); `rank waits` is the
+    time a non-root rank waited for its q/k/v (the root's dense layers, mostly), as a share of
+    the root's forward too. Under TP, of TP rank 0 of each TKNP rank.
+With `--rounds R` (R > 1) every configuration's server starts first (each KV pool capped to
+twice what the run needs, so the KV capacity column shows that cap) and their decode runs then
+alternate R times, the order turning each round: decode tok/s and the share are medians over the
+rounds, and "vs first" is the median of each round's ratio to the first configuration's run in
+the same round. On a shared, noisy host that compares runs a minute apart rather than a whole
+run's length apart. Every server then holds its prompts' KV cache at once: at 32 x 2000 tokens
+in llama-160m's shape (36 KiB a token) five servers do not fit in 24 GiB, three do.
 It prints a table and writes a PNG plot (`--plot`, needs matplotlib).
 """
 
@@ -32,10 +43,12 @@ import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import requests
 
@@ -135,73 +148,145 @@ def parse_config(config: str) -> tuple[str, str, str, set[str]]:
     return tknp, tp, bind, chosen
 
 
-def measure(model_dir: str, config: str, args: argparse.Namespace) -> dict:
-    tknp, tp, bind, options = parse_config(config)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = (
-        [
-            sys.executable,
-            "-m",
-            "sglang.launch_server",
-            "--model-path",
-            model_dir,
-            "--port",
-            str(port),
-            "--tknp-size",
-            tknp,
-            "--tp-size",
-            tp or "1",
-            "--dtype",
-            args.dtype,
-            "--log-level",
-            "warning",
-            # cache_aware sends a repeated prompt back to the rank that cached it (round_robin would
-            # place it by arrival order, which concurrent clients shuffle)
-            "--load-balance-method",
-            "cache_aware",
-            "--context-length",
-            str(args.context_len + args.output_len + 8),
+class Server:
+    """One configuration's server, started and prefilled, that can time decode runs again and
+    again (`--rounds`: every configuration's server stays up and their runs alternate)."""
+
+    def __init__(self, model_dir: str, config: str, args: argparse.Namespace, max_total_tokens: Optional[int]):
+        tknp, tp, bind, options = parse_config(config)
+        self.config, self.args = config, args
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = (
+            [
+                sys.executable,
+                "-m",
+                "sglang.launch_server",
+                "--model-path",
+                model_dir,
+                "--port",
+                str(port),
+                "--tknp-size",
+                tknp,
+                "--tp-size",
+                tp or "1",
+                "--dtype",
+                args.dtype,
+                "--log-level",
+                "warning",
+                # cache_aware sends a repeated prompt back to the rank that cached it (round_robin
+                # would place it by arrival order, which concurrent clients shuffle)
+                "--load-balance-method",
+                "cache_aware",
+                "--context-length",
+                str(args.context_len + args.output_len + 8),
+            ]
+            + (["--cpu-omp-threads-bind", bind] if bind else [])
+            + (["--disable-shm-transport"] if "gloo" in options else [])
+            + (["--enable-two-batch-overlap"] if "tbo" in options else [])
+            + (["--max-total-tokens", str(max_total_tokens)] if max_total_tokens else [])
+        )
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server for {config} exited with {self.proc.returncode}")
+                try:
+                    if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                        break
+                except requests.RequestException:
+                    time.sleep(0.5)
+            rng = random.Random(0)
+            top = min(40000, SHAPES[args.shape]["vocab_size"])
+            self.prompts = [
+                [rng.randrange(100, top) for _ in range(args.context_len)] for _ in range(args.num_requests)
+            ]
+            self.prefill_s = run_batch(self.url, self.prompts, 1)  # prompts now in each owner's prefix cache
+            self.decode_tok_s: list[float] = []
+            self.shares: list[dict[str, float]] = []
+        except BaseException:
+            self.close()
+            raise
+
+    def decode(self) -> float:
+        """One timed decode run over the cached prompts; its tokens/s."""
+        args = self.args
+        first_token = run_batch(self.url, self.prompts, 1)  # cached: the fixed cost of one step per request
+        before = requests.get(self.url + "/server_info").json()["internal_states"]
+        decode = run_batch(self.url, self.prompts, args.output_len)
+        self.info = requests.get(self.url + "/server_info").json()
+        # one entry per scheduler, the root's first (under TP, TP rank 0's of each TKNP rank)
+        delta = [
+            {k: after[k] - was[k] for k in ("forward_seconds", "tknp_comm_seconds", "tknp_wait_seconds")}
+            for after, was in zip(self.info["internal_states"], before)
         ]
-        + (["--cpu-omp-threads-bind", bind] if bind else [])
-        + (["--disable-shm-transport"] if "gloo" in options else [])
-        + (["--enable-two-batch-overlap"] if "tbo" in options else [])
-    )
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server for {config} exited with {proc.returncode}")
-            try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        rng = random.Random(0)
-        top = min(40000, SHAPES[args.shape]["vocab_size"])
-        prompts = [[rng.randrange(100, top) for _ in range(args.context_len)] for _ in range(args.num_requests)]
-        prefill = run_batch(url, prompts, 1)  # prompts are now in each owner's prefix cache
-        first_token = run_batch(url, prompts, 1)  # cached: the fixed cost of one step per request
-        before = requests.get(url + "/server_info").json()["internal_states"][0]
-        decode = run_batch(url, prompts, args.output_len)
-        info = requests.get(url + "/server_info").json()
-        root = info["internal_states"][0]
-        forward = root["forward_seconds"] - before["forward_seconds"]
-        comm = root["tknp_comm_seconds"] - before["tknp_comm_seconds"]
+        root, others = delta[0], [d for d, s in zip(delta, self.info["internal_states"]) if s["tknp_rank"] > 0]
+        forward = root["forward_seconds"]
+        self.overlapped_steps = (
+            self.info["internal_states"][0]["tknp_overlapped_steps"] - before[0]["tknp_overlapped_steps"]
+        )
+        self.decode_tok_s.append(round(args.num_requests * (args.output_len - 1) / (decode - first_token), 1))
+        share = lambda seconds: round(seconds / forward, 3) if forward > 0 else 0.0
+        self.shares.append(
+            {
+                "comm": share(root["tknp_comm_seconds"]),
+                "root_wait": share(root["tknp_wait_seconds"]),
+                "rank_wait": share(statistics.mean(d["tknp_wait_seconds"] for d in others)) if others else 0.0,
+            }
+        )
+        return self.decode_tok_s[-1]
+
+    def result(self) -> dict:
         return {
-            "config": config,
-            "kv_capacity": [r["max_total_num_tokens"] for r in info["internal_states"]],
-            "rss_gib": [round(b / 2**30, 2) for b in rss_of_children(proc.pid)],
-            "prefill_s": round(prefill, 2),
-            "decode_tok_s": round(args.num_requests * (args.output_len - 1) / (decode - first_token), 1),
-            "comm_share": round(comm / forward, 3) if forward > 0 else 0.0,
-            "overlapped_steps": root["tknp_overlapped_steps"] - before["tknp_overlapped_steps"],
-            "cpu_binding": [b["cpus"] for b in info["cpu_binding"]],
-            "transport": info.get("transport", {}),
+            "config": self.config,
+            "kv_capacity": [r["max_total_num_tokens"] for r in self.info["internal_states"]],
+            "rss_gib": [round(b / 2**30, 2) for b in rss_of_children(self.proc.pid)],
+            "prefill_s": round(self.prefill_s, 2),
+            "decode_tok_s": round(statistics.median(self.decode_tok_s), 1),
+            "decode_runs": self.decode_tok_s,
+            **{f"{k}_share": statistics.median(s[k] for s in self.shares) for k in ("comm", "root_wait", "rank_wait")},
+            "overlapped_steps": self.overlapped_steps,
+            "cpu_binding": [b["cpus"] for b in self.info["cpu_binding"]],
+            "transport": self.info.get("transport", {}),
         }
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+
+
+def measure_all(model_dir: str, configs: list[str], args: argparse.Namespace) -> tuple[list[dict], list[list[float]]]:
+    """Each configuration's result, and each round's decode tokens/s relative to the first
+    configuration's in the same round."""
+    if args.rounds == 1:  # one server at a time, sized by memory
+        servers = []
+        for config in configs:
+            server = Server(model_dir, config, args, None)
+            try:
+                server.decode()
+                servers.append(server.result())
+            finally:
+                server.close()
+        return servers, [[r["decode_tok_s"] / servers[0]["decode_tok_s"] for r in servers]]
+    # every server up at once, each with a KV pool that fits the run (by memory, the first
+    # would take what the others need)
+    tokens = 2 * args.num_requests * (args.context_len + args.output_len + 8)
+    running: list[Server] = []
+    try:
+        for config in configs:
+            running.append(Server(model_dir, config, args, tokens))
+        ratios = []
+        for round_ in range(args.rounds):
+            # the order turns each round, so that no configuration always runs first or last
+            order = running[round_ % len(running) :] + running[: round_ % len(running)]
+            for server in order:
+                server.decode()
+            ratios.append([s.decode_tok_s[-1] / running[0].decode_tok_s[-1] for s in running])
+        return [s.result() for s in running], ratios
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        for server in running:
+            server.close()
 
 
 def _label(config: str) -> str:
@@ -212,6 +297,14 @@ def _label(config: str) -> str:
         + (f" [{bind}]" if bind else "")
         + "".join(f" {o}" for o in sorted(options))
     )
+
+
+def _waits(r: dict) -> str:
+    """The comm share's two parts, moving data and the root waiting for the ranks' outputs, and
+    the ranks' wait for their q/k/v (all as shares of the root's forward); shared memory only."""
+    if r["transport"].get("tknp") != "shm":
+        return f"{'-':>6} {'-':>10} {'-':>10}"
+    return f"{r['comm_share'] - r['root_wait_share']:>6.1%} {r['root_wait_share']:>10.1%} {r['rank_wait_share']:>10.1%}"
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -242,22 +335,37 @@ def main() -> None:
     parser.add_argument("--context-len", type=int, default=2048)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="decode runs per configuration; above 1 every server stays up (KV pools capped to the run) "
+        "and the runs alternate, so the ratios compare runs minutes apart, not a whole run's length",
+    )
     parser.add_argument("--plot", default="bench_tknp.png")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(args.shape, tmp)
-        results = [measure(model_dir, c, args) for c in args.configs.split(",")]
+        results, ratios = measure_all(model_dir, args.configs.split(","), args)
     print(
-        f"shape={args.shape} dtype={args.dtype} requests={args.num_requests} context={args.context_len} output={args.output_len}"
+        f"shape={args.shape} dtype={args.dtype} requests={args.num_requests} context={args.context_len} "
+        f"output={args.output_len} rounds={args.rounds}"
     )
     print(
-        f"{'config':>20} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} {'decode tok/s':>12} {'comm share':>10} {'split steps':>11}  cores per rank, transport"
+        f"{'config':>20} {'KV capacity per rank (tokens)':>32} {'RSS per process (GiB)':>30} {'prefill s':>9} "
+        f"{'decode tok/s':>12} {'vs first':>8} {'comm share':>10} {'moving':>6} {'root waits':>10} {'rank waits':>10} "
+        f"{'split steps':>11}  cores per rank, transport"
     )
-    for r in results:
+    for i, r in enumerate(results):
+        r["vs_first"] = round(statistics.median(round_[i] for round_ in ratios), 3)
         print(
-            f"{_label(r['config']):>20} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} {r['decode_tok_s']:>12} {r['comm_share']:>10.1%} {r['overlapped_steps']:>11}  {r['cpu_binding']} {r['transport']}"
+            f"{_label(r['config']):>20} {str(r['kv_capacity']):>32} {str(r['rss_gib']):>30} {r['prefill_s']:>9} "
+            f"{r['decode_tok_s']:>12} {r['vs_first']:>7.2f}x {r['comm_share']:>10.1%} {_waits(r)} {r['overlapped_steps']:>11}  "
+            f"{r['cpu_binding']} {r['transport']}"
         )
+        if args.rounds > 1:
+            print(f"{'':>20} decode runs: {r['decode_runs']}, vs first per round: {[round(x[i], 3) for x in ratios]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
