@@ -8,7 +8,9 @@ per layer, the two parts a TKNP root and its ranks run in a decode step:
   - `dense`: the root's fused halves around attention (decode_layer_qkv: norm, q/k/v
     projection, rotary; decode_layer_out: o_proj, norm, MLP) over `rows` requests;
   - `attention`: storing k/v and decode attention of `rows` requests over `--context-len`
-    cached tokens each (what the owner of those requests runs).
+    cached tokens each (what the owner of those requests runs);
+and a whole layer over every request on two threads, as one fused call (`decode_layer`, what
+tknp 1 runs) and split around the attention backend (what a TKNP root runs, less the exchange).
 Each is timed as a step runs it, over every layer in turn, so weights and KV come from memory
 rather than from a cache one layer would keep warm; with 1 and 2 threads. Then, in two
 processes bound to one core each and started together (`side by side`), the pairs a TKNP group
@@ -82,8 +84,8 @@ class LayerParts:
 
         return _timed(run, self.repeats) / len(self.layers)
 
-    def attention(self, rows: int) -> float:
-        """Seconds per layer of storing k/v and attending, for the first `rows` requests."""
+    def _batch(self, rows: int):
+        """A decode batch of the first `rows` requests, attached to the runner's pools."""
         from sglang.srt.model_executor.forward_batch import ForwardBatch, ForwardMode
 
         C, B = self.context_len, self.requests
@@ -100,8 +102,12 @@ class LayerParts:
             sample_indices=torch.arange(rows),
         )
         self.runner.attach(batch)
-        backend = self.runner.attn_backend
-        backend.init_forward_metadata(batch)
+        self.runner.attn_backend.init_forward_metadata(batch)
+        return batch
+
+    def attention(self, rows: int) -> float:
+        """Seconds per layer of storing k/v and attending, for the first `rows` requests."""
+        batch, backend = self._batch(rows), self.runner.attn_backend
         heads, kv_heads, head_dim = self.layers[0].sizes[:3]
         q = torch.randn(rows, heads, head_dim, dtype=torch.bfloat16)
         k, v = (torch.randn(rows, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(2))
@@ -109,6 +115,22 @@ class LayerParts:
         def run():
             for f in self.layers:
                 backend.forward(q, k, v, f.attention, batch)
+
+        return _timed(run, self.repeats) / len(self.layers)
+
+    def layer(self, rows: int, split: bool) -> float:
+        """Seconds per whole layer over `rows` requests: as one fused call (`decode_layer`, what
+        tknp 1 runs) or split around the attention backend's Python (what a TKNP root runs, less
+        the exchange)."""
+        batch = self._batch(rows)
+        hidden, residual = (torch.randn(rows, self.hidden_size, dtype=torch.bfloat16) for _ in range(2))
+
+        def run():
+            for f in self.layers:
+                if split:
+                    f._split(batch.positions, hidden, residual, False, batch)
+                else:
+                    f(batch.positions, hidden, residual, batch)
 
         return _timed(run, self.repeats) / len(self.layers)
 
@@ -161,6 +183,8 @@ def main() -> None:
             for rows in sorted({B, half, quarter}):
                 alone["dense", rows, threads] = parts.dense(rows)
                 alone["attention", rows, threads] = parts.attention(rows)
+        torch.set_num_threads(2)
+        whole = {split: parts.layer(B, split) for split in (False, True)}
         num_layers = len(parts.layers)
         del parts
         attn_pair = side_by_side([("attention", half), ("attention", half)], model_dir, args)
@@ -174,6 +198,10 @@ def main() -> None:
         if threads == 1:
             two = alone[name, rows, 2]
             print(f"{name:>10} {rows:>5} {seconds * 1e6:>9.0f} {two * 1e6:>10.0f} {seconds / two:>8.2f}x")
+    print(
+        f"\nwhole layer, {B} rows, 2 threads (us): fused {whole[False] * 1e6:.0f}, "
+        f"split around the attention {whole[True] * 1e6:.0f} ({whole[True] / whole[False]:.2f}x)"
+    )
     print("\nside by side, one core each, per layer (us): core 0 | core 1, and the slowdown against alone")
     for (a, b), (ta, tb) in (
         ((("attention", half), ("attention", half)), attn_pair),
