@@ -163,3 +163,26 @@ def test_qkv_round_trip(tokens, dtype):
     assert packed.shape == (tokens, qkv_width(heads, kv_heads, dim)) and packed.dtype == dtype
     for got, want in zip(unpack_qkv(packed, heads, kv_heads, dim), (q, k, v)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 7])
+def test_fused_qkv_packs_without_copy(tokens):
+    """q/k/v that are the column blocks of one projection output are already a message: packing
+    a row range of them gives a view of those rows (what the root sends a partition), and a
+    message's row range unpacks to the same views."""
+    heads, kv_heads, dim = 6, 2, 8
+    width = qkv_width(heads, kv_heads, dim)
+    fused = torch.randn(tokens + 3, width)
+    q, k, v = fused.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
+    rows = slice(2, 2 + tokens)
+    packed = pack_qkv(q[rows], k[rows], v[rows])
+    assert torch.equal(packed, fused[rows])
+    if tokens:
+        assert packed.data_ptr() == fused[rows].data_ptr()
+    for got, want in zip(unpack_qkv(fused[rows], heads, kv_heads, dim), (q[rows], k[rows], v[rows])):
+        assert torch.equal(got, want)
+    # the blocks out of order, or copied: packed by concatenation, the same values
+    swapped = pack_qkv(q[rows], v[rows], k[rows])
+    assert torch.equal(swapped, torch.cat((q[rows].flatten(1), v[rows].flatten(1), k[rows].flatten(1)), dim=1))
+    assert torch.equal(pack_qkv(q[rows].clone(), k[rows].clone(), v[rows].clone()), fused[rows])

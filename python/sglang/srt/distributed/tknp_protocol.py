@@ -99,18 +99,40 @@ def unpack_batch(packed: torch.Tensor, header: StepHeader) -> ForwardBatch:
 
 
 def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [T, H, D], k/v [T, Hkv, D] -> [T, (H + 2 Hkv) * D]: one message per partition and layer."""
-    return torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1)
+    """q [T, H, D], k/v [T, Hkv, D] -> [T, (H + 2 Hkv) * D]: one message per partition and layer.
+    Where q, k and v are the column blocks of one [T, W] tensor, as the fused qkv projection
+    leaves them, that tensor is already the message: a view of it, no copy (a row range of it is
+    then a partition's message)."""
+    fused = _fused_qkv(q, k, v)
+    return fused if fused is not None else torch.cat((q.flatten(1), k.flatten(1), v.flatten(1)), dim=1)
+
+
+def _fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    base = q._base
+    if base is None or k._base is not base or v._base is not base:
+        return None
+    q_width, kv_width = q.shape[1] * q.shape[2], k.shape[1] * k.shape[2]
+    width = q_width + 2 * kv_width
+    if any(x.stride() != (width, x.shape[2], 1) for x in (q, k, v)):
+        return None
+    size = q.element_size()
+    if k.data_ptr() != q.data_ptr() + q_width * size or v.data_ptr() != k.data_ptr() + kv_width * size:
+        return None
+    return q.as_strided((q.shape[0], width), (width, 1))
 
 
 def unpack_qkv(
     packed: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = packed.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
+    """Views of a message's q [T, H, D], k and v [T, Hkv, D]."""
+    packed = packed.contiguous()
+    rows, width, offset = packed.shape[0], packed.shape[1], packed.storage_offset()
+    q_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
+    # as_strided: one op per view, where split and reshape take three (this runs per layer)
     return (
-        q.reshape(-1, num_heads, head_dim),
-        k.reshape(-1, num_kv_heads, head_dim),
-        v.reshape(-1, num_kv_heads, head_dim),
+        packed.as_strided((rows, num_heads, head_dim), (width, head_dim, 1)),
+        packed.as_strided((rows, num_kv_heads, head_dim), (width, head_dim, 1), offset + q_width),
+        packed.as_strided((rows, num_kv_heads, head_dim), (width, head_dim, 1), offset + q_width + kv_width),
     )
 
 

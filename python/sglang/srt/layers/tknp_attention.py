@@ -50,28 +50,30 @@ class TknpAttentionBackend(AttentionBackend):
             self.inner.init_forward_metadata(local)
 
     def forward(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch") -> torch.Tensor:
-        # q: [T, H, D], k/v: [T, Hkv, D] for all partitions, rows in partition order
+        # q: [T, H, D], k/v: [T, Hkv, D] for all partitions, rows in partition order. Per layer
+        # and on the critical path: row ranges of one packed tensor (a view where q, k and v are
+        # the fused projection's), not split and packed per partition (each torch op costs
+        # microseconds here).
         start = time.perf_counter()
         parts = forward_batch.tknp_partitions
         sizes = parts.num_tokens
-        q_parts, k_parts, v_parts = (x.split(sizes) for x in (q, k, v))
+        own = sizes[0]
         width = layer.num_heads * layer.head_dim
         if self.comm.use_all_to_all:
             # the root keeps its own partition: it sends 0 rows to itself and receives none
             sends = [0] + sizes[1:]
-            self.comm.all_to_all_rows(
-                pack_qkv(q[sizes[0] :], k[sizes[0] :], v[sizes[0] :]), sends, [0] * self.comm.size
-            )
-            local, local_seconds = self._local(q_parts, k_parts, v_parts, layer, parts.local)
+            self.comm.all_to_all_rows(pack_qkv(q[own:], k[own:], v[own:]), sends, [0] * self.comm.size)
+            local, local_seconds = self._local(q, k, v, own, layer, parts.local)
             empty = q.new_empty((0, width))
             outs = [self.comm.all_to_all_rows(empty, [0] * self.comm.size, sends)]
         else:
-            pending = [
-                self.comm.isend(pack_qkv(q_parts[r], k_parts[r], v_parts[r]), r)
-                for r in range(1, self.comm.size)
-                if sizes[r]
-            ]
-            local, local_seconds = self._local(q_parts, k_parts, v_parts, layer, parts.local)
+            packed = pack_qkv(q, k, v)
+            pending, row = [], own
+            for r in range(1, self.comm.size):
+                if sizes[r]:
+                    pending.append(self.comm.isend(packed[row : row + sizes[r]], r))
+                    row += sizes[r]
+            local, local_seconds = self._local(q, k, v, own, layer, parts.local)
             if parts.pass_turn is not None:  # the other micro-batch's dense layers, meanwhile
                 turn_start = time.perf_counter()
                 parts.pass_turn()
@@ -86,19 +88,21 @@ class TknpAttentionBackend(AttentionBackend):
         return torch.cat([x for x in [local] + outs if x is not None])
 
     def _local(
-        self, q_parts, k_parts, v_parts, layer: "RadixAttention", local: Optional["ForwardBatch"]
+        self, q, k, v, rows: int, layer: "RadixAttention", local: Optional["ForwardBatch"]
     ) -> tuple[Optional[torch.Tensor], float]:
-        """The root's own partition on the real backend (None if it has none), and its time."""
+        """The root's own partition, the first `rows` rows, on the real backend (None if it has
+        none), and its time."""
         if local is None:
             return None, 0.0
         start = time.perf_counter()
+        q, k, v = q[:rows], k[:rows], v[:rows]
         if self.attention_threads is None:
-            out = self.inner.forward(q_parts[0], k_parts[0], v_parts[0], layer, local)
+            out = self.inner.forward(q, k, v, layer, local)
         else:
             threads = torch.get_num_threads()
             torch.set_num_threads(self.attention_threads)
             try:
-                out = self.inner.forward(q_parts[0], k_parts[0], v_parts[0], layer, local)
+                out = self.inner.forward(q, k, v, layer, local)
             finally:
                 torch.set_num_threads(threads)
         return out, time.perf_counter() - start
