@@ -26,8 +26,9 @@ The messages' formats are in distributed/tknp_protocol.py, the transport in tknp
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -62,8 +63,9 @@ class TknpModelRunner:
         """`runner` must run eagerly (its own graphs would capture a forward of one rank);
         `cuda_graph_max_bs` and `graphs` are what ModelRunner takes, for the group's graphs.
         `two_batch_overlap` (point-to-point transports only) runs eager decode steps in two
-        micro-batches (two_batch_overlap.py). `attention_threads`: the root's own attention runs
-        on that many threads (its own cores, when it borrows its ranks' cores for the rest)."""
+        micro-batches (two_batch_overlap.py). `attention_threads`: the root's own attention, and
+        its work between forwards, run on that many threads (its own cores, when it borrows its
+        ranks' cores for the dense layers)."""
         assert runner.hold_weights == comm.is_root, "exactly the TKNP root holds the weights"
         assert runner.cuda_graph_runner is None, "under TKNP the TKNP runner captures the graphs"
         assert not (two_batch_overlap and comm.use_all_to_all), "two-batch overlap sends point to point"
@@ -71,8 +73,15 @@ class TknpModelRunner:
         self.comm = comm
         self.layers = runner.attention_layers
         self.vocab_size = runner.model_config.vocab_size
+        self._forward_threads = None
         if comm.is_root:
             self.tknp_backend = TknpAttentionBackend(runner.attn_backend, comm, attention_threads)
+            if attention_threads is not None:
+                # A root that borrows its ranks' cores runs only its forward's dense work there:
+                # between forwards (scheduling, sampling) it keeps to its own cores, as in its
+                # attention, while each rank does the same work of its own on the lent ones.
+                self._forward_threads = torch.get_num_threads()
+                torch.set_num_threads(attention_threads)
         self.two_batch_overlap = two_batch_overlap
         self._overlap = TwoBatchOverlap() if two_batch_overlap and comm.is_root else None
         self._rank_wait_seconds = 0.0
@@ -108,11 +117,25 @@ class TknpModelRunner:
         size = self._graph_bucket(headers)
         firsts = self._micro_batches(headers) if size is None else None
         if self.comm.is_root:
-            if firsts is not None:
-                self.overlapped_steps += 1
-                return self._root_overlapped(local, headers, firsts)
-            return self._root_forward(local, headers, size)
+            with self._borrowed_cores():
+                if firsts is not None:
+                    self.overlapped_steps += 1
+                    return self._root_overlapped(local, headers, firsts)
+                return self._root_forward(local, headers, size)
         return self._rank_forward(local, headers[self.comm.tknp_rank], size, firsts)
+
+    @contextmanager
+    def _borrowed_cores(self) -> Iterator[None]:
+        """The root's forward runs on every core it may use (see __init__)."""
+        if self._forward_threads is None:
+            yield
+            return
+        own = torch.get_num_threads()
+        torch.set_num_threads(self._forward_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(own)
 
     def _micro_batches(self, headers: list[StepHeader]) -> Optional[list[int]]:
         """Under two-batch overlap, how many requests of each partition the first micro-batch
