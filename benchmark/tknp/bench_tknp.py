@@ -8,7 +8,8 @@ the shape's heads must split over the TP size: llama-160m's 12 do, smollm2-135m'
 each optionally with a `/` and its --cpu-omp-threads-bind (`2/all`: ranks share every core;
 `2/0|1`: one core each; empty: the server's default, auto) and a second `/` with options joined
 by `+`: `gloo` forces gloo instead of the shared-memory transport (`2//gloo`), `tbo` turns on
---enable-two-batch-overlap (`2/0|1/tbo`, `2//gloo+tbo`).
+--enable-two-batch-overlap (`2/0|1/tbo`, `2//gloo+tbo`), `spinN` starts the server with
+GOMP_SPINCOUNT=N instead of the spin the binding sets (`2//spin10000`).
 For each it starts `python -m sglang.launch_server` on a random-weight model in a real model's
 shape (SmolLM2-135M's by default, written to a temp dir; no download), sized by memory
 (no --max-total-tokens), and reports:
@@ -143,8 +144,9 @@ def parse_config(config: str) -> tuple[str, str, str, set[str]]:
     layout, bind, options = (config.split("/") + ["", ""])[:3]
     tknp, _, tp = layout.partition("x")
     chosen = set(options.split("+")) - {""}
-    if chosen - {"gloo", "tbo"}:
-        raise SystemExit(f"config {config!r}: unknown options {sorted(chosen - {'gloo', 'tbo'})}; known: gloo, tbo")
+    unknown = sorted(o for o in chosen - {"gloo", "tbo"} if not (o.startswith("spin") and o[4:].isdigit()))
+    if unknown:
+        raise SystemExit(f"config {config!r}: unknown options {unknown}; known: gloo, tbo, spinN")
     return tknp, tp, bind, chosen
 
 
@@ -186,7 +188,9 @@ class Server:
             + (["--enable-two-batch-overlap"] if "tbo" in options else [])
             + (["--max-total-tokens", str(max_total_tokens)] if max_total_tokens else [])
         )
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = dict(os.environ)
+        env.update({"GOMP_SPINCOUNT": o[4:] for o in options if o.startswith("spin")})
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         try:
             while True:
                 if self.proc.poll() is not None:

@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 from conftest import ServerProcess, assert_same_generations
-from sglang.srt.distributed.cpu_binding import SHARED_CORE_SPIN_COUNT, numa_nodes
+from sglang.srt.distributed.cpu_binding import numa_nodes, shared_core_spin_count
 
 pytestmark = pytest.mark.slow  # server processes with their ranks
 
@@ -290,11 +290,13 @@ def test_idle_ranks_do_not_spin_and_a_dead_rank_fails_requests(model_path):
         pids = _rank_pids(server.proc.pid)
         for pid in pids[:2]:
             # OpenMP threads on cores another rank uses wait passively, or spin briefly (a root
-            # that borrows its rank's cores, and the rank that lends them)
+            # that borrows its rank's cores, and the rank that lends them: the server measured
+            # this CPU's pause for that, as this test does)
             env = _environ(pid)
+            spins = [int(item.split("=", 1)[1]) for item in env if item.startswith("GOMP_SPINCOUNT=")]
             assert (
                 "OMP_WAIT_POLICY=PASSIVE" in env
-                or f"GOMP_SPINCOUNT={SHARED_CORE_SPIN_COUNT}" in env
+                or (spins and shared_core_spin_count() / 3 < spins[0] < shared_core_spin_count() * 3)
                 or "OMP_NUM_THREADS=1" in env
             ), env
         before = {p: _cpu_seconds(p) for p in pids}

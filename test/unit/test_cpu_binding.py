@@ -2,13 +2,14 @@
 
 import pytest
 from sglang.srt.distributed.cpu_binding import (
-    SHARED_CORE_SPIN_COUNT,
+    SHARED_CORE_SPIN_SECONDS,
     CpuBinding,
     format_cpu_list,
     lend_to_roots,
     numa_nodes,
     parse_cpu_list,
     plan_bindings,
+    shared_core_spin_count,
 )
 
 TWO_NODES = {0: list(range(8)), 1: list(range(8, 16))}
@@ -90,9 +91,9 @@ def test_a_root_borrows_its_ranks_cores_and_attends_on_its_own(monkeypatch):
         "OMP_NUM_THREADS": "2",
         "OMP_PROC_BIND": "close",
         "OMP_PLACES": "{0},{1}",
-        "GOMP_SPINCOUNT": str(SHARED_CORE_SPIN_COUNT),
+        "GOMP_SPINCOUNT": str(shared_core_spin_count()),
     }
-    assert rank.env() == {"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": str(SHARED_CORE_SPIN_COUNT)}
+    assert rank.env() == {"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": str(shared_core_spin_count())}
     assert root.describe() == "cpus 0-1 (NUMA node 0), attending on its own 0"
     assert rank.describe() == "cpus 1 (NUMA node 0), none of them its own (it waits passively)"
     # an explicit list says the same with overlapping lists; own cores come first in the places
@@ -115,8 +116,20 @@ def test_lending_follows_each_tknp_group(monkeypatch):
     assert [b.own for b in lent] == [(0, 1), (2, 3), (), ()]
     assert [b.attention_threads for b in lent] == [2, 2, None, None]
     # a lender's threads, on cores its root's dense work uses, spin briefly too
-    assert all(b.env()["GOMP_SPINCOUNT"] == str(SHARED_CORE_SPIN_COUNT) for b in lent)
+    assert all(b.env()["GOMP_SPINCOUNT"] == str(shared_core_spin_count()) for b in lent)
     # unbound ranks (fewer cores than ranks) stay unbound; lists shared whole leave nothing own
     assert lend_to_roots([CpuBinding()] * 2, [[0, 1]]) == [CpuBinding()] * 2
     both = plan_bindings("0-1|0-1", 2, [0, 1], {0: [0, 1]})
     assert [b.own for b in both] == [(), ()] and not any(b.borrows for b in both)
+
+
+def test_shared_core_spin_lasts_its_time_on_this_cpu():
+    """libgomp counts pauses, whose latency differs tenfold between CPUs: the spin count of
+    threads on shared cores is this CPU's pauses in SHARED_CORE_SPIN_SECONDS."""
+    import sgl_kernel
+
+    pause_ns = sgl_kernel.ops.spin_pause_ns()
+    assert 0 < pause_ns < 1000
+    seconds = shared_core_spin_count() * max(pause_ns, 1.0) * 1e-9
+    # measured twice (preemption only lengthens a run, and the best of five is kept)
+    assert SHARED_CORE_SPIN_SECONDS / 3 < seconds < SHARED_CORE_SPIN_SECONDS * 3

@@ -28,6 +28,7 @@ own waits passively, leaving its cores to the borrower.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -35,11 +36,14 @@ from pathlib import Path
 from typing import Optional
 
 _NODE_ROOT = Path("/sys/devices/system/node")
-# libgomp's spin count (about 10 ns each) for the OpenMP threads of a rank that shares cores
-# with another (a borrowing root, the ranks that lend to it): they catch the next parallel
-# region of their own phase spinning, and sleep about 0.1 ms after it, leaving the shared cores
-# to the other rank's phase (libgomp's default spins about 3 ms).
-SHARED_CORE_SPIN_COUNT = 10000
+# How long the OpenMP threads of a rank that shares cores with another (a borrowing root, the
+# ranks that lend to it) spin after a parallel region before they sleep: long enough to catch
+# the next region of their own phase (a dense half's next linear, the next layer's after the
+# model's Python), short enough to leave a lent core to the rank that wakes on it as the root's
+# dense half ends. On the 2-core Zen 3 host of docs/benchmarks.md, 0.26 ms of spin kept the
+# root waiting for its rank 6% of its forward (the rank woke behind the spinning thread) and
+# 37-125 us 2-3%; libgomp's default spins about 30 times as long.
+SHARED_CORE_SPIN_SECONDS = 75e-6
 
 
 @dataclass(frozen=True)
@@ -80,12 +84,25 @@ class CpuBinding:
             return {}
         env = {"OMP_NUM_THREADS": str(len(self.cpus))}
         if self.own != self.cpus and "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-            env["GOMP_SPINCOUNT"] = str(SHARED_CORE_SPIN_COUNT)
+            env["GOMP_SPINCOUNT"] = str(shared_core_spin_count())
         if self.borrows:
             lent = [c for c in self.cpus if c not in self.own]
             env["OMP_PROC_BIND"] = "close"
             env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in list(self.own) + lent)
         return env
+
+
+@functools.cache
+def shared_core_spin_count() -> int:
+    """GOMP_SPINCOUNT for SHARED_CORE_SPIN_SECONDS on this CPU: libgomp counts pauses, whose
+    latency differs tenfold between CPUs (sgl_kernel measures it)."""
+    try:
+        import sgl_kernel
+
+        pause_ns = float(sgl_kernel.ops.spin_pause_ns())
+    except ImportError:  # not built: a mid-range pause
+        pause_ns = 25.0
+    return max(100, round(SHARED_CORE_SPIN_SECONDS * 1e9 / max(pause_ns, 1.0)))
 
 
 def parse_cpu_list(text: str) -> list[int]:
