@@ -2,27 +2,33 @@
 and how close the logprobs are.
 
     python benchmark/flashinfer_parity.py [--models default,llama-3.2-1b] [--page-sizes 1,16]
-                                          [--steps 64] [--tol 0.05] [--out parity.json]
+                                          [--steps 64] [--tol 0.05] [--noise-ratio 2]
+                                          [--out parity.json]
 
 For each model (`default`: the embedded SmolLM2-135M GGUF; a shape of benchmark/tknp/bench_tknp.py
 such as `smollm2-135m` or `llama-3.2-1b`: random weights in that shape, written to a temp dir, no
-download) and page size, one sglang.Engine per configuration (--dtype bfloat16) runs the same
-prompts twice: torch_native (the reference), flashinfer with --disable-cuda-graph (the kernels),
-and flashinfer with decode batches replayed from CUDA graphs (the graphs). The first pass
-prefills from scratch; a long prompt goes in chunks of --chunk tokens while the short ones
-decode, so chunks with cached prefixes and mixed chunk + decode batches are exercised. The
-second pass finds the prompts in the prefix cache. Each pass decodes --steps greedy tokens per
-prompt with output logprobs; the cold pass also asks for prompt logprobs (which keep a request
-off the prefix cache, hence the cached pass has none). Per pass and comparison (flashinfer vs
-torch_native, graphs vs flashinfer eager) it reports whether the tokens are identical (else the
-first step where a prompt's tokens differ) and the largest |logprob difference| over the prompt
-tokens (the prefill) and over the output tokens up to the first difference.
+download) and page size, one sglang.Engine per configuration runs the same prompts twice:
+torch_native in float32 (the reference), torch_native in bf16 (how far bf16 alone moves the
+logprobs), flashinfer in bf16 with --disable-cuda-graph (the kernels), and flashinfer with decode
+batches replayed from CUDA graphs (the graphs). The first pass prefills from scratch; a long
+prompt goes in chunks of --chunk tokens while the short ones decode, so chunks with cached
+prefixes and mixed chunk + decode batches are exercised. The second pass finds the prompts in
+the prefix cache. Each pass decodes --steps greedy tokens per prompt with output logprobs; the
+cold pass also asks for prompt logprobs (which keep a request off the prefix cache, hence the
+cached pass has none). Per pass and comparison (torch_native bf16 vs float32, flashinfer vs
+float32, graphs vs flashinfer eager) it reports whether the tokens are identical (else the first
+step where a prompt's tokens differ), the mean and largest |logprob difference| over the prompt
+tokens (the prefill), and the largest over the output tokens up to the first difference.
 
-In bf16 the kernels' summation order moves logits slightly, so a greedy token can flip on a
-near-tie; the prefill difference is the number to judge for the kernels, and the output
-difference for the graphs (which replay decode steps only). Exit status: 0 when every run
-worked and every prefill and graph output difference is within --tol, 1 otherwise, 2 when this
-machine cannot run the check (no CUDA device or no flashinfer package).
+bf16 alone moves logprobs by tenths of a nat on these random-weight models (their wide weights
+make logits decisive, and also amplify rounding through the layers): on a CPU, torch_native bf16
+against float32 differed by 0.14 (SmolLM2-135M's shape) and 0.31 (Llama-3.2-1B's) on average
+over the prompt tokens, 0.71 and 1.43 at most. So the kernels are judged against that noise:
+flashinfer's mean prefill difference from float32 must stay within --noise-ratio times
+torch_native bf16's, plus --tol. The graphs replay the same kernels, so their output difference
+from flashinfer eager must stay within --tol. Exit status: 0 when every run worked and every
+judged difference is within bounds, 1 otherwise, 2 when this machine cannot run the check (no
+CUDA device or no flashinfer package).
 """
 
 from __future__ import annotations
@@ -40,9 +46,15 @@ from typing import Any, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tknp"))
 
-# (attention backend, CUDA graphs): the reference, the kernels, the kernels replayed from graphs
-CONFIGS = {"torch_native": ("torch_native", False), "flashinfer": ("flashinfer", False), "graphs": ("flashinfer", True)}
-COMPARISONS = (("flashinfer", "torch_native"), ("graphs", "flashinfer"))
+# (attention backend, CUDA graphs, dtype): the float32 reference, torch_native in bf16 (how far
+# bf16 alone moves the logprobs), the kernels, the kernels replayed from graphs
+CONFIGS = {
+    "float32": ("torch_native", False, "float32"),
+    "torch_native": ("torch_native", False, "bfloat16"),
+    "flashinfer": ("flashinfer", False, "bfloat16"),
+    "graphs": ("flashinfer", True, "bfloat16"),
+}
+COMPARISONS = (("torch_native", "float32"), ("flashinfer", "float32"), ("graphs", "flashinfer"))
 TEXT_PROMPTS = [
     "The capital of France is",
     "Write a haiku about the sea.",
@@ -88,11 +100,11 @@ def run_config(
     import sglang
     import torch
 
-    backend, graphs = CONFIGS[config]
+    backend, graphs, dtype = CONFIGS[config]
     engine = sglang.Engine(
         model_path=model_path,
         device="cuda",
-        dtype="bfloat16",
+        dtype=dtype,
         attention_backend=backend,
         disable_cuda_graph=not graphs,
         cuda_graph_max_bs=args.cuda_graph_max_bs,
@@ -118,42 +130,34 @@ def run_config(
         torch.cuda.empty_cache()
 
 
-def _max_diff(a: list, b: list) -> Optional[float]:
-    """Over [logprob, token id, text] entries; None when there are none to compare."""
-    diffs = [abs(x[0] - y[0]) for x, y in zip(a, b) if x[0] is not None and y[0] is not None]
-    return max(diffs, default=None)
-
-
-def _max(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return b if a is None else a if b is None else max(a, b)
+def _diffs(a: list, b: list) -> list[float]:
+    """|logprob difference| over [logprob, token id, text] entries."""
+    return [abs(x[0] - y[0]) for x, y in zip(a, b) if x[0] is not None and y[0] is not None]
 
 
 def compare(ref: list[dict], new: list[dict]) -> dict[str, Any]:
     first_divergence: Optional[int] = None
-    prefill_diff: Optional[float] = None
-    output_diff: Optional[float] = None
+    prefill_diffs: list[float] = []
+    output_diffs: list[float] = []
     for r, n in zip(ref, new):
         same = 0
         while same < min(len(r["output_ids"]), len(n["output_ids"])) and r["output_ids"][same] == n["output_ids"][same]:
             same += 1
         if same < max(len(r["output_ids"]), len(n["output_ids"])):
             first_divergence = same if first_divergence is None else min(first_divergence, same)
-        prefill_diff = _max(
-            prefill_diff,
-            _max_diff(r["meta_info"].get("input_token_logprobs", []), n["meta_info"].get("input_token_logprobs", [])),
+        prefill_diffs += _diffs(
+            r["meta_info"].get("input_token_logprobs", []), n["meta_info"].get("input_token_logprobs", [])
         )
         # up to and including the first differing step: both logprobs there are for the same context
-        output_diff = _max(
-            output_diff,
-            _max_diff(
-                r["meta_info"]["output_token_logprobs"][: same + 1], n["meta_info"]["output_token_logprobs"][: same + 1]
-            ),
+        output_diffs += _diffs(
+            r["meta_info"]["output_token_logprobs"][: same + 1], n["meta_info"]["output_token_logprobs"][: same + 1]
         )
     return {
         "tokens_identical": first_divergence is None,
         "first_divergence": first_divergence,
-        "max_prefill_logprob_diff": prefill_diff,
-        "max_output_logprob_diff": output_diff,
+        "mean_prefill_logprob_diff": sum(prefill_diffs) / len(prefill_diffs) if prefill_diffs else None,
+        "max_prefill_logprob_diff": max(prefill_diffs, default=None),
+        "max_output_logprob_diff": max(output_diffs, default=None),
     }
 
 
@@ -172,7 +176,10 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=128, help="--chunked-prefill-size")
     parser.add_argument("--max-total-tokens", type=int, default=16384)
     parser.add_argument("--context-length", type=int, default=4096, help="caps the request table's width")
-    parser.add_argument("--tol", type=float, default=0.05, help="largest acceptable prefill logprob difference")
+    parser.add_argument("--tol", type=float, default=0.05, help="absolute slack on the judged logprob differences")
+    parser.add_argument(
+        "--noise-ratio", type=float, default=2.0, help="flashinfer's mean prefill difference, in bf16 noises"
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -204,15 +211,20 @@ def main() -> int:
                 results.append(row)
                 print(json.dumps(row))
 
-    def within_tol(name: str, p: dict) -> bool:
-        # the kernels are judged on the prefill, the graphs (decode only) on the outputs
-        diff = p["max_prefill_logprob_diff"] if name.startswith("flashinfer") else p["max_output_logprob_diff"]
-        return (diff or 0.0) <= args.tol
+    def within_bounds(row: dict) -> bool:
+        passes = row["passes"]
+        ok = True
+        for i, kernels in enumerate(passes["flashinfer vs float32"]):
+            noise = passes["torch_native vs float32"][i]["mean_prefill_logprob_diff"]
+            if kernels["mean_prefill_logprob_diff"] is not None and noise is not None:
+                ok &= kernels["mean_prefill_logprob_diff"] <= args.noise_ratio * noise + args.tol
+        return ok and all((p["max_output_logprob_diff"] or 0.0) <= args.tol for p in passes["graphs vs flashinfer"])
 
-    ok = all("error" not in r and all(within_tol(n, p) for n, ps in r["passes"].items() for p in ps) for r in results)
+    ok = all("error" not in r and within_bounds(r) for r in results)
     fmt = lambda x, width: f"{'-' if x is None else f'{x:.4f}':>{width}}"
     print(
-        f"\n{'model':<14} {'page':>4} {'comparison':<26} {'pass':>6} {'tokens':>12} {'prefill dlp':>12} {'output dlp':>11}"
+        f"\n{'model':<14} {'page':>4} {'comparison':<24} {'pass':>6} {'tokens':>12} {'prefill mean':>12} "
+        f"{'prefill max':>11} {'output max':>10}"
     )
     for r in results:
         if "error" in r:
@@ -222,13 +234,16 @@ def main() -> int:
             for i, p in enumerate(passes):
                 tokens = "identical" if p["tokens_identical"] else f"diff @ {p['first_divergence']}"
                 print(
-                    f"{r['model']:<14} {r['page_size']:>4} {name:<26} {('cold', 'cached')[i]:>6} {tokens:>12} "
-                    f"{fmt(p['max_prefill_logprob_diff'], 12)} {fmt(p['max_output_logprob_diff'], 11)}"
+                    f"{r['model']:<14} {r['page_size']:>4} {name:<24} {('cold', 'cached')[i]:>6} {tokens:>12} "
+                    f"{fmt(p['mean_prefill_logprob_diff'], 12)} {fmt(p['max_prefill_logprob_diff'], 11)} "
+                    f"{fmt(p['max_output_logprob_diff'], 10)}"
                 )
-    print("PASS" if ok else f"FAIL (an error, or a logprob difference above --tol {args.tol})")
+    print("PASS" if ok else "FAIL (an error, or a judged logprob difference out of bounds)")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"tol": args.tol, "steps": args.steps, "results": results}, f, indent=1)
+            json.dump(
+                {"tol": args.tol, "noise_ratio": args.noise_ratio, "steps": args.steps, "results": results}, f, indent=1
+            )
     return 0 if ok else 1
 
 

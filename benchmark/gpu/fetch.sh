@@ -14,7 +14,7 @@ rm -rf .gpu && mkdir -p .gpu/wheels
 # the 64 MiB a call carries; 0.7 is 101 MB. Its plan()/constructor signatures match our calls.
 PKGS=(
   flashinfer-python==0.6.1 apache-tvm-ffi==0.1.15.post2 nvidia-cudnn-frontend==1.32.0
-  gguf==0.19.0 pyzmq==27.3.0 orjson==3.13.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0
+  xgrammar==0.2.9 gguf==0.19.0 pyzmq==27.3.0 orjson==3.13.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
   opentelemetry-api==1.45.2 typing-extensions==4.16.0 annotated-doc==0.0.7
 )

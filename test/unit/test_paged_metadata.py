@@ -153,6 +153,24 @@ def test_reference_on_metadata_matches_torch_native(case: str, page_size: int):
     torch.testing.assert_close(run_reference(batch, meta, layer), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_native_metadata_follows_the_batch_device(case: str):
+    """Every tensor torch_native builds sits on the batch's device: a factory call that forgets it
+    lands on the default device, made `meta` here, and then meets the batch's CPU tensors (on a
+    GPU it landed on the CPU and met CUDA ones, as the first GPU session found)."""
+    batch = make_batch(CASES[case], page_size=1)
+    backend = TorchNativeAttnBackend(shape_for(batch), "cpu")
+    with torch.device("meta"):
+        backend.init_forward_metadata(batch.forward_batch)
+    meta = batch.forward_batch.attn_metadata
+    tensors = [meta.single_kv_slots, meta.single_mask, meta.single_rows] + [s.mask for s in meta.extends]
+    assert all(t.device.type == "cpu" for t in tensors if t is not None)
+    torch.testing.assert_close(
+        backend.forward(batch.q, batch.k, batch.v, make_layer(), batch.forward_batch),
+        run_torch_native(make_batch(CASES[case], page_size=1), make_layer()),
+    )
+
+
 def test_a_wrong_last_page_len_is_caught():
     """The comparison above can fail: one token short in the last page changes the output."""
     batch = make_batch(CASES["chunked_prefill"], page_size=16)

@@ -41,6 +41,7 @@ class TorchNativeMetadata:
 class TorchNativeAttnBackend(AttentionBackend):
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
         req_to_token = forward_batch.req_to_token_pool.req_to_token
+        device = req_to_token.device
         rows = forward_batch.req_pool_indices.tolist()
         single_reqs, single_rows, extends = [], [], []
         token_start = 0
@@ -53,8 +54,8 @@ class TorchNativeAttnBackend(AttentionBackend):
                 mask = None
                 if kv_len > 0:
                     # query j sits at position kv_len + j and sees keys 0 .. kv_len + j
-                    q_pos = torch.arange(kv_len, seq_len).unsqueeze(1)
-                    mask = torch.arange(seq_len).unsqueeze(0) <= q_pos
+                    q_pos = torch.arange(kv_len, seq_len, device=device).unsqueeze(1)
+                    mask = torch.arange(seq_len, device=device).unsqueeze(0) <= q_pos
                 slots = req_to_token[rows[i], :seq_len]
                 extends.append(_ExtendSegment(token_start, extend_len, slots, mask))
             token_start += extend_len
@@ -64,11 +65,11 @@ class TorchNativeAttnBackend(AttentionBackend):
             seq_lens = forward_batch.seq_lens[single_reqs] if extends else forward_batch.seq_lens
             max_len = int(seq_lens.max())
             pool_rows = forward_batch.req_pool_indices[single_reqs] if extends else forward_batch.req_pool_indices
-            valid = torch.arange(max_len).unsqueeze(0) < seq_lens.unsqueeze(1)
+            valid = torch.arange(max_len, device=device).unsqueeze(0) < seq_lens.unsqueeze(1)
             meta.single_kv_slots = req_to_token[pool_rows, :max_len].masked_fill(~valid, 0)
             meta.single_mask = valid[:, None, None, :]
             if extends:
-                meta.single_rows = torch.tensor(single_rows, dtype=torch.int64)
+                meta.single_rows = torch.tensor(single_rows, dtype=torch.int64, device=device)
         forward_batch.attn_metadata = meta
 
     def forward(
