@@ -30,8 +30,9 @@ from run_all import cpu_info  # noqa: E402
 
 def _rank(rank: int, world: int, init_file: str, cpus, sizes, iters, dtype, results):
     import torch.distributed as dist
+    from sglang.srt.distributed.cpu_binding import spin_count
     from sglang.srt.distributed.parallel_state import all_gather_ints
-    from sglang.srt.distributed.shm_comm import SPIN_BOUND, open_group
+    from sglang.srt.distributed.shm_comm import SPIN_SECONDS, open_group
 
     if cpus:
         os.sched_setaffinity(0, cpus[rank])
@@ -40,7 +41,9 @@ def _rank(rank: int, world: int, init_file: str, cpus, sizes, iters, dtype, resu
     path = f"/dev/shm/sglang-bench-{uuid.uuid4().hex[:8]}" if rank == 0 else None
     path = [path]
     dist.broadcast_object_list(path, src=0)
-    shm = open_group(path[0], rank, world, lambda f: all_gather_ints(f, world, None), SPIN_BOUND if cpus else 0)
+    shm = open_group(
+        path[0], rank, world, lambda f: all_gather_ints(f, world, None), spin_count(SPIN_SECONDS) if cpus else 0
+    )
     out = {}
     for numel in sizes:
         x = torch.randn(numel).to(dtype)

@@ -10,7 +10,9 @@ from sglang.srt.distributed.cpu_binding import (
     parse_cpu_list,
     plan_bindings,
     shared_core_spin_count,
+    spin_count,
 )
+from sglang.srt.distributed.shm_comm import SPIN_SECONDS
 
 TWO_NODES = {0: list(range(8)), 1: list(range(8, 16))}
 FOUR_NODES = {n: list(range(4 * n, 4 * n + 4)) for n in range(4)}
@@ -123,13 +125,16 @@ def test_lending_follows_each_tknp_group(monkeypatch):
     assert [b.own for b in both] == [(), ()] and not any(b.borrows for b in both)
 
 
-def test_shared_core_spin_lasts_its_time_on_this_cpu():
-    """libgomp counts pauses, whose latency differs tenfold between CPUs: the spin count of
-    threads on shared cores is this CPU's pauses in SHARED_CORE_SPIN_SECONDS."""
+def test_spins_last_their_time_on_this_cpu():
+    """libgomp and the transport count pauses, whose latency differs tenfold between CPUs: a
+    spin count is this CPU's pauses in its time."""
     import sgl_kernel
 
     pause_ns = sgl_kernel.ops.spin_pause_ns()
     assert 0 < pause_ns < 1000
-    seconds = shared_core_spin_count() * max(pause_ns, 1.0) * 1e-9
     # measured twice (preemption only lengthens a run, and the best of five is kept)
+    seconds = shared_core_spin_count() * max(pause_ns, 1.0) * 1e-9
     assert SHARED_CORE_SPIN_SECONDS / 3 < seconds < SHARED_CORE_SPIN_SECONDS * 3
+    # the shared-memory transport's spin of a rank with its own cores, likewise
+    seconds = spin_count(SPIN_SECONDS) * max(pause_ns, 1.0) * 1e-9
+    assert SPIN_SECONDS / 3 < seconds < SPIN_SECONDS * 3

@@ -61,6 +61,11 @@ class CpuBinding:
         return 0 < len(self.own) < len(self.cpus)
 
     @property
+    def lent(self) -> tuple[int, ...]:
+        """The cores it runs on that are other ranks' (a borrower's)."""
+        return tuple(c for c in self.cpus if c not in self.own) if self.borrows else ()
+
+    @property
     def attention_threads(self) -> Optional[int]:
         """How many threads this rank attends with; None: all of them."""
         return len(self.own) if self.borrows else None
@@ -86,23 +91,30 @@ class CpuBinding:
         if self.own != self.cpus and "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
             env["GOMP_SPINCOUNT"] = str(shared_core_spin_count())
         if self.borrows:
-            lent = [c for c in self.cpus if c not in self.own]
             env["OMP_PROC_BIND"] = "close"
-            env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in list(self.own) + lent)
+            env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in self.own + self.lent)
         return env
 
 
 @functools.cache
-def shared_core_spin_count() -> int:
-    """GOMP_SPINCOUNT for SHARED_CORE_SPIN_SECONDS on this CPU: libgomp counts pauses, whose
-    latency differs tenfold between CPUs (sgl_kernel measures it)."""
+def pause_ns() -> float:
+    """How long one spin-wait iteration (a pause) takes on this CPU: 3-70 ns by CPU."""
     try:
         import sgl_kernel
-
-        pause_ns = float(sgl_kernel.ops.spin_pause_ns())
     except ImportError:  # not built: a mid-range pause
-        pause_ns = 25.0
-    return max(100, round(SHARED_CORE_SPIN_SECONDS * 1e9 / max(pause_ns, 1.0)))
+        return 25.0
+    return max(float(sgl_kernel.ops.spin_pause_ns()), 1.0)
+
+
+def spin_count(seconds: float) -> int:
+    """Pauses that spin for `seconds` on this CPU (libgomp's GOMP_SPINCOUNT and the
+    shared-memory transport's waits count pauses, not time)."""
+    return max(100, round(seconds * 1e9 / pause_ns()))
+
+
+def shared_core_spin_count() -> int:
+    """GOMP_SPINCOUNT for SHARED_CORE_SPIN_SECONDS on this CPU."""
+    return spin_count(SHARED_CORE_SPIN_SECONDS)
 
 
 def parse_cpu_list(text: str) -> list[int]:

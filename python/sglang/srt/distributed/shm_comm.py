@@ -35,12 +35,12 @@ SLOT_BYTES = 1 << 20
 NUM_SLOTS = 4
 # The control group (every rank of a server: lockstep counts, has-work flags) moves a few ints.
 CONTROL_SLOT_BYTES = 4096
-# Pause iterations a rank with cores of its own spins before it sleeps on the futex (ranks that
-# share cores never spin). A pause lasts 10-140 cycles by CPU: 28 ns on Zen 5, so about 0.57 ms
-# there, about what a root's dense work of one decode layer takes at 16 rows; a rank waiting for
-# the next layer's q/k/v mostly catches it spinning (about 6 us), and pays a futex wake (about
-# 0.1 ms in this VM) only after longer waits.
-SPIN_BOUND = 20000
+# How long a rank with cores of its own spins before it sleeps on the futex (ranks that share
+# cores never spin): about what a root's dense work of one decode layer takes at 16 rows, so a
+# rank waiting for the next layer's q/k/v mostly catches it spinning (about 6 us), and pays a
+# futex wake (about 0.1 ms in a VM) only after longer waits. The ops count pauses, whose latency
+# differs tenfold between CPUs: cpu_binding.spin_count converts.
+SPIN_SECONDS = 0.5e-3
 
 
 @dataclass(frozen=True)

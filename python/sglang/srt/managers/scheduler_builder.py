@@ -9,9 +9,9 @@ import torch
 
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.constrained.grammar_backend import GrammarBackend
-from sglang.srt.distributed.cpu_binding import CpuBinding
+from sglang.srt.distributed.cpu_binding import CpuBinding, spin_count
 from sglang.srt.distributed.parallel_state import ParallelState, init_distributed
-from sglang.srt.distributed.shm_comm import SPIN_BOUND
+from sglang.srt.distributed.shm_comm import SPIN_SECONDS
 from sglang.srt.distributed.tknp_comm import TknpComm
 from sglang.srt.layers.tensor_parallel import TpGroup
 from sglang.srt.managers.scheduler import Scheduler
@@ -108,7 +108,7 @@ def init_rank_distributed(
     # logits; TP's all-reduce and all-gather). A rank with cores of its own (its main thread runs
     # there) spins briefly first; one whose cores are shared or lent sleeps at once.
     shm_prefix = None if args.disable_shm_transport else ipc.get("shm_prefix")
-    spin = SPIN_BOUND if binding.own else 0
+    spin = spin_count(SPIN_SECONDS) if binding.own else 0
     # Idle ranks wait inside a collective for as long as the server is idle.
     return init_distributed(
         layout,
