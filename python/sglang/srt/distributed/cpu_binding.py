@@ -61,11 +61,6 @@ class CpuBinding:
         return 0 < len(self.own) < len(self.cpus)
 
     @property
-    def lent(self) -> tuple[int, ...]:
-        """The cores it runs on that are other ranks' (a borrower's)."""
-        return tuple(c for c in self.cpus if c not in self.own) if self.borrows else ()
-
-    @property
     def attention_threads(self) -> Optional[int]:
         """How many threads this rank attends with; None: all of them."""
         return len(self.own) if self.borrows else None
@@ -91,8 +86,9 @@ class CpuBinding:
         if self.own != self.cpus and "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
             env["GOMP_SPINCOUNT"] = str(shared_core_spin_count())
         if self.borrows:
+            lent = [c for c in self.cpus if c not in self.own]
             env["OMP_PROC_BIND"] = "close"
-            env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in self.own + self.lent)
+            env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in list(self.own) + lent)
         return env
 
 
