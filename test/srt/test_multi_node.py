@@ -20,9 +20,12 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 
 def _free_port_range(n: int) -> int:
     """A port p such that p .. p + n - 1 are free now (--dist-init-addr's port and the internal
-    sockets after it)."""
+    sockets after it). Below the kernel's ephemeral range, so that no outgoing connection of this
+    or another test takes one of them between this probe and the server's bind."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
     for _ in range(100):
-        base = random.randrange(20000, 60000 - n)
+        base = random.randrange(10000, max(ephemeral_low, 10000 + 2 * n) - n)
         try:
             socks = []
             for p in range(base, base + n):
