@@ -8,7 +8,8 @@ For each message size: the round trip of a send root -> rank and a send back (wh
 attention layer costs the root beyond the ranks' attention, q/k/v out and outputs back), and an
 all-reduce (a TP row-parallel layer); then the control collectives of one lockstep iteration
 (`control`: the message counts, the has-work flags and a step header, DistLockstepGroup).
-Times are medians over --iters, in microseconds.
+Each is timed back to back, as a server's layers run them, in blocks of 10 started at a barrier;
+times are medians over the blocks of --iters, in microseconds per operation.
 """
 
 from __future__ import annotations
@@ -26,6 +27,23 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "peers"))
 from run_all import cpu_info  # noqa: E402
+
+
+def _timed(step, iters: int, block: int = 10) -> float:
+    """Microseconds per `step`, both ranks running it back to back as a server's layers do: the
+    median over blocks of `block` steps, each block started at a barrier (whose exit times
+    differ between the ranks by tens of microseconds: spread over a block, not in each step)."""
+    import torch.distributed as dist
+
+    times = []
+    for i in range(iters // block + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(block):
+            step()
+        if i:  # the first block warms up
+            times.append((time.perf_counter() - start) / block)
+    return statistics.median(times) * 1e6
 
 
 def _rank(rank: int, world: int, init_file: str, cpus, sizes, iters, dtype, results):
@@ -52,43 +70,30 @@ def _rank(rank: int, world: int, init_file: str, cpus, sizes, iters, dtype, resu
             ("shm", lambda t, to: shm.send(t, to), lambda t, frm: shm.recv_into(t, frm)),
             ("gloo", lambda t, to: dist.send(t, to), lambda t, frm: dist.recv(t, frm)),
         ):
-            times = []
-            for i in range(iters + 3):
-                dist.barrier()
-                start = time.perf_counter()
+
+            def round_trip():
                 if rank == 0:
                     send(x, 1)
                     recv(buf, 1)
                 elif rank == 1:
                     recv(buf, 0)
                     send(buf, 0)
-                if i >= 3:
-                    times.append(time.perf_counter() - start)
-            out[(numel, name, "round trip")] = statistics.median(times) * 1e6
+
+            out[(numel, name, "round trip")] = _timed(round_trip, iters)
+        y = torch.zeros_like(x)  # summed over and over, it stays finite
         for name, reduce in (("shm", shm.all_reduce), ("gloo", dist.all_reduce)):
-            times = []
-            for i in range(iters + 3):
-                y = x.clone()
-                dist.barrier()
-                start = time.perf_counter()
-                reduce(y)
-                if i >= 3:
-                    times.append(time.perf_counter() - start)
-            out[(numel, name, "all-reduce")] = statistics.median(times) * 1e6
+            out[(numel, name, "all-reduce")] = _timed(lambda: reduce(y), iters)
     # one lockstep iteration's control plane: the counts, the has-work flags, a step header
     from sglang.srt.managers.lockstep import DistLockstepGroup
 
     for name, group in (("shm", DistLockstepGroup(rank, world, None, shm)), ("gloo", DistLockstepGroup(rank, world))):
-        times = []
-        for i in range(iters + 3):
-            dist.barrier()
-            start = time.perf_counter()
-            group.broadcast_counts([i, i])
+
+        def control():
+            group.broadcast_counts([1, 1])
             group.any_busy(True)
-            group.all_gather_ints([i] * 8)
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-        out[(0, name, "control")] = statistics.median(times) * 1e6
+            group.all_gather_ints([1] * 8)
+
+        out[(0, name, "control")] = _timed(control, iters)
     if rank == 0:
         results.update(out)
     dist.destroy_process_group()
@@ -115,7 +120,7 @@ def main() -> None:
         mp.spawn(_rank, args=(world, f"{tmp}/init", cpus, sizes, args.iters, dtype, results), nprocs=world)
     cpu = cpu_info()
     print(f"CPU: {cpu['model']}, {os.cpu_count()} cores, flags {[f for f, on in cpu['flags'].items() if on]}")
-    print(f"2 ranks, {'one core each' if cpus else 'sharing every core'}, {args.dtype}, median of {args.iters}")
+    print(f"2 ranks, {'one core each' if cpus else 'sharing every core'}, {args.dtype}, {args.iters} back to back")
     print(f"{'elements':>10} {'KiB':>8} {'what':>12} {'shm us':>9} {'gloo us':>9} {'gloo/shm':>9}")
     for numel, what in [(n, w) for n in sizes for w in ("round trip", "all-reduce")] + [(0, "control")]:
         shm, gloo = results[(numel, "shm", what)], results[(numel, "gloo", what)]

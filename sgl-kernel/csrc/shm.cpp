@@ -19,7 +19,9 @@
 //
 // Waiting spins briefly (`spin` pause iterations, 0 where ranks share cores and spinning would
 // steal the core a peer needs), then sleeps on the counter's futex (shared, not private: the
-// word lives in a file mapping). Every 100 ms of waiting it checks the peers' pids: a peer
+// word lives in a file mapping). The word after each counter, on its cache line, counts the
+// processes asleep on it, so that publishing makes the wake-up system call only when one is
+// (most waits end while spinning, and every message would otherwise pay two calls). Every 100 ms of waiting it checks the peers' pids: a peer
 // that died raises (RuntimeError in Python) instead of waiting forever.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -56,6 +58,9 @@ inline void cpu_relax() {
 
 Counter* counter_at(uint8_t* base, int64_t offset) { return reinterpret_cast<Counter*>(base + offset); }
 
+// The processes asleep on a counter: the next word of its cache line.
+Counter* sleepers_of(Counter* word) { return word + 1; }
+
 void futex_wait(Counter* word, uint32_t seen, int64_t timeout_ns) {
   timespec ts{static_cast<time_t>(timeout_ns / 1000000000), static_cast<long>(timeout_ns % 1000000000)};
   syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, seen, &ts, nullptr, 0);
@@ -90,10 +95,16 @@ void wait_for(Counter* word, Ready ready, int64_t spin, const std::vector<int64_
     cpu_relax();
   }
   auto last_check = std::chrono::steady_clock::now();
+  Counter* sleepers = sleepers_of(word);
   while (true) {
-    const uint32_t seen = word->load(std::memory_order_acquire);
+    // Counted before the last look at the word (both sequentially consistent, as is publish's
+    // store then load): either publish sees this sleeper and wakes it, or this look sees the
+    // new value. futex_wait returns at once if the word moved since.
+    sleepers->fetch_add(1);
+    const uint32_t seen = word->load();
+    if (!ready(seen)) futex_wait(word, seen, 100 * 1000 * 1000);
+    sleepers->fetch_sub(1);
     if (ready(seen)) return;
-    futex_wait(word, seen, 100 * 1000 * 1000);
     const auto now = std::chrono::steady_clock::now();
     if (now - last_check >= std::chrono::milliseconds(100)) {
       check_alive(peers);
@@ -103,8 +114,8 @@ void wait_for(Counter* word, Ready ready, int64_t spin, const std::vector<int64_
 }
 
 void publish(Counter* word, uint32_t value) {
-  word->store(value, std::memory_order_release);
-  futex_wake(word);
+  word->store(value);
+  if (sleepers_of(word)->load() != 0) futex_wake(word);
 }
 
 void copy_bytes(uint8_t* dst, const uint8_t* src, int64_t n) {

@@ -114,6 +114,46 @@ def test_recv_tells_waiting_for_the_sender_from_moving_data(tmp_path):
     assert early < 0.05, "a message already started costs no wait, though later chunks waited for slots"
 
 
+def _sleepy_peer(rank, world, init_file, path):
+    """Rank 1 sends (and joins an all-reduce) 30 ms after rank 0 started waiting, each time:
+    rank 0 has stopped spinning and sleeps on the futex by then. Returns how long after rank
+    1 published rank 0 had its data (time.time() is one clock for both processes)."""
+    import torch.distributed as dist
+
+    shm = _group(rank, world, init_file, path)
+    late = []
+    for i in range(8):
+        dist.barrier()
+        if rank == 1:
+            time.sleep(0.03)
+            sent = time.time()
+            if i % 2:
+                shm.all_reduce(torch.ones(4))
+            else:
+                shm.send(torch.ones(4), 0)
+            late.append(sent)
+        else:
+            x = torch.ones(4)
+            if i % 2:
+                shm.all_reduce(x)
+            else:
+                shm.recv_into(x, 1)
+            late.append(time.time())
+            assert x.sum().item() in (4.0, 8.0)
+    dist.destroy_process_group()
+    return late
+
+
+def test_a_sleeping_waiter_is_woken_by_its_peer_not_by_its_timeout(tmp_path):
+    # Publishing skips the futex wake while no one sleeps on the word; a waiter must count
+    # itself asleep before its last look at the word, or a wake-up is lost and it sleeps on
+    # until the 100 ms timeout that checks its peers' pids.
+    path = f"/dev/shm/sglang-tknp-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    got = run_ranks(_sleepy_peer, 2, 2, str(tmp_path / "init"), path)
+    delays = sorted(received - sent for received, sent in zip(got[0], got[1]))
+    assert delays[len(delays) // 2] < 0.02, delays  # a lost wake-up costs 70 ms, every time
+
+
 def _dying_worker(rank, world, init_file, path):
     shm = _group(rank, world, init_file, path)
     if rank == 1:
