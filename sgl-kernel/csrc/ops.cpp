@@ -7,10 +7,12 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <chrono>
 #include <string>
 #include <vector>
 
 #include "common.h"
+#include "shm.h"
 
 namespace sgl_kernel {
 namespace avx512_bf16 { const KernelTable* table(); }
@@ -480,6 +482,122 @@ at::Tensor decode_layer(at::Tensor& hidden, at::Tensor& residual, bool add_resid
   return decode_layer_out(attn, residual, weights, biases, sizes, eps);
 }
 
+// ---- TKNP decode attention on shared memory
+//
+// A TKNP layer's attention in one call per layer on the root and one per forward on a rank:
+// the same messages, ops and order as TknpAttentionBackend and serve_attention_layers run them
+// (so the same bits), without the Python between them, which was the largest part of the
+// exchange's cost on the root's critical path. `channels` args are byte offsets of shm.cpp's
+// channels in `segment`.
+
+// Runs `body` on `threads` of torch's threads (0: all of them), restoring the count after.
+template <typename F>
+void on_threads(int64_t threads, const F& body) {
+  const int before = at::get_num_threads();
+  if (threads <= 0 || threads == before) {
+    body();
+    return;
+  }
+  at::set_num_threads(static_cast<int>(threads));
+  try {
+    body();
+  } catch (...) {
+    at::set_num_threads(before);
+    throw;
+  }
+  at::set_num_threads(before);
+}
+
+// Stores a decode batch's k/v and attends: q/k/v are the column blocks of `qkv` [T, q + 2 kv],
+// the output goes to `out` [T, q].
+void store_and_attend(at::Tensor& out, const at::Tensor& qkv, int64_t heads, int64_t kv_heads, int64_t d, double scale,
+                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& loc, const at::Tensor& req_to_token,
+                      const at::Tensor& req_pool_indices, const at::Tensor& seq_lens) {
+  const int64_t t = qkv.size(0), q_size = heads * d, kv_size = kv_heads * d;
+  at::Tensor q = qkv.narrow(1, 0, q_size).view({t, heads, d});
+  at::Tensor k = qkv.narrow(1, q_size, kv_size).view({t, kv_heads, d});
+  at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({t, kv_heads, d});
+  store_kv(k_cache, v_cache, loc, k, v);
+  at::Tensor o = out.view({t, heads, d});
+  decode_attention(o, q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale);
+}
+
+// The root: `qkv` holds every partition's rows in rank order, `rows[r]` of rank r's, the root's
+// own first. Sends each rank its rows, stores and attends its own on `threads` threads, then
+// receives each rank's output rows into `out` [T, q]. Returns {ns waiting for the ranks' outputs
+// to start arriving, ns of its own attention}.
+std::vector<int64_t> tknp_root_decode_attention(
+    at::Tensor& out, const at::Tensor& qkv, at::IntArrayRef rows, at::IntArrayRef head_sizes, double scale,
+    at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& loc, const at::Tensor& req_to_token,
+    const at::Tensor& req_pool_indices, const at::Tensor& seq_lens, int64_t threads, const at::Tensor& segment,
+    at::IntArrayRef send_channels, at::IntArrayRef recv_channels, int64_t slot_bytes, int64_t num_slots,
+    at::IntArrayRef pids, int64_t spin) {
+  const int64_t world = static_cast<int64_t>(rows.size());
+  TORCH_CHECK(head_sizes.size() == 3 && send_channels.size() == rows.size() && recv_channels.size() == rows.size() &&
+                  pids.size() == rows.size(),
+              "sgl_kernel.tknp_root_decode_attention: heads, KV heads, head dim; a channel and pid per rank");
+  const int64_t heads = head_sizes[0], kv_heads = head_sizes[1], d = head_sizes[2];
+  int64_t total = 0;
+  for (int64_t r : rows) total += r;
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.stride(0) == qkv.size(1) && qkv.size(0) == total &&
+                  qkv.size(1) == (heads + 2 * kv_heads) * d,
+              "sgl_kernel.tknp_root_decode_attention: qkv is contiguous [sum(rows), (H + 2 Hkv) D]");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == total && out.size(1) == heads * d &&
+                  out.scalar_type() == qkv.scalar_type(),
+              "sgl_kernel.tknp_root_decode_attention: out is contiguous [sum(rows), H D] in qkv's dtype");
+  int64_t row = rows[0];
+  for (int64_t r = 1; r < world; ++r) {
+    if (!rows[r]) continue;
+    shm_send(segment, send_channels[r], slot_bytes, num_slots, qkv.narrow(0, row, rows[r]), pids[r], spin);
+    row += rows[r];
+  }
+  const auto start = std::chrono::steady_clock::now();
+  if (rows[0]) {
+    at::Tensor own = out.narrow(0, 0, rows[0]);
+    on_threads(threads, [&] {
+      store_and_attend(own, qkv.narrow(0, 0, rows[0]), heads, kv_heads, d, scale, k_cache, v_cache, loc,
+                       req_to_token, req_pool_indices, seq_lens);
+    });
+  }
+  const int64_t own_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+  int64_t waited_ns = 0;
+  row = rows[0];
+  for (int64_t r = 1; r < world; ++r) {
+    if (!rows[r]) continue;
+    at::Tensor theirs = out.narrow(0, row, rows[r]);
+    waited_ns += shm_recv(segment, recv_channels[r], slot_bytes, num_slots, theirs, pids[r], spin);
+    row += rows[r];
+  }
+  return {waited_ns, own_ns};
+}
+
+// A rank, for every layer of a decode forward in turn: receives its [T, q + 2 kv] rows from the
+// root, stores and attends them over layer i's caches, sends the output [T, q] back. Returns the
+// ns spent waiting for the root's messages to start arriving.
+int64_t tknp_rank_decode_layers(at::TensorList k_caches, at::TensorList v_caches, at::ArrayRef<double> scales,
+                                at::IntArrayRef head_sizes, at::ScalarType dtype, const at::Tensor& loc,
+                                const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
+                                const at::Tensor& seq_lens, const at::Tensor& segment, int64_t recv_channel,
+                                int64_t send_channel, int64_t slot_bytes, int64_t num_slots, int64_t root_pid,
+                                int64_t spin) {
+  TORCH_CHECK(head_sizes.size() == 3 && k_caches.size() == v_caches.size() && scales.size() == k_caches.size(),
+              "sgl_kernel.tknp_rank_decode_layers: heads, KV heads, head dim; a scale and k/v cache per layer");
+  const int64_t heads = head_sizes[0], kv_heads = head_sizes[1], d = head_sizes[2], t = loc.numel();
+  const auto options = at::TensorOptions().dtype(dtype);
+  at::Tensor qkv = at::empty({t, (heads + 2 * kv_heads) * d}, options);  // every layer's, in turn
+  int64_t waited_ns = 0;
+  for (size_t i = 0; i < k_caches.size(); ++i) {
+    waited_ns += shm_recv(segment, recv_channel, slot_bytes, num_slots, qkv, root_pid, spin);
+    at::Tensor out = at::empty({t, heads * d}, options);
+    at::Tensor k_cache = k_caches[i], v_cache = v_caches[i];
+    store_and_attend(out, qkv, heads, kv_heads, d, scales[i], k_cache, v_cache, loc, req_to_token, req_pool_indices,
+                     seq_lens);
+    shm_send(segment, send_channel, slot_bytes, num_slots, out, root_pid, spin);
+  }
+  return waited_ns;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sgl_kernel, m) {
@@ -515,6 +633,16 @@ TORCH_LIBRARY(sgl_kernel, m) {
   m.def("decode_layer_mlp(Tensor(a!) o, Tensor(b!) residual, Tensor[] weights, Tensor?[] biases, int[] sizes, "
         "float eps) -> Tensor",
         decode_layer_mlp);
+  m.def("tknp_root_decode_attention(Tensor(a!) out, Tensor qkv, int[] rows, int[] head_sizes, float scale, "
+        "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor loc, Tensor req_to_token, Tensor req_pool_indices, "
+        "Tensor seq_lens, int threads, Tensor segment, int[] send_channels, int[] recv_channels, int slot_bytes, "
+        "int num_slots, int[] pids, int spin) -> int[]",
+        tknp_root_decode_attention);
+  m.def("tknp_rank_decode_layers(Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, float[] scales, int[] head_sizes, "
+        "ScalarType dtype, Tensor loc, Tensor req_to_token, Tensor req_pool_indices, Tensor seq_lens, "
+        "Tensor segment, int recv_channel, int send_channel, int slot_bytes, int num_slots, int root_pid, "
+        "int spin) -> int",
+        tknp_rank_decode_layers);
 }
 
 }  // namespace sgl_kernel

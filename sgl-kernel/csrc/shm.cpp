@@ -40,6 +40,8 @@
 #include <string>
 #include <vector>
 
+#include "shm.h"
+
 namespace sgl_kernel {
 namespace {
 
@@ -150,6 +152,8 @@ void check_data(const at::Tensor& t, const char* what) {
 // send meets exactly one recv.
 int64_t num_chunks(int64_t bytes, int64_t slot_bytes) { return std::max<int64_t>(1, (bytes + slot_bytes - 1) / slot_bytes); }
 
+}  // namespace
+
 void shm_send(const at::Tensor& segment, int64_t channel, int64_t slot_bytes, int64_t num_slots,
               const at::Tensor& src, int64_t peer_pid, int64_t spin) {
   check_data(src, "src");
@@ -196,6 +200,8 @@ int64_t shm_recv(const at::Tensor& segment, int64_t channel, int64_t slot_bytes,
   }
   return waited_ns;
 }
+
+namespace {
 
 // ---- collectives ------------------------------------------------------------------------------
 

@@ -197,3 +197,63 @@ def test_tp_decode_layer_on_the_kernels_is_the_layer_by_layer_path(make_tiny_mod
     for rank in range(2):
         fused, plain = got[rank]
         assert fused == plain, f"TP rank {rank}"
+
+
+def _tknp_fused_main(rank, init_file, model_path, shm_prefix):
+    from collections import Counter
+
+    from sglang.srt.distributed.parallel_state import RankLayout, destroy_distributed, init_distributed
+    from sglang.srt.distributed.tknp_comm import TknpComm
+    from sglang.srt.layers import tknp_attention
+    from sglang.srt.model_executor.tknp_runner import TknpModelRunner
+
+    torch.set_num_threads(1)
+    state = init_distributed(
+        RankLayout(tknp_size=2), rank, f"file://{init_file}", "gloo", shm_prefix=shm_prefix, local_ranks=[0, 1]
+    )
+    assert state.tknp_shm is not None
+    calls = Counter()
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+
+        return call
+
+    tknp_attention.TknpAttentionBackend._forward_fused = counted(
+        "root", tknp_attention.TknpAttentionBackend._forward_fused
+    )
+    tknp_attention._serve_decode_fused = counted("rank", tknp_attention._serve_decode_fused)
+    runs = []
+    for fused in (True, False):
+        if not fused:
+            tknp_attention._fuses = lambda inner, comm: False
+        runner = _runner(model_path, hold_weights=rank == 0, dtype="bfloat16", attention_backend="cpu")
+        forward = TknpModelRunner(runner, TknpComm.of(state))
+        mine = [i for i in range(len(PROMPTS)) if i % 2 == rank]
+        results = _run_requests(forward, runner, PROMPTS, mine)
+        runs.append((dict(calls), {i: (ids, logits.float().tolist()) for i, (ids, logits) in results.items()}))
+        calls.clear()
+    destroy_distributed()
+    return runs
+
+
+def test_tknp_decode_on_shared_memory_in_one_call_is_the_per_layer_path(make_tiny_model, tmp_path):
+    """On shared memory with the `cpu` backend a decode layer's scatter, the root's own attention
+    and the gather run as one sgl_kernel call on the root (`tknp_root_decode_attention`) and a
+    whole forward's layers as one on a rank (`tknp_rank_decode_layers`): the same messages and
+    ops in the same order as the per-layer Python path, so the same logits, bit for bit (bf16)."""
+    import uuid
+
+    from sglang.srt.layers.cpu_kernels import sgl_kernel_ops
+
+    if sgl_kernel_ops() is None:
+        pytest.skip("sgl_kernel is not built here")
+    model_path = str(make_tiny_model("llama", seed=4))
+    prefix = f"sglang-test-{uuid.uuid4().hex[:8]}"
+    got = run_ranks(_tknp_fused_main, 2, str(tmp_path / "init"), model_path, prefix)
+    for rank, name in ((0, "root"), (1, "rank")):
+        (fused_calls, fused), (plain_calls, plain) = got[rank]
+        assert fused_calls.get(name, 0) > 0 and not plain_calls, (rank, fused_calls, plain_calls)
+        assert fused == plain, f"TKNP rank {rank}"

@@ -86,6 +86,9 @@ class ShmGroup:
         self.rank = rank
         self.pids = pids
         self.spin = spin
+        # where this rank's messages to and from each peer go (its own entry unused)
+        self.send_channels = [layout.channel(rank, p) if p != rank else 0 for p in range(layout.world)]
+        self.recv_channels = [layout.channel(p, rank) if p != rank else 0 for p in range(layout.world)]
         # recv_into's time waiting for its senders to start a message, not moving it (benchmarks)
         self.waited_seconds = 0.0
 
@@ -96,14 +99,14 @@ class ShmGroup:
     def send(self, tensor: torch.Tensor, to: int) -> None:
         lay = self.layout
         self._ops.shm_send(
-            self.segment, lay.channel(self.rank, to), lay.slot_bytes, lay.num_slots, tensor.contiguous(),
-            self.pids[to], self.spin,
+            self.segment, self.send_channels[to], lay.slot_bytes, lay.num_slots, tensor.contiguous(), self.pids[to],
+            self.spin,
         )  # fmt: skip
 
     def recv_into(self, out: torch.Tensor, frm: int) -> torch.Tensor:
         lay = self.layout
         self.waited_seconds += 1e-9 * self._ops.shm_recv(
-            self.segment, lay.channel(frm, self.rank), lay.slot_bytes, lay.num_slots, out, self.pids[frm], self.spin
+            self.segment, self.recv_channels[frm], lay.slot_bytes, lay.num_slots, out, self.pids[frm], self.spin
         )
         return out
 

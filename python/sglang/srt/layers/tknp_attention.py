@@ -8,6 +8,11 @@ in partition order. A non-root rank runs `serve_attention_layers`: for every att
 the same order, it receives its rows, writes k/v into its own KV pool and attends over its own
 requests, and sends the output back. Models never know: they call RadixAttention, whose backend
 is this wrapper. The transport and the messages' formats live in distributed/.
+
+On shared memory with the `cpu` backend, a decode layer's steps run in one sgl_kernel call on
+each side (`tknp_root_decode_attention` per layer on the root, `tknp_rank_decode_layers` per
+forward on a rank): the same messages and ops in the same order, without the Python between
+them, which had been most of the exchange's cost on the root's critical path.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from sglang.srt.distributed.tknp_comm import TknpComm
 from sglang.srt.distributed.tknp_protocol import pack_qkv, qkv_width, unpack_qkv
 from sglang.srt.layers.attention.base import AttentionBackend
+from sglang.srt.layers.attention.cpu_backend import CpuAttnBackend
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -43,6 +49,9 @@ class TknpAttentionBackend(AttentionBackend):
         self.attention_threads = attention_threads
         self.comm_seconds = 0.0  # time spent sending q/k/v and waiting for outputs (benchmarks)
         self.wait_seconds = 0.0  # of which waiting for the ranks' outputs to start arriving (shm only)
+        self.fused = _fuses(inner, comm)
+        # the fused call's batch arguments where the root has no partition (it then reads none)
+        self._no_batch = tuple(torch.empty(0, dtype=torch.int64) for _ in range(6))
 
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
         local = forward_batch.tknp_partitions.local
@@ -56,6 +65,8 @@ class TknpAttentionBackend(AttentionBackend):
         # microseconds here).
         start = time.perf_counter()
         parts = forward_batch.tknp_partitions
+        if self.fused and parts.pass_turn is None and (parts.local is None or parts.local.attn_metadata.decode):
+            return self._forward_fused(pack_qkv(q, k, v), layer, parts.num_tokens, parts.local, start)
         sizes = parts.num_tokens
         own = sizes[0]
         width = layer.num_heads * layer.head_dim
@@ -86,6 +97,30 @@ class TknpAttentionBackend(AttentionBackend):
                 work.wait()
         self.comm_seconds += time.perf_counter() - start - local_seconds
         return torch.cat([x for x in [local] + outs if x is not None])
+
+    def _forward_fused(
+        self, packed: torch.Tensor, layer: "RadixAttention", sizes: list[int], local: Optional["ForwardBatch"], start
+    ) -> torch.Tensor:
+        """`forward`'s shared-memory steps for a decode layer, in one call."""
+        shm, lay = self.comm.shm, self.comm.shm.layout
+        out = packed.new_empty((packed.shape[0], layer.num_heads * layer.head_dim))
+        batch = self._no_batch
+        if local is not None:
+            batch = (
+                *local.token_to_kv_pool.get_kv_buffer(layer.layer_id),
+                local.out_cache_loc,
+                local.req_to_token_pool.req_to_token,
+                local.req_pool_indices,
+                local.seq_lens,
+            )
+        waited_ns, own_ns = self.inner.ops.tknp_root_decode_attention(
+            out, packed, sizes, [layer.num_heads, layer.num_kv_heads, layer.head_dim], layer.scaling, *batch,
+            self.attention_threads or 0, shm.segment, shm.send_channels, shm.recv_channels, lay.slot_bytes,
+            lay.num_slots, shm.pids, shm.spin,
+        )  # fmt: skip
+        self.wait_seconds += 1e-9 * waited_ns
+        self.comm_seconds += time.perf_counter() - start - 1e-9 * own_ns
+        return out
 
     def _local(
         self, q, k, v, rows: int, layer: "RadixAttention", local: Optional["ForwardBatch"]
@@ -119,6 +154,16 @@ def serve_attention_layers(
     under two-batch overlap for each of its two halves in turn, whose metadata for `inner` the
     caller has built. With all_to_all a rank whose partition is empty ([None]) still joins
     every layer."""
+    batch = batches[0]
+    if (
+        len(batches) == 1
+        and batch is not None
+        and _fuses(inner, comm)
+        and batch.attn_metadata.decode
+        and _uniform(layers)
+    ):
+        _serve_decode_fused(inner, layers, batch, comm, dtype)
+        return
     for layer in layers:
         for batch in batches:
             _serve_layer(inner, layer, batch, comm, dtype)
@@ -144,3 +189,28 @@ def _serve_layer(
         packed = comm.recv((batch.input_ids.numel(), width), dtype, 0)
         out = inner.forward(*unpack_qkv(packed, layer.num_heads, layer.num_kv_heads, layer.head_dim), layer, batch)
         comm.send(out, 0)
+
+
+def _fuses(inner: AttentionBackend, comm: TknpComm) -> bool:
+    """Whether a decode layer's exchange and attention can run as one sgl_kernel call: the
+    `cpu` backend's kernels on the shared-memory transport, point to point."""
+    return type(inner) is CpuAttnBackend and comm.shm is not None and not comm.use_all_to_all
+
+
+def _uniform(layers: list["RadixAttention"]) -> bool:
+    """Every layer has the same heads (one call serves them all)."""
+    return len({(layer.num_heads, layer.num_kv_heads, layer.head_dim) for layer in layers}) == 1
+
+
+def _serve_decode_fused(
+    inner: CpuAttnBackend, layers: list["RadixAttention"], batch: "ForwardBatch", comm: TknpComm, dtype: torch.dtype
+) -> None:
+    """`serve_attention_layers` for one decode batch, every layer in one call."""
+    shm, lay, pool = comm.shm, comm.shm.layout, batch.token_to_kv_pool
+    caches = [pool.get_kv_buffer(layer.layer_id) for layer in layers]
+    heads = [layers[0].num_heads, layers[0].num_kv_heads, layers[0].head_dim]
+    shm.waited_seconds += 1e-9 * inner.ops.tknp_rank_decode_layers(
+        [k for k, _ in caches], [v for _, v in caches], [layer.scaling for layer in layers], heads, dtype,
+        batch.out_cache_loc, batch.req_to_token_pool.req_to_token, batch.req_pool_indices, batch.seq_lens,
+        shm.segment, shm.recv_channels[0], shm.send_channels[0], lay.slot_bytes, lay.num_slots, shm.pids[0], shm.spin,
+    )  # fmt: skip
