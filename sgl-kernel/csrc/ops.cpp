@@ -465,20 +465,29 @@ at::Tensor decode_layer_out(const at::Tensor& attn, at::Tensor& residual, at::Te
   return decode_layer_mlp(o, residual, weights, biases, sizes, eps);
 }
 
+// Stores a decode batch's k/v and attends: q/k/v are the column blocks of `qkv` [T, q + 2 kv],
+// the output goes to `out` [T, q].
+void store_and_attend(at::Tensor& out, const at::Tensor& qkv, int64_t heads, int64_t kv_heads, int64_t d, double scale,
+                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& loc, const at::Tensor& req_to_token,
+                      const at::Tensor& req_pool_indices, const at::Tensor& seq_lens) {
+  const int64_t t = qkv.size(0), q_size = heads * d, kv_size = kv_heads * d;
+  at::Tensor q = qkv.narrow(1, 0, q_size).view({t, heads, d});
+  at::Tensor k = qkv.narrow(1, q_size, kv_size).view({t, kv_heads, d});
+  at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({t, kv_heads, d});
+  store_kv(k_cache, v_cache, loc, k, v);
+  at::Tensor o = out.view({t, heads, d});
+  decode_attention(o, q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale);
+}
+
 at::Tensor decode_layer(at::Tensor& hidden, at::Tensor& residual, bool add_residual, at::TensorList weights,
                         at::ArrayRef<c10::optional<at::Tensor>> biases, at::IntArrayRef sizes, double eps, double scale,
                         const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                         at::Tensor& v_cache, const at::Tensor& loc, const at::Tensor& req_to_token,
                         const at::Tensor& req_pool_indices, const at::Tensor& seq_lens) {
   at::Tensor qkv = decode_layer_qkv(hidden, residual, add_residual, weights, biases, sizes, eps, positions, cos, sin);
-  const int64_t heads = sizes[0], kv_heads = sizes[1], d = sizes[2], t = hidden.size(0);
-  const int64_t q_size = heads * d, kv_size = kv_heads * d;
-  at::Tensor q = qkv.narrow(1, 0, q_size).view({t, heads, d});
-  at::Tensor k = qkv.narrow(1, q_size, kv_size).view({t, kv_heads, d});
-  at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({t, kv_heads, d});
-  store_kv(k_cache, v_cache, loc, k, v);
-  at::Tensor attn = at::empty({t, heads, d}, q.options());
-  decode_attention(attn, q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale);
+  at::Tensor attn = at::empty({hidden.size(0), sizes[0] * sizes[2]}, qkv.options());
+  store_and_attend(attn, qkv, sizes[0], sizes[1], sizes[2], scale, k_cache, v_cache, loc, req_to_token,
+                   req_pool_indices, seq_lens);
   return decode_layer_out(attn, residual, weights, biases, sizes, eps);
 }
 
@@ -506,20 +515,6 @@ void on_threads(int64_t threads, const F& body) {
     throw;
   }
   at::set_num_threads(before);
-}
-
-// Stores a decode batch's k/v and attends: q/k/v are the column blocks of `qkv` [T, q + 2 kv],
-// the output goes to `out` [T, q].
-void store_and_attend(at::Tensor& out, const at::Tensor& qkv, int64_t heads, int64_t kv_heads, int64_t d, double scale,
-                      at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& loc, const at::Tensor& req_to_token,
-                      const at::Tensor& req_pool_indices, const at::Tensor& seq_lens) {
-  const int64_t t = qkv.size(0), q_size = heads * d, kv_size = kv_heads * d;
-  at::Tensor q = qkv.narrow(1, 0, q_size).view({t, heads, d});
-  at::Tensor k = qkv.narrow(1, q_size, kv_size).view({t, kv_heads, d});
-  at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({t, kv_heads, d});
-  store_kv(k_cache, v_cache, loc, k, v);
-  at::Tensor o = out.view({t, heads, d});
-  decode_attention(o, q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, scale);
 }
 
 // The root: `qkv` holds every partition's rows in rank order, `rows[r]` of rank r's, the root's
@@ -585,11 +580,12 @@ int64_t tknp_rank_decode_layers(at::TensorList k_caches, at::TensorList v_caches
               "sgl_kernel.tknp_rank_decode_layers: heads, KV heads, head dim; a scale and k/v cache per layer");
   const int64_t heads = head_sizes[0], kv_heads = head_sizes[1], d = head_sizes[2], t = loc.numel();
   const auto options = at::TensorOptions().dtype(dtype);
-  at::Tensor qkv = at::empty({t, (heads + 2 * kv_heads) * d}, options);  // every layer's, in turn
+  // every layer's, in turn: a message is in the ring once shm_send returns
+  at::Tensor qkv = at::empty({t, (heads + 2 * kv_heads) * d}, options);
+  at::Tensor out = at::empty({t, heads * d}, options);
   int64_t waited_ns = 0;
   for (size_t i = 0; i < k_caches.size(); ++i) {
     waited_ns += shm_recv(segment, recv_channel, slot_bytes, num_slots, qkv, root_pid, spin);
-    at::Tensor out = at::empty({t, heads * d}, options);
     at::Tensor k_cache = k_caches[i], v_cache = v_caches[i];
     store_and_attend(out, qkv, heads, kv_heads, d, scales[i], k_cache, v_cache, loc, req_to_token, req_pool_indices,
                      seq_lens);

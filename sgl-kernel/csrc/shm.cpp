@@ -21,8 +21,9 @@
 // steal the core a peer needs), then sleeps on the counter's futex (shared, not private: the
 // word lives in a file mapping). The word after each counter, on its cache line, counts the
 // processes asleep on it, so that publishing makes the wake-up system call only when one is
-// (most waits end while spinning, and every message would otherwise pay two calls). Every 100 ms of waiting it checks the peers' pids: a peer
-// that died raises (RuntimeError in Python) instead of waiting forever.
+// (most waits end while spinning, and every message would otherwise pay two calls). Every 100 ms
+// of waiting it checks the peers' pids: a peer that died raises (RuntimeError in Python) instead
+// of waiting forever.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <linux/futex.h>
