@@ -517,54 +517,111 @@ void on_threads(int64_t threads, const F& body) {
   at::set_num_threads(before);
 }
 
-// The root: `qkv` holds every partition's rows in rank order, `rows[r]` of rank r's, the root's
-// own first. Sends each rank its rows, stores and attends its own on `threads` threads, then
-// receives each rank's output rows into `out` [T, q]. Returns {ns waiting for the ranks' outputs
-// to start arriving, ns of its own attention}.
-std::vector<int64_t> tknp_root_decode_attention(
-    at::Tensor& out, const at::Tensor& qkv, at::IntArrayRef rows, at::IntArrayRef head_sizes, double scale,
-    at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& loc, const at::Tensor& req_to_token,
-    const at::Tensor& req_pool_indices, const at::Tensor& seq_lens, int64_t threads, const at::Tensor& segment,
-    at::IntArrayRef send_channels, at::IntArrayRef recv_channels, int64_t slot_bytes, int64_t num_slots,
-    at::IntArrayRef pids, int64_t spin) {
-  const int64_t world = static_cast<int64_t>(rows.size());
-  TORCH_CHECK(head_sizes.size() == 3 && send_channels.size() == rows.size() && recv_channels.size() == rows.size() &&
-                  pids.size() == rows.size(),
-              "sgl_kernel.tknp_root_decode_attention: heads, KV heads, head dim; a channel and pid per rank");
-  const int64_t heads = head_sizes[0], kv_heads = head_sizes[1], d = head_sizes[2];
+// The root's side of a decode layer's exchange: which rows are whose, the root's own batch and
+// the channels. `rows[r]` rows of the layer's qkv are rank r's, in rank order, the root's own
+// first; its own batch is read only when it has rows. `stats` (int64 [2]) accumulates the ns
+// spent waiting for the ranks' outputs to start arriving and the ns of the whole exchange (sends
+// and receives, not the root's own attention), for the benchmarks' shares.
+struct RootExchange {
+  const at::Tensor& loc;
+  const at::Tensor& req_to_token;
+  const at::Tensor& req_pool_indices;
+  const at::Tensor& seq_lens;
+  at::IntArrayRef rows;
+  int64_t threads;  // of torch's threads the root attends on (0: all)
+  const at::Tensor& segment;
+  at::IntArrayRef send_channels, recv_channels;
+  int64_t slot_bytes, num_slots;
+  at::IntArrayRef pids;
+  int64_t spin;
+  at::Tensor& stats;
+};
+
+int64_t ns_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Sends each rank its rows of `qkv` [sum(rows), q + 2 kv], stores and attends the root's own
+// rows over its caches, then receives each rank's output rows into `out` [sum(rows), q].
+void root_exchange(const RootExchange& ex, at::Tensor& out, const at::Tensor& qkv, int64_t heads, int64_t kv_heads,
+                   int64_t d, double scale, at::Tensor& k_cache, at::Tensor& v_cache) {
+  const int64_t world = static_cast<int64_t>(ex.rows.size());
+  TORCH_CHECK(ex.send_channels.size() == ex.rows.size() && ex.recv_channels.size() == ex.rows.size() &&
+                  ex.pids.size() == ex.rows.size(),
+              "sgl_kernel: a TKNP root exchange has a channel each way and a pid per rank");
+  TORCH_CHECK(ex.stats.scalar_type() == at::kLong && ex.stats.numel() == 2 && ex.stats.is_contiguous(),
+              "sgl_kernel: a TKNP root exchange's stats are int64 [2]");
   int64_t total = 0;
-  for (int64_t r : rows) total += r;
+  for (int64_t r : ex.rows) total += r;
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.stride(0) == qkv.size(1) && qkv.size(0) == total &&
                   qkv.size(1) == (heads + 2 * kv_heads) * d,
-              "sgl_kernel.tknp_root_decode_attention: qkv is contiguous [sum(rows), (H + 2 Hkv) D]");
+              "sgl_kernel: a TKNP root exchange's qkv is contiguous [sum(rows), (H + 2 Hkv) D]");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == total && out.size(1) == heads * d &&
                   out.scalar_type() == qkv.scalar_type(),
-              "sgl_kernel.tknp_root_decode_attention: out is contiguous [sum(rows), H D] in qkv's dtype");
-  int64_t row = rows[0];
-  for (int64_t r = 1; r < world; ++r) {
-    if (!rows[r]) continue;
-    shm_send(segment, send_channels[r], slot_bytes, num_slots, qkv.narrow(0, row, rows[r]), pids[r], spin);
-    row += rows[r];
-  }
+              "sgl_kernel: a TKNP root exchange's out is contiguous [sum(rows), H D] in qkv's dtype");
   const auto start = std::chrono::steady_clock::now();
-  if (rows[0]) {
-    at::Tensor own = out.narrow(0, 0, rows[0]);
-    on_threads(threads, [&] {
-      store_and_attend(own, qkv.narrow(0, 0, rows[0]), heads, kv_heads, d, scale, k_cache, v_cache, loc,
-                       req_to_token, req_pool_indices, seq_lens);
+  int64_t row = ex.rows[0];
+  for (int64_t r = 1; r < world; ++r) {
+    if (!ex.rows[r]) continue;
+    shm_send(ex.segment, ex.send_channels[r], ex.slot_bytes, ex.num_slots, qkv.narrow(0, row, ex.rows[r]), ex.pids[r],
+             ex.spin);
+    row += ex.rows[r];
+  }
+  const auto own_start = std::chrono::steady_clock::now();
+  if (ex.rows[0]) {
+    at::Tensor own = out.narrow(0, 0, ex.rows[0]);
+    on_threads(ex.threads, [&] {
+      store_and_attend(own, qkv.narrow(0, 0, ex.rows[0]), heads, kv_heads, d, scale, k_cache, v_cache, ex.loc,
+                       ex.req_to_token, ex.req_pool_indices, ex.seq_lens);
     });
   }
-  const int64_t own_ns =
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+  const int64_t own_ns = ns_since(own_start);
   int64_t waited_ns = 0;
-  row = rows[0];
+  row = ex.rows[0];
   for (int64_t r = 1; r < world; ++r) {
-    if (!rows[r]) continue;
-    at::Tensor theirs = out.narrow(0, row, rows[r]);
-    waited_ns += shm_recv(segment, recv_channels[r], slot_bytes, num_slots, theirs, pids[r], spin);
-    row += rows[r];
+    if (!ex.rows[r]) continue;
+    at::Tensor theirs = out.narrow(0, row, ex.rows[r]);
+    waited_ns += shm_recv(ex.segment, ex.recv_channels[r], ex.slot_bytes, ex.num_slots, theirs, ex.pids[r], ex.spin);
+    row += ex.rows[r];
   }
-  return {waited_ns, own_ns};
+  int64_t* stats = ex.stats.data_ptr<int64_t>();
+  stats[0] += waited_ns;
+  stats[1] += ns_since(start) - own_ns;
+}
+
+// The root's attention of one decode layer (any layer: its q/k/v come from Python): see
+// root_exchange.
+void tknp_root_decode_attention(at::Tensor& out, const at::Tensor& qkv, at::IntArrayRef head_sizes, double scale,
+                                at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& loc,
+                                const at::Tensor& req_to_token, const at::Tensor& req_pool_indices,
+                                const at::Tensor& seq_lens, at::IntArrayRef rows, int64_t threads,
+                                const at::Tensor& segment, at::IntArrayRef send_channels,
+                                at::IntArrayRef recv_channels, int64_t slot_bytes, int64_t num_slots,
+                                at::IntArrayRef pids, int64_t spin, at::Tensor& stats) {
+  TORCH_CHECK(head_sizes.size() == 3, "sgl_kernel.tknp_root_decode_attention: heads, KV heads, head dim");
+  const RootExchange ex{loc,           req_to_token,  req_pool_indices, seq_lens,  rows, threads, segment,
+                        send_channels, recv_channels, slot_bytes,       num_slots, pids, spin,    stats};
+  root_exchange(ex, out, qkv, head_sizes[0], head_sizes[1], head_sizes[2], scale, k_cache, v_cache);
+}
+
+// decode_layer on a TKNP root: the whole layer in one call, its attention through the exchange
+// (the ranks attend their rows, the root its own), where the per-layer op above leaves the
+// layer's two halves and the exchange to three calls and the Python between them.
+at::Tensor tknp_root_decode_layer(at::Tensor& hidden, at::Tensor& residual, bool add_residual, at::TensorList weights,
+                                  at::ArrayRef<c10::optional<at::Tensor>> biases, at::IntArrayRef sizes, double eps,
+                                  double scale, const at::Tensor& positions, const at::Tensor& cos,
+                                  const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                                  const at::Tensor& loc, const at::Tensor& req_to_token,
+                                  const at::Tensor& req_pool_indices, const at::Tensor& seq_lens,
+                                  at::IntArrayRef rows, int64_t threads, const at::Tensor& segment,
+                                  at::IntArrayRef send_channels, at::IntArrayRef recv_channels, int64_t slot_bytes,
+                                  int64_t num_slots, at::IntArrayRef pids, int64_t spin, at::Tensor& stats) {
+  const RootExchange ex{loc,           req_to_token,  req_pool_indices, seq_lens,  rows, threads, segment,
+                        send_channels, recv_channels, slot_bytes,       num_slots, pids, spin,    stats};
+  at::Tensor qkv = decode_layer_qkv(hidden, residual, add_residual, weights, biases, sizes, eps, positions, cos, sin);
+  at::Tensor attn = at::empty({hidden.size(0), sizes[0] * sizes[2]}, qkv.options());
+  root_exchange(ex, attn, qkv, sizes[0], sizes[1], sizes[2], scale, k_cache, v_cache);
+  return decode_layer_out(attn, residual, weights, biases, sizes, eps);
 }
 
 // A rank, for every layer of a decode forward in turn: receives its [T, q + 2 kv] rows from the
@@ -629,11 +686,17 @@ TORCH_LIBRARY(sgl_kernel, m) {
   m.def("decode_layer_mlp(Tensor(a!) o, Tensor(b!) residual, Tensor[] weights, Tensor?[] biases, int[] sizes, "
         "float eps) -> Tensor",
         decode_layer_mlp);
-  m.def("tknp_root_decode_attention(Tensor(a!) out, Tensor qkv, int[] rows, int[] head_sizes, float scale, "
-        "Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor loc, Tensor req_to_token, Tensor req_pool_indices, "
-        "Tensor seq_lens, int threads, Tensor segment, int[] send_channels, int[] recv_channels, int slot_bytes, "
-        "int num_slots, int[] pids, int spin) -> int[]",
+  m.def("tknp_root_decode_attention(Tensor(a!) out, Tensor qkv, int[] head_sizes, float scale, Tensor(b!) k_cache, "
+        "Tensor(c!) v_cache, Tensor loc, Tensor req_to_token, Tensor req_pool_indices, Tensor seq_lens, int[] rows, "
+        "int threads, Tensor segment, int[] send_channels, int[] recv_channels, int slot_bytes, int num_slots, "
+        "int[] pids, int spin, Tensor(s!) stats) -> ()",
         tknp_root_decode_attention);
+  m.def("tknp_root_decode_layer(Tensor(a!) hidden, Tensor(b!) residual, bool add_residual, Tensor[] weights, "
+        "Tensor?[] biases, int[] sizes, float eps, float scale, Tensor positions, Tensor cos, Tensor sin, "
+        "Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor loc, Tensor req_to_token, Tensor req_pool_indices, "
+        "Tensor seq_lens, int[] rows, int threads, Tensor segment, int[] send_channels, int[] recv_channels, "
+        "int slot_bytes, int num_slots, int[] pids, int spin, Tensor(s!) stats) -> Tensor",
+        tknp_root_decode_layer);
   m.def("tknp_rank_decode_layers(Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, float[] scales, int[] head_sizes, "
         "ScalarType dtype, Tensor loc, Tensor req_to_token, Tensor req_pool_indices, Tensor seq_lens, "
         "Tensor segment, int recv_channel, int send_channel, int slot_bytes, int num_slots, int root_pid, "

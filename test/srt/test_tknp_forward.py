@@ -214,25 +214,30 @@ def _tknp_fused_main(rank, init_file, model_path, shm_prefix):
     assert state.tknp_shm is not None
     calls = Counter()
 
-    def counted(name, fn):
+    def counted(name, fn, only_results=False):
         def call(*args):
-            calls[name] += 1
-            return fn(*args)
+            out = fn(*args)
+            calls[name] += not only_results or out is not None
+            return out
 
         return call
 
-    tknp_attention.TknpAttentionBackend._forward_fused = counted(
-        "root", tknp_attention.TknpAttentionBackend._forward_fused
-    )
+    backend = tknp_attention.TknpAttentionBackend
+    backend.fused_exchange = counted("root", backend.fused_exchange, only_results=True)
+    backend.forward = counted("attention", backend.forward)
     tknp_attention._serve_decode_fused = counted("rank", tknp_attention._serve_decode_fused)
     runs = []
-    for fused in (True, False):
-        if not fused:
+    for path in ("layer", "attention", "python"):
+        if path == "python":
             tknp_attention._fuses = lambda inner, comm: False
         runner = _runner(model_path, hold_weights=rank == 0, dtype="bfloat16", attention_backend="cpu")
+        if path != "layer":
+            for layer in runner.model.model.layers:
+                layer.fused_decode = None
         forward = TknpModelRunner(runner, TknpComm.of(state))
         mine = [i for i in range(len(PROMPTS)) if i % 2 == rank]
         results = _run_requests(forward, runner, PROMPTS, mine)
+        calls["timed"] = forward.comm_seconds > 0
         runs.append((dict(calls), {i: (ids, logits.float().tolist()) for i, (ids, logits) in results.items()}))
         calls.clear()
     destroy_distributed()
@@ -241,9 +246,10 @@ def _tknp_fused_main(rank, init_file, model_path, shm_prefix):
 
 def test_tknp_decode_on_shared_memory_in_one_call_is_the_per_layer_path(make_tiny_model, tmp_path):
     """On shared memory with the `cpu` backend a decode layer's scatter, the root's own attention
-    and the gather run as one sgl_kernel call on the root (`tknp_root_decode_attention`) and a
-    whole forward's layers as one on a rank (`tknp_rank_decode_layers`): the same messages and
-    ops in the same order as the per-layer Python path, so the same logits, bit for bit (bf16)."""
+    and the gather run as one sgl_kernel call on the root, with the rest of the layer where it
+    runs on the kernels (`tknp_root_decode_layer`), else alone (`tknp_root_decode_attention`), and
+    a whole forward's layers as one call on a rank (`tknp_rank_decode_layers`): the same messages
+    and ops in the same order as the per-layer Python path, so the same logits, bit for bit (bf16)."""
     import uuid
 
     from sglang.srt.layers.cpu_kernels import sgl_kernel_ops
@@ -253,7 +259,15 @@ def test_tknp_decode_on_shared_memory_in_one_call_is_the_per_layer_path(make_tin
     model_path = str(make_tiny_model("llama", seed=4))
     prefix = f"sglang-test-{uuid.uuid4().hex[:8]}"
     got = run_ranks(_tknp_fused_main, 2, str(tmp_path / "init"), model_path, prefix)
-    for rank, name in ((0, "root"), (1, "rank")):
-        (fused_calls, fused), (plain_calls, plain) = got[rank]
-        assert fused_calls.get(name, 0) > 0 and not plain_calls, (rank, fused_calls, plain_calls)
-        assert fused == plain, f"TKNP rank {rank}"
+    (layer_calls, layer), (attention_calls, attention), (python_calls, python) = got[0]
+    # the root: whole layers (the backend's forward never runs in a decode), then the attention
+    # alone, both fused; then Python, whose decode and prefill layers go through forward
+    counts = (layer_calls, attention_calls)
+    assert layer_calls["root"] > 0 and attention_calls["root"] == layer_calls["root"], counts
+    assert attention_calls["attention"] - layer_calls["attention"] == layer_calls["root"], counts
+    assert python_calls.get("root", 0) == 0 and python_calls["attention"] == attention_calls["attention"]
+    assert layer_calls["timed"] and attention_calls["timed"], "the fused ops add their time to comm_seconds"
+    assert layer == attention == python, "TKNP root"
+    runs = [calls for calls, _ in got[1]]
+    assert runs[0]["rank"] > 0 and runs[1]["rank"] == runs[0]["rank"] and "rank" not in runs[2], runs
+    assert got[1][0][1] == got[1][1][1] == got[1][2][1], "TKNP rank 1"

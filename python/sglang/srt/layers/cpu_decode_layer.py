@@ -9,10 +9,12 @@ It is the layer-by-layer path's fast form, never a second model: a layer takes i
 that path would have run every one of these ops on the kernels (bf16 weights packed for
 sgl_kernel.linear, the kernels' norms, rotary and activation, no q/k norm, no bias on a
 row-parallel linear), and a forward only for a decode batch whose rows the packed linears take
-and whose attention is the plain `cpu` backend or a TKNP root's. The attention runs between two
-calls, `decode_layer_qkv` and `decode_layer_out`, on a TKNP root (its scatter/gather) and under
-tensor parallelism, where `decode_layer_out` is itself split around the two all-reduces:
-o_proj, all-reduce, `decode_layer_mlp`, all-reduce, as the layer-by-layer path runs them.
+and whose attention is the plain `cpu` backend or a TKNP root's. On a TKNP root whose exchange
+runs on shared memory, `tknp_root_decode_layer` is the same call with the exchange in place of
+the attention. Otherwise the attention runs between two calls, `decode_layer_qkv` and
+`decode_layer_out`: on a TKNP root (its scatter/gather in Python) and under tensor parallelism,
+where `decode_layer_out` is itself split around the two all-reduces: o_proj, all-reduce,
+`decode_layer_mlp`, all-reduce, as the layer-by-layer path runs them.
 """
 
 from __future__ import annotations
@@ -100,7 +102,16 @@ class CpuDecodeLayer:
         first = residual is None
         if first:
             residual = torch.empty_like(hidden)
-        if self.tp is not None or type(forward_batch.attn_backend) is TknpAttentionBackend:
+        backend = forward_batch.attn_backend
+        if type(backend) is TknpAttentionBackend and self.tp is None:
+            exchange = backend.fused_exchange(self.layer_id, forward_batch)
+            if exchange is not None:
+                out = self.ops.tknp_root_decode_layer(
+                    hidden, residual, not first, self.weights, self.biases, self.sizes, self.eps, self.scale,
+                    positions, *self.cos_sin, *exchange,
+                )  # fmt: skip
+                return out, residual
+        if self.tp is not None or type(backend) is TknpAttentionBackend:
             return self._split(positions, hidden, residual, first, forward_batch), residual
         k_cache, v_cache = forward_batch.token_to_kv_pool.get_kv_buffer(self.layer_id)
         out = self.ops.decode_layer(

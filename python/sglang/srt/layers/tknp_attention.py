@@ -10,9 +10,12 @@ requests, and sends the output back. Models never know: they call RadixAttention
 is this wrapper. The transport and the messages' formats live in distributed/.
 
 On shared memory with the `cpu` backend, a decode layer's steps run in one sgl_kernel call on
-each side (`tknp_root_decode_attention` per layer on the root, `tknp_rank_decode_layers` per
-forward on a rank): the same messages and ops in the same order, without the Python between
-them, which had been most of the exchange's cost on the root's critical path.
+each side: on the root `tknp_root_decode_layer` runs a whole layer (qkv, the exchange with the
+root's own attention in it, then the rest) where the layer runs on the kernels
+(cpu_decode_layer.py), else `tknp_root_decode_attention` the exchange alone; on a rank
+`tknp_rank_decode_layers` serves every layer of a forward. The same messages and ops in the same
+order, without the Python between them, which had been most of the exchange's cost on the
+root's critical path. `fused_exchange` gives both root ops their arguments.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from sglang.srt.layers.attention.cpu_backend import CpuAttnBackend
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
-    from sglang.srt.model_executor.forward_batch import ForwardBatch
+    from sglang.srt.model_executor.forward_batch import ForwardBatch, TknpPartitions
 
 
 class TknpAttentionBackend(AttentionBackend):
@@ -47,11 +50,28 @@ class TknpAttentionBackend(AttentionBackend):
         # A root that borrows its ranks' cores (cpu_binding.py) attends on its own ones only,
         # which are its first OpenMP threads' (None: on all of its threads).
         self.attention_threads = attention_threads
-        self.comm_seconds = 0.0  # time spent sending q/k/v and waiting for outputs (benchmarks)
-        self.wait_seconds = 0.0  # of which waiting for the ranks' outputs to start arriving (shm only)
+        self._seconds = [0.0, 0.0]  # the Python path's: comm_seconds, wait_seconds
+        # the fused ops' (they add to it in place, without Python per layer): ns waiting, ns exchanging
+        self._fused_ns = torch.zeros(2, dtype=torch.int64)
         self.fused = _fuses(inner, comm)
-        # the fused call's batch arguments where the root has no partition (it then reads none)
-        self._no_batch = tuple(torch.empty(0, dtype=torch.int64) for _ in range(6))
+        self._no_kv = tuple(torch.empty(0, dtype=torch.int64) for _ in range(2))
+        self._no_batch = tuple(torch.empty(0, dtype=torch.int64) for _ in range(4))
+        self._exchange_parts: Optional[TknpPartitions] = None
+        self._exchange: Optional[tuple] = None
+
+    @property
+    def comm_seconds(self) -> float:
+        """Time spent sending q/k/v and waiting for outputs (benchmarks)."""
+        return self._seconds[0] + 1e-9 * int(self._fused_ns[1])
+
+    @property
+    def wait_seconds(self) -> float:
+        """Of which waiting for the ranks' outputs to start arriving (shared memory only)."""
+        return self._seconds[1] + 1e-9 * int(self._fused_ns[0])
+
+    def reset_timers(self) -> None:
+        self._seconds = [0.0, 0.0]
+        self._fused_ns.zero_()
 
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
         local = forward_batch.tknp_partitions.local
@@ -63,10 +83,14 @@ class TknpAttentionBackend(AttentionBackend):
         # and on the critical path: row ranges of one packed tensor (a view where q, k and v are
         # the fused projection's), not split and packed per partition (each torch op costs
         # microseconds here).
+        exchange = self.fused_exchange(layer.layer_id, forward_batch)
+        if exchange is not None:
+            out = q.new_empty((q.shape[0], layer.num_heads * layer.head_dim))
+            heads = [layer.num_heads, layer.num_kv_heads, layer.head_dim]
+            self.inner.ops.tknp_root_decode_attention(out, pack_qkv(q, k, v), heads, layer.scaling, *exchange)
+            return out
         start = time.perf_counter()
         parts = forward_batch.tknp_partitions
-        if self.fused and parts.pass_turn is None and (parts.local is None or parts.local.attn_metadata.decode):
-            return self._forward_fused(pack_qkv(q, k, v), layer, parts.num_tokens, parts.local, start)
         sizes = parts.num_tokens
         own = sizes[0]
         width = layer.num_heads * layer.head_dim
@@ -92,35 +116,38 @@ class TknpAttentionBackend(AttentionBackend):
             waited = self.comm.waited_seconds
             outs = [self.comm.recv((sizes[r], width), q.dtype, r) for r in range(1, self.comm.size) if sizes[r]]
             if waited is not None:
-                self.wait_seconds += self.comm.waited_seconds - waited
+                self._seconds[1] += self.comm.waited_seconds - waited
             for work in pending:
                 work.wait()
-        self.comm_seconds += time.perf_counter() - start - local_seconds
+        self._seconds[0] += time.perf_counter() - start - local_seconds
         return torch.cat([x for x in [local] + outs if x is not None])
 
-    def _forward_fused(
-        self, packed: torch.Tensor, layer: "RadixAttention", sizes: list[int], local: Optional["ForwardBatch"], start
-    ) -> torch.Tensor:
-        """`forward`'s shared-memory steps for a decode layer, in one call."""
-        shm, lay = self.comm.shm, self.comm.shm.layout
-        out = packed.new_empty((packed.shape[0], layer.num_heads * layer.head_dim))
+    def fused_exchange(self, layer_id: int, forward_batch: "ForwardBatch") -> Optional[tuple]:
+        """The arguments of the fused root ops (`tknp_root_decode_attention`, and
+        `tknp_root_decode_layer` for a whole layer) after the layer's heads: the root's own k/v
+        caches of layer `layer_id`, its batch, the rows and the channels. None where this
+        forward takes the Python path: not a decode on shared memory with the `cpu` backend, or
+        a micro-batch of two-batch overlap."""
+        parts = forward_batch.tknp_partitions
+        if parts is not self._exchange_parts:  # once per forward; every layer reuses it
+            self._exchange_parts, self._exchange = parts, self._exchange_of(parts)
+        if self._exchange is None:
+            return None
+        kv = self._no_kv if parts.local is None else parts.local.token_to_kv_pool.get_kv_buffer(layer_id)
+        return (*kv, *self._exchange)
+
+    def _exchange_of(self, parts: TknpPartitions) -> Optional[tuple]:
+        local = parts.local
+        if not self.fused or parts.pass_turn is not None or (local is not None and not local.attn_metadata.decode):
+            return None
         batch = self._no_batch
         if local is not None:
-            batch = (
-                *local.token_to_kv_pool.get_kv_buffer(layer.layer_id),
-                local.out_cache_loc,
-                local.req_to_token_pool.req_to_token,
-                local.req_pool_indices,
-                local.seq_lens,
-            )
-        waited_ns, own_ns = self.inner.ops.tknp_root_decode_attention(
-            out, packed, sizes, [layer.num_heads, layer.num_kv_heads, layer.head_dim], layer.scaling, *batch,
-            self.attention_threads or 0, shm.segment, shm.send_channels, shm.recv_channels, lay.slot_bytes,
-            lay.num_slots, shm.pids, shm.spin,
+            batch = (local.out_cache_loc, local.req_to_token_pool.req_to_token, local.req_pool_indices, local.seq_lens)
+        shm = self.comm.shm
+        return (
+            *batch, parts.num_tokens, self.attention_threads or 0, shm.segment, shm.send_channels,
+            shm.recv_channels, shm.layout.slot_bytes, shm.layout.num_slots, shm.pids, shm.spin, self._fused_ns,
         )  # fmt: skip
-        self.wait_seconds += 1e-9 * waited_ns
-        self.comm_seconds += time.perf_counter() - start - 1e-9 * own_ns
-        return out
 
     def _local(
         self, q, k, v, rows: int, layer: "RadixAttention", local: Optional["ForwardBatch"]

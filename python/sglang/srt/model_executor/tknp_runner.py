@@ -178,7 +178,7 @@ class TknpModelRunner:
             body, runner.attn_backend, runner.req_to_token_pool, runner.kv_pool, max_bs, graphs
         )
         if self.comm.is_root:
-            self.tknp_backend.comm_seconds = self.tknp_backend.wait_seconds = 0.0  # the captures' runs are not steps
+            self.tknp_backend.reset_timers()  # the captures' runs are not steps
         return graph_runner
 
     def _graph_bucket(self, headers: list[StepHeader]) -> Optional[int]:
