@@ -17,16 +17,20 @@
 //   rank can only reach generation g + 2 (and overwrite buffer g % 2) once every rank has
 //   published g + 1, which each does after it finished reading generation g.
 //
-// Waiting spins briefly (`spin` pause iterations, 0 where ranks share cores and spinning would
-// steal the core a peer needs), then sleeps on the counter's futex (shared, not private: the
-// word lives in a file mapping). The word after each counter, on its cache line, counts the
-// processes asleep on it, so that publishing makes the wake-up system call only when one is
-// (most waits end while spinning, and every message would otherwise pay two calls). Every 100 ms
-// of waiting it checks the peers' pids: a peer that died raises (RuntimeError in Python) instead
-// of waiting forever.
+// Waiting spins briefly (`spin` pause iterations), then sleeps on the counter's futex (shared,
+// not private: the word lives in a file mapping). A rank whose cores are all lent to another (a
+// TKNP rank on the core its root's OpenMP thread borrows) passes a negative `spin`: it yields
+// the CPU -spin times first, where pausing would take the core from the thread that needs it and
+// sleeping at once idles the CPU. In a VM an idle vCPU halts, and waking it (for this rank's next
+// layer, or the root's thread's next parallel region) costs tens of microseconds. The word after
+// each counter, on its cache line, counts the processes asleep on it, so that publishing makes
+// the wake-up system call only when one is (most waits end while spinning, and every message
+// would otherwise pay two calls). Every 100 ms of waiting it checks the peers' pids: a peer that
+// died raises (RuntimeError in Python) instead of waiting forever.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <linux/futex.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/syscall.h>
 #include <torch/library.h>
@@ -96,6 +100,10 @@ void wait_for(Counter* word, Ready ready, int64_t spin, const std::vector<int64_
   for (int64_t i = 0; i < spin; ++i) {
     if (ready(word->load(std::memory_order_acquire))) return;
     cpu_relax();
+  }
+  for (int64_t i = 0; i < -spin; ++i) {
+    if (ready(word->load(std::memory_order_acquire))) return;
+    sched_yield();
   }
   auto last_check = std::chrono::steady_clock::now();
   Counter* sleepers = sleepers_of(word);

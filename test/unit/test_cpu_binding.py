@@ -12,7 +12,7 @@ from sglang.srt.distributed.cpu_binding import (
     shared_core_spin_count,
     spin_count,
 )
-from sglang.srt.distributed.shm_comm import SPIN_SECONDS
+from sglang.srt.distributed.shm_comm import LENT_CORE_YIELDS, SPIN_SECONDS
 
 TWO_NODES = {0: list(range(8)), 1: list(range(8, 16))}
 FOUR_NODES = {n: list(range(4 * n, 4 * n + 4)) for n in range(4)}
@@ -97,7 +97,10 @@ def test_a_root_borrows_its_ranks_cores_and_attends_on_its_own(monkeypatch):
     }
     assert rank.env() == {"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": str(shared_core_spin_count())}
     assert root.describe() == "cpus 0-1 (NUMA node 0), attending on its own 0"
-    assert rank.describe() == "cpus 1 (NUMA node 0), none of them its own (it waits passively)"
+    assert rank.describe() == "cpus 1 (NUMA node 0), none of them its own (it yields them while it waits)"
+    # in the transport the root spins on its own core; the rank yields the lent one (shm.cpp)
+    assert root.transport_spin() == spin_count(SPIN_SECONDS) and rank.transport_spin() == -LENT_CORE_YIELDS
+    assert CpuBinding().transport_spin() == 0  # unbound ranks share every core: they sleep at once
     # an explicit list says the same with overlapping lists; own cores come first in the places
     assert plan_bindings("0-1|1", 2, [0, 1], {0: [0, 1]}) == [root, rank]
     swapped = plan_bindings("0-1|0", 2, [0, 1], {0: [0, 1]})[0]

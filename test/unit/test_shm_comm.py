@@ -17,7 +17,7 @@ pytest.importorskip("sgl_kernel")  # built by `make`; the whole suite needs it o
 SMALL = dict(slot_bytes=4096, num_slots=2)
 
 
-def _group(rank, world, init_file, path, **layout):
+def _group(rank, world, init_file, path, spin=100, **layout):
     import torch.distributed as dist
     from sglang.srt.distributed.parallel_state import all_gather_ints
     from sglang.srt.distributed.shm_comm import ShmLayout, open_group
@@ -25,7 +25,7 @@ def _group(rank, world, init_file, path, **layout):
     torch.set_num_threads(1)  # forked from a process whose OpenMP pool must not be reused
     dist.init_process_group("gloo", init_method=f"file://{init_file}", world_size=world, rank=rank)
     group = open_group(
-        path, rank, world, lambda f: all_gather_ints(f, world, None), spin=100, layout=ShmLayout(world, **layout)
+        path, rank, world, lambda f: all_gather_ints(f, world, None), spin=spin, layout=ShmLayout(world, **layout)
     )
     assert group is not None
     return group
@@ -36,10 +36,10 @@ def _message(src, dst, numel, dtype):
     return (torch.randn(numel, generator=g) * 10).to(dtype)
 
 
-def _worker(rank, world, init_file, path, sizes, dtype):
+def _worker(rank, world, init_file, path, sizes, dtype, spin):
     import torch.distributed as dist
 
-    shm = _group(rank, world, init_file, path, **SMALL)
+    shm = _group(rank, world, init_file, path, spin, **SMALL)
     checked = 0
     for numel in sizes:
         # every rank sends to every other rank, in rank order; receivers take them in the same order
@@ -72,13 +72,17 @@ def _worker(rank, world, init_file, path, sizes, dtype):
     return segment_gone, checked, summed.sum().item()
 
 
-@pytest.mark.parametrize("world", [2, 3, 8])
+@pytest.mark.parametrize(
+    "world,spin",
+    # a negative spin yields the CPU instead of pausing (ranks on lent cores)
+    [(2, 100), (3, 100), (8, 100), (3, -100)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_transport_matches_gloo(tmp_path, world, dtype):
+def test_transport_matches_gloo(tmp_path, world, spin, dtype):
     path = f"/dev/shm/sglang-tknp-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     # empty, one element, uneven, exactly a slot, many slots (wraps the 2-slot ring several times)
     sizes = [0, 1, 333, 4096 // dtype.itemsize, 10_000]
-    got = run_ranks(_worker, world, world, str(tmp_path / "init"), path, sizes, dtype)
+    got = run_ranks(_worker, world, world, str(tmp_path / "init"), path, sizes, dtype, spin)
     assert all(gone for gone, _, _ in got.values()), "the segment is unlinked once every rank mapped it"
     assert len({total for _, _, total in got.values()}) == 1, "every rank holds the same all-reduce result"
     assert not os.path.exists(path)
@@ -114,13 +118,13 @@ def test_recv_tells_waiting_for_the_sender_from_moving_data(tmp_path):
     assert early < 0.05, "a message already started costs no wait, though later chunks waited for slots"
 
 
-def _sleepy_peer(rank, world, init_file, path):
+def _sleepy_peer(rank, world, init_file, path, spin):
     """Rank 1 sends (and joins an all-reduce) 30 ms after rank 0 started waiting, each time:
-    rank 0 has stopped spinning and sleeps on the futex by then. Returns how long after rank
-    1 published rank 0 had its data (time.time() is one clock for both processes)."""
+    rank 0 has stopped spinning (or yielding) and sleeps on the futex by then. Returns how long
+    after rank 1 published rank 0 had its data (time.time() is one clock for both processes)."""
     import torch.distributed as dist
 
-    shm = _group(rank, world, init_file, path)
+    shm = _group(rank, world, init_file, path, spin)
     late = []
     for i in range(8):
         dist.barrier()
@@ -144,12 +148,13 @@ def _sleepy_peer(rank, world, init_file, path):
     return late
 
 
-def test_a_sleeping_waiter_is_woken_by_its_peer_not_by_its_timeout(tmp_path):
+@pytest.mark.parametrize("spin", [100, -100])
+def test_a_sleeping_waiter_is_woken_by_its_peer_not_by_its_timeout(tmp_path, spin):
     # Publishing skips the futex wake while no one sleeps on the word; a waiter must count
     # itself asleep before its last look at the word, or a wake-up is lost and it sleeps on
     # until the 100 ms timeout that checks its peers' pids.
     path = f"/dev/shm/sglang-tknp-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    got = run_ranks(_sleepy_peer, 2, 2, str(tmp_path / "init"), path)
+    got = run_ranks(_sleepy_peer, 2, 2, str(tmp_path / "init"), path, spin)
     delays = sorted(received - sent for received, sent in zip(got[0], got[1]))
     assert delays[len(delays) // 2] < 0.02, delays  # a lost wake-up costs 70 ms, every time
 

@@ -23,7 +23,8 @@ A rank's own cores are those of its list that no other rank on the host has. A r
 some of its cores (a TKNP root that borrows its ranks' cores for the dense layers) attends on
 its own cores only, and its OpenMP threads are pinned own cores first, so its main thread (the
 one that attends and waits for the ranks) never runs on a lent core; a rank with no core of its
-own waits passively, leaving its cores to the borrower.
+own yields its cores to the borrower while it waits (`transport_spin`), and its OpenMP threads
+spin only briefly.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ _NODE_ROOT = Path("/sys/devices/system/node")
 # model's Python), short enough to leave a lent core to the rank that wakes on it as the root's
 # dense half ends. On the 2-core Zen 3 host of docs/benchmarks.md, 0.26 ms of spin kept the
 # root waiting for its rank 6% of its forward (the rank woke behind the spinning thread) and
-# 37-125 us 2-3%; libgomp's default spins about 30 times as long.
-SHARED_CORE_SPIN_SECONDS = 75e-6
+# 37-125 us 2-3%; on a 2-core Xeon, with the rank yielding its core while it waits, 37 us
+# decoded slightly faster than 75 us and 19 us, and 0.28 ms or none at all clearly slower.
+# libgomp's default spins about 30 times as long.
+SHARED_CORE_SPIN_SECONDS = 40e-6
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,20 @@ class CpuBinding:
         nodes = ",".join(map(str, self.nodes))
         text = f"cpus {format_cpu_list(self.cpus)} (NUMA node{'s' if len(self.nodes) > 1 else ''} {nodes})"
         if not self.own:
-            text += ", none of them its own (it waits passively)"
+            text += ", none of them its own (it yields them while it waits)"
         elif self.own != self.cpus:
             text += f", attending on its own {format_cpu_list(self.own)}"
         return text
+
+    def transport_spin(self) -> int:
+        """How this rank waits in the shared-memory transport (shm.cpp): spinning where it has
+        cores of its own, yielding them first where all of its cores are lent (a negative
+        spin), sleeping at once where it is not bound (ranks sharing every core)."""
+        from sglang.srt.distributed.shm_comm import LENT_CORE_YIELDS, SPIN_SECONDS
+
+        if self.own:
+            return spin_count(SPIN_SECONDS)
+        return -LENT_CORE_YIELDS if self.cpus else 0
 
     def env(self) -> dict[str, str]:
         """What a bound rank's process starts with: one OpenMP thread per core it may run on;

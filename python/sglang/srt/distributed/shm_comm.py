@@ -35,12 +35,18 @@ SLOT_BYTES = 1 << 20
 NUM_SLOTS = 4
 # The control group (every rank of a server: lockstep counts, has-work flags) moves a few ints.
 CONTROL_SLOT_BYTES = 4096
-# How long a rank with cores of its own spins before it sleeps on the futex (ranks that share
-# cores never spin): about what a root's dense work of one decode layer takes at 16 rows, so a
-# rank waiting for the next layer's q/k/v mostly catches it spinning (about 6 us), and pays a
-# futex wake (about 0.1 ms in a VM) only after longer waits. The ops count pauses, whose latency
-# differs tenfold between CPUs: cpu_binding.spin_count converts.
+# How long a rank with cores of its own spins before it sleeps on the futex: about what a root's
+# dense work of one decode layer takes at 16 rows, so a rank waiting for the next layer's q/k/v
+# mostly catches it spinning (about 6 us), and pays a futex wake (about 0.1 ms in a VM) only
+# after longer waits. The ops count pauses, whose latency differs tenfold between CPUs:
+# cpu_binding.spin_count converts.
 SPIN_SECONDS = 0.5e-3
+# How many times a rank whose cores are all lent (a TKNP rank whose core its root's OpenMP
+# thread borrows) yields the CPU before it sleeps (passed as a negative spin; see shm.cpp):
+# about 0.5 ms on the 2-vCPU VMs of docs/benchmarks.md, where a yield with nothing else to run
+# takes 160 ns. There tknp 2 decoded 2-4% faster than with a rank that slept at once; 1,000 to
+# 6,000 yields measured the same, 10,000 less well.
+LENT_CORE_YIELDS = 3000
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,8 @@ import torch
 
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.constrained.grammar_backend import GrammarBackend
-from sglang.srt.distributed.cpu_binding import CpuBinding, spin_count
+from sglang.srt.distributed.cpu_binding import CpuBinding
 from sglang.srt.distributed.parallel_state import ParallelState, init_distributed
-from sglang.srt.distributed.shm_comm import SPIN_SECONDS
 from sglang.srt.distributed.tknp_comm import TknpComm
 from sglang.srt.layers.tensor_parallel import TpGroup
 from sglang.srt.managers.scheduler import Scheduler
@@ -105,10 +104,8 @@ def init_rank_distributed(
         torch.cuda.set_device(global_rank % args.ranks_per_node)
         backend = "nccl"
     # Ranks on this host exchange data through shared memory (TKNP's q/k/v, outputs, batches and
-    # logits; TP's all-reduce and all-gather). A rank with cores of its own (its main thread runs
-    # there) spins briefly first; one whose cores are shared or lent sleeps at once.
+    # logits; TP's all-reduce and all-gather), waiting as their binding allows.
     shm_prefix = None if args.disable_shm_transport else ipc.get("shm_prefix")
-    spin = spin_count(SPIN_SECONDS) if binding.own else 0
     # Idle ranks wait inside a collective for as long as the server is idle.
     return init_distributed(
         layout,
@@ -118,5 +115,5 @@ def init_rank_distributed(
         timeout=timedelta(days=365),
         shm_prefix=shm_prefix,
         local_ranks=args.node_ranks(),
-        shm_spin=spin,
+        shm_spin=binding.transport_spin(),
     )
